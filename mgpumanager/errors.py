@@ -1,0 +1,81 @@
+"""
+The daemon's own errors: one JSON shape, one status per code.
+
+Upstream errors never pass through here; they reach the client unchanged.  Every
+error the daemon itself produces is an :class:`ApiError`, so a client can tell
+"the consumer said no" from "the control plane said no" and knows whether to retry.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import attrs
+
+JSON_CONTENT_TYPE = b"application/json"
+
+
+@attrs.frozen
+class ErrorCode:
+    """A documented error code: its HTTP status and whether a retry may help."""
+
+    code: str
+    status: int
+    retryable: bool
+
+
+NO_CONSUMER = ErrorCode("no_consumer", 501, False)
+CONSUMER_DOWN = ErrorCode("consumer_unreachable", 503, True)
+CONSUMER_UNREACHABLE = ErrorCode("consumer_unreachable", 502, True)
+UNLOAD_FAILED = ErrorCode("unload_failed", 503, True)
+LOAD_FAILED = ErrorCode("load_failed", 503, True)
+SCHEDULER_ERROR = ErrorCode("scheduler_error", 500, True)
+BAD_CONSUMER_URL = ErrorCode("bad_consumer_url", 500, False)
+BAD_REQUEST = ErrorCode("bad_request", 400, False)
+NOT_FOUND = ErrorCode("not_found", 404, False)
+METHOD_NOT_ALLOWED = ErrorCode("method_not_allowed", 405, False)
+SHUTTING_DOWN = ErrorCode("shutting_down", 503, True)
+INTERNAL_ERROR = ErrorCode("internal_error", 500, True)
+
+
+class ApiError(Exception):
+    """
+    An error answered to the client as the JSON envelope.
+
+    :param kind: which documented code this is.
+    :param message: a sentence for a person; never a traceback or a file path.
+    :param consumer: the consumer involved, if any.
+    :param headers: extra response headers (``Allow``, ``Retry-After``).
+    """
+
+    def __init__(
+        self,
+        kind: ErrorCode,
+        message: str,
+        consumer: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.consumer = consumer
+        self.headers = dict(headers or {})
+
+    @property
+    def status(self) -> int:
+        return self.kind.status
+
+    def envelope(self) -> dict[str, object]:
+        """The JSON object sent to the client."""
+        body: dict[str, object] = {"error": self.kind.code, "message": self.message}
+        if self.consumer is not None:
+            body["consumer"] = self.consumer
+        body["retryable"] = self.kind.retryable
+        return body
+
+    def body(self) -> bytes:
+        return json.dumps(self.envelope()).encode("utf-8")
+
+    def __repr__(self) -> str:
+        return f"ApiError({self.kind.code!r}, {self.message!r}, consumer={self.consumer!r})"
