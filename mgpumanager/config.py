@@ -359,8 +359,12 @@ def parse_config(document: object, source: str = "<config>") -> Config:
 
     probe_table = read.mapping(top.get("probes") or {}, "probes", _PROBE_KEYS)
     probes = ProbeConfig(
-        interval_seconds=read.optional(probe_table, "interval_seconds", "probes", read.seconds, 5.0),
-        timeout_seconds=read.optional(probe_table, "timeout_seconds", "probes", read.seconds, 3.0),
+        interval_seconds=read.optional(
+            probe_table, "interval_seconds", "probes", read.seconds, 5.0
+        ),
+        timeout_seconds=read.optional(
+            probe_table, "timeout_seconds", "probes", read.seconds, 3.0
+        ),
     )
 
     lifecycle = _parse_lifecycle(read, top.get("lifecycle") or {})
@@ -474,8 +478,11 @@ def _parse_consumer(read: _Reader, name: object, value: object) -> ConsumerConfi
         raise read.fail(f"{key_path}.priority", f"must be 0 (low) to 4 (urgent) (got {priority})")
     max_concurrency = read.optional(table, "max_concurrency", key_path, read.whole, 1)
     if max_concurrency < 1:
-        raise read.fail(f"{key_path}.max_concurrency", f"must be at least 1 (got {max_concurrency})")
-    coexist = read.optional(table, "can_coexist_with", key_path, read.names, ())
+        raise read.fail(
+            f"{key_path}.max_concurrency", f"must be at least 1 (got {max_concurrency})"
+        )
+    no_names: tuple[str, ...] = ()
+    coexist = read.optional(table, "can_coexist_with", key_path, read.names, no_names)
     if name in coexist:
         raise read.fail(f"{key_path}.can_coexist_with", "a consumer cannot list itself")
 

@@ -12,6 +12,10 @@ import json
 from collections.abc import Mapping
 
 import attrs
+from twisted.internet import error as net_error
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.web import client as web_client
+from twisted.web._newclient import _WrapperException
 
 JSON_CONTENT_TYPE = b"application/json"
 
@@ -79,3 +83,26 @@ class ApiError(Exception):
 
     def __repr__(self) -> str:
         return f"ApiError({self.kind.code!r}, {self.message!r}, consumer={self.consumer!r})"
+
+
+def describe_connection_error(error: BaseException) -> str:
+    """A short, path-free description of why talking to a consumer failed."""
+    if isinstance(error, net_error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, net_error.DNSLookupError):
+        return "host name not found"
+    if isinstance(error, net_error.TimeoutError | net_error.TCPTimedOutError):
+        return "connect timed out"
+    if isinstance(error, DeferredTimeout):
+        return "timed out"
+    if isinstance(error, web_client.ResponseNeverReceived):
+        return "connection closed before any response"
+    if isinstance(error, web_client.RequestTransmissionFailed):
+        return "connection failed while sending the request"
+    if isinstance(error, web_client.ResponseFailed | _WrapperException):
+        inner = [describe_connection_error(f.value) for f in error.reasons]
+        return "; ".join(dict.fromkeys(inner)) or "response failed"
+    if isinstance(error, net_error.ConnectionLost | net_error.ConnectionDone):
+        return "connection lost"
+    text = " ".join(str(error).split())
+    return text or type(error).__name__

@@ -1,0 +1,233 @@
+"""
+The HTTP face: routes, the status document, and the error envelope.
+
+Every error the daemon answers itself is the JSON envelope of
+:mod:`mgpumanager.errors` (Klein's HTML error pages never reach a client); an
+answer a consumer gives passes through :mod:`mgpumanager.proxy` untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from typing import Any
+from urllib.parse import quote, unquote_to_bytes
+
+from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import Map
+
+from mgpumanager.config import ENDPOINT_KINDS, Config
+from mgpumanager.errors import (
+    BAD_REQUEST,
+    CONSUMER_DOWN,
+    INTERNAL_ERROR,
+    JSON_CONTENT_TYPE,
+    METHOD_NOT_ALLOWED,
+    NO_CONSUMER,
+    NOT_FOUND,
+    SHUTTING_DOWN,
+    ApiError,
+)
+from mgpumanager.gpu import GpuSampler, rfc3339
+from mgpumanager.proxy import ConsumerProxy, UpstreamBroke
+from mgpumanager.registry import Registry
+from mgpumanager.scheduler import GpuScheduler
+
+log = Logger()
+
+_KIND_RULE = "/v1/<any({}):kind>".format(", ".join(ENDPOINT_KINDS))
+
+
+def _json(request: Request, document: object, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", JSON_CONTENT_TYPE)
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(document).encode("utf-8")
+
+
+class ManagerApp:
+    """
+    The Klein application.  Holds no state of its own beyond its
+    collaborators, which :mod:`mgpumanager.tap` builds and hands in.
+    """
+
+    app = Klein()
+
+    def __init__(
+        self,
+        config: Config,
+        registry: Registry,
+        scheduler: GpuScheduler,
+        proxy: ConsumerProxy,
+        sampler: GpuSampler,
+        clock: IReactorTime,
+    ) -> None:
+        self._config = config
+        self._registry = registry
+        self._scheduler = scheduler
+        self._proxy = proxy
+        self._sampler = sampler
+        self._clock = clock
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    @app.route(_KIND_RULE, methods=["POST"])
+    def gpu_job(self, request: Request, kind: str) -> Deferred[None]:
+        """Proxy one GPU job to the consumer routed for ``kind``."""
+        target = self._config.route_for(kind)
+        if target is None:
+            name = self._config.routing.get(kind)
+            why = (
+                f"consumer {name} has no paths.{kind}"
+                if name
+                else f"no consumer is routed for {kind}"
+            )
+            raise ApiError(NO_CONSUMER, why, name)
+        consumer, route = target
+        state = self._registry[consumer.name]
+        if state.healthy is False:
+            raise ApiError(
+                CONSUMER_DOWN,
+                f"upstream {consumer.name}: last health probe failed: {state.last_error}",
+                consumer.name,
+            )
+        return self._scheduler.submit(
+            consumer.name,
+            lambda: self._proxy.relay(request, consumer, route.method, route.path),
+        )
+
+    @app.route("/v1/status", methods=["GET"])
+    def status(self, request: Request) -> bytes:
+        return _json(request, self.status_document())
+
+    def status_document(self) -> dict[str, Any]:
+        config = self._config
+        return {
+            "listen": str(config.listen),
+            "time": rfc3339(self._clock.seconds()),
+            "gpu": self._sampler.latest.as_status(
+                config.gpu.total_mib, config.gpu.reserved_mib
+            ),
+            "routing": dict(config.routing),
+            "consumers": self._registry.as_status(),
+            "scheduler": self._scheduler.as_status(),
+        }
+
+    @app.route("/healthz", methods=["GET"])
+    def healthz(self, request: Request) -> bytes:
+        return _json(request, {"status": "ok"})
+
+    @app.route("/", methods=["GET"])
+    def index(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        kinds = ", ".join(f"POST /v1/{kind}" for kind in ENDPOINT_KINDS)
+        return (
+            "mgpumanager: one GPU, several inference servers, one job at a time.\n"
+            f"Live state: GET /v1/status\nGPU jobs: {kinds}\n"
+            f"Audio files: GET {self._config.audio_path_prefix}<name>\n"
+            "Liveness: GET /healthz\n"
+        ).encode()
+
+    @app.route("/<path:rest>", methods=None)
+    def elsewhere(self, request: Request, rest: str) -> Deferred[None]:
+        """The audio prefix (configurable, so no static rule), else 404."""
+        prefix = self._config.audio_path_prefix.encode("ascii")
+        raw_path = request.uri.partition(b"?")[0]
+        if not raw_path.startswith(prefix):
+            allowed = self._methods_elsewhere(request)
+            if allowed:
+                raise MethodNotAllowed(valid_methods=allowed)
+            raise ApiError(NOT_FOUND, "no such endpoint; see GET / for the routes")
+        if request.method != b"GET":
+            raise ApiError(
+                METHOD_NOT_ALLOWED, "audio files are read with GET", headers={"Allow": "GET"}
+            )
+        if self._config.audio_proxy is None:
+            raise ApiError(NO_CONSUMER, "no audio_proxy consumer is configured")
+        name = audio_name(raw_path[len(prefix):])
+        consumer = self._config.consumers[self._config.audio_proxy]
+        path = self._config.audio_path_prefix + quote_segment(name)
+        return self._proxy.relay(request, consumer, "GET", path)
+
+    def _methods_elsewhere(self, request: Request) -> list[str]:
+        """
+        The methods the fixed routes accept at this path: the catch-all above
+        takes every method, so werkzeug cannot tell a 405 from a 404 itself.
+        """
+        adapter = _FIXED_ROUTES.bind("localhost")
+        try:
+            adapter.match(request.path.decode("utf-8", "replace"), method="-")
+        except MethodNotAllowed as e:
+            return sorted(e.valid_methods or [])
+        except NotFound:
+            pass
+        return []
+
+    @app.handle_errors  # type: ignore[call-overload]
+    def on_error(self, request: Request, failure: Failure) -> bytes | None:
+        error = failure.value
+        if isinstance(error, UpstreamBroke):
+            # The client's connection is already being aborted.
+            return None
+        if isinstance(error, CancelledError):
+            # Klein only passes a cancellation on while the client is still
+            # there: the daemon itself cancelled the job (shutdown grace over).
+            error = ApiError(SHUTTING_DOWN, "the daemon stopped before the job finished")
+        if isinstance(error, NotFound):
+            error = ApiError(NOT_FOUND, "no such endpoint; see GET / for the routes")
+        elif isinstance(error, MethodNotAllowed):
+            allowed = ", ".join(error.valid_methods or [])
+            error = ApiError(
+                METHOD_NOT_ALLOWED,
+                f"method {request.method.decode('ascii', 'replace')} not allowed here",
+                headers={"Allow": allowed},
+            )
+        elif not isinstance(error, ApiError):
+            log.failure("unexpected error answering {uri}", failure, uri=request.uri)
+            error = ApiError(INTERNAL_ERROR, "internal error; see the daemon's log")
+        if request.startedWriting:
+            # Too late for an envelope: the answer is already on its way.
+            transport: Any = request.transport
+            if transport is not None:
+                transport.abortConnection()
+            return None
+        for name, value in error.headers.items():
+            request.setHeader(name.encode("ascii"), value.encode("ascii"))
+        return _json(request, error.envelope(), error.status)
+
+
+_FIXED_ROUTES = Map(
+    [rule.empty() for rule in ManagerApp.app.url_map.iter_rules() if rule.endpoint != "elsewhere"]
+)
+
+
+def audio_name(encoded: bytes) -> str:
+    """
+    The file name of an audio request, decoded exactly once; anything that
+    could name another path on the consumer is refused.
+    """
+    decoded = unquote_to_bytes(encoded)
+    try:
+        name = decoded.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(BAD_REQUEST, "audio file name is not UTF-8") from None
+    if name in ("", ".", ".."):
+        raise ApiError(BAD_REQUEST, "audio file name is empty or a dot segment")
+    for forbidden in ("/", "\\", "%"):
+        if forbidden in name:
+            raise ApiError(BAD_REQUEST, f"audio file name may not contain {forbidden!r}")
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise ApiError(BAD_REQUEST, "audio file name may not contain control characters")
+    return name
+
+
+def quote_segment(name: str) -> str:
+    """Percent-encode a validated name for the upstream path."""
+    return quote(name, safe="-_.~!$&'()*+,;=:@")

@@ -1,0 +1,215 @@
+"""
+The GPU sampler: what NVML says about the card, read off the reactor thread.
+
+NVML calls block.  They are fast on a healthy driver, but a wedged driver can hang
+them for minutes, and a daemon whose reactor is stuck in ``nvmlDeviceGetMemoryInfo``
+answers nothing, ``/healthz`` included.  So every read runs in a dedicated
+one-thread pool, bounded by a timeout; a read still stuck when the next tick comes
+is not joined by another.  Without NVML (no driver, no card, no library) the sample
+carries the error and the scheduler falls back to its budget.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, Protocol
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+log = Logger()
+
+MIB = 1024 * 1024
+
+#: Runs a blocking callable somewhere off the reactor and fires with its result.
+BlockingRunner = Callable[[Callable[[], "GpuReading"]], "Deferred[GpuReading]"]
+
+
+class SampleSink(Protocol):
+    """Anyone who wants every new sample (the registry, to attribute memory)."""
+
+    def __call__(self, sample: GpuSample) -> None: ...
+
+
+@attrs.frozen
+class GpuReading:
+    """What one NVML read returned, in MiB."""
+
+    name: str
+    total_mib: int
+    used_mib: int
+    free_mib: int
+    #: pid -> MiB, for the processes NVML reports on the card.
+    processes: Mapping[int, int] = attrs.field(factory=lambda: MappingProxyType({}))
+
+
+@attrs.frozen
+class GpuSample:
+    """
+    The latest sampler result: a reading, an error, or (before the first tick)
+    neither.  ``time`` is the POSIX time the read finished.
+    """
+
+    time: float | None = None
+    reading: GpuReading | None = None
+    err: str = ""
+
+    @property
+    def free_mib(self) -> int | None:
+        return None if self.reading is None else self.reading.free_mib
+
+    def as_status(self, total_mib: int | None, reserved_mib: int) -> dict[str, Any]:
+        """The ``gpu`` object of ``/v1/status``."""
+        reading = self.reading
+        status: dict[str, Any] = {
+            "total_mib": total_mib if total_mib is not None else (
+                reading.total_mib if reading else None
+            ),
+            "used_mib": reading.used_mib if reading else None,
+            "free_mib": reading.free_mib if reading else None,
+            "reserved_mib": reserved_mib,
+            "last_sample": rfc3339(self.time),
+        }
+        if reading is not None:
+            status["name"] = reading.name
+            status["processes"] = [
+                {"pid": pid, "used_mib": mib} for pid, mib in sorted(reading.processes.items())
+            ]
+        if self.err:
+            status["err"] = self.err
+        return status
+
+
+def rfc3339(when: float | None) -> str | None:
+    """POSIX seconds as RFC 3339 UTC; ``None`` stays ``None`` (never year 0001)."""
+    if when is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(when, tz=datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def read_nvml(nvml: Any, device_index: int = 0) -> GpuReading:
+    """
+    One blocking NVML read of a device.  Runs in a thread; raises whatever
+    NVML raises (the sampler turns it into ``err``).
+    """
+    nvml.nvmlInit()
+    try:
+        handle = nvml.nvmlDeviceGetHandleByIndex(device_index)
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+        name = nvml.nvmlDeviceGetName(handle)
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        processes: dict[int, int] = {}
+        try:
+            running = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        except nvml.NVMLError:
+            running = []
+        for process in running:
+            used = process.usedGpuMemory
+            # NVML reports None (or a sentinel) when it may not see a process's usage.
+            if isinstance(used, int) and 0 <= used < 1 << 60:
+                processes[int(process.pid)] = processes.get(int(process.pid), 0) + used // MIB
+        return GpuReading(
+            name=str(name),
+            total_mib=memory.total // MIB,
+            used_mib=memory.used // MIB,
+            free_mib=memory.free // MIB,
+            processes=MappingProxyType(processes),
+        )
+    finally:
+        nvml.nvmlShutdown()
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip()
+    name = type(error).__name__
+    return text if text else name
+
+
+class GpuSampler:
+    """
+    Samples the card every ``interval`` seconds and keeps the latest result.
+
+    :param load_nvml: returns the ``pynvml`` module (or a stand-in); called in the
+        worker thread, so an import failure is just another sample error.
+    :param run_blocking: runs a blocking callable off the reactor
+        (``deferToThreadPool`` over a one-thread pool in the daemon).
+    :param clock: the reactor's time, for the loop and the read timeout.
+    """
+
+    def __init__(
+        self,
+        load_nvml: Callable[[], Any],
+        run_blocking: BlockingRunner,
+        clock: IReactorTime,
+        interval: float,
+        timeout: float,
+        device_index: int = 0,
+    ) -> None:
+        self._load_nvml = load_nvml
+        self._run_blocking = run_blocking
+        self._clock = clock
+        self._interval = interval
+        self._timeout = timeout
+        self._device_index = device_index
+        self._pending: Deferred[GpuReading] | None = None
+        self._sinks: list[SampleSink] = []
+        self._waiters: list[Deferred[GpuSample]] = []
+        self.latest = GpuSample()
+        self.samples_taken = 0
+        self._loop = LoopingCall(self.sample)
+        self._loop.clock = clock
+
+    def subscribe(self, sink: SampleSink) -> None:
+        """Call ``sink`` with every new sample."""
+        self._sinks.append(sink)
+
+    def start(self) -> None:
+        self._loop.start(self._interval, now=True)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def sample(self) -> Deferred[GpuSample]:
+        """
+        Take one sample now (the loop calls this; so does the scheduler when
+        it waits for an unloaded consumer's memory to come back).  Never fails.
+        """
+        waiter: Deferred[GpuSample] = Deferred()
+        self._waiters.append(waiter)
+        if self._pending is None:
+            # Otherwise a read is already under way (possibly hung): share it
+            # rather than stack another thread behind it.
+            self._pending = self._run_blocking(self._read)
+            self._pending.addTimeout(self._timeout, self._clock)
+            self._pending.addCallbacks(self._record, lambda failure: self._record(failure.value))
+        return waiter
+
+    def _read(self) -> GpuReading:
+        return read_nvml(self._load_nvml(), self._device_index)
+
+    def _record(self, outcome: GpuReading | BaseException) -> None:
+        self._pending = None
+        now = self._clock.seconds()
+        if isinstance(outcome, GpuReading):
+            self.latest = GpuSample(time=now, reading=outcome)
+        else:
+            if not self.latest.err:
+                log.warn("GPU sampling failed: {err}", err=_describe(outcome))
+            self.latest = GpuSample(time=now, err=_describe(outcome))
+        self.samples_taken += 1
+        for sink in self._sinks:
+            try:
+                sink(self.latest)
+            except Exception:
+                log.failure("GPU sample subscriber failed")
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(self.latest)

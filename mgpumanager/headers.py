@@ -1,0 +1,76 @@
+"""
+Header hygiene for a proxy: which headers cross it, in either direction.
+
+Hop-by-hop headers describe one TCP connection, not the message (RFC 9110
+section 7.6.1); forwarding them lets a client steer our connection to the
+consumer, or confuses the framing of the client's own.  Framing headers
+(Content-Length, Transfer-Encoding) and Host are set by the HTTP client that
+makes the upstream request, exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from twisted.web.http_headers import Headers
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: Never sent upstream: the agent writes its own Host and framing, and the
+#: inbound body has already been received whole, so ``Expect`` is spent.
+NOT_FORWARDED_UP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+
+#: Never relayed back: our server frames the client's response itself, except
+#: Content-Length, which is kept so a short upstream body is detectable.
+NOT_RELAYED_DOWN = HOP_BY_HOP
+
+
+def _named_by_connection(headers: Headers) -> set[bytes]:
+    named: set[bytes] = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        named.update(
+            token.strip().lower() for token in value.split(b",") if token.strip()
+        )
+    return named
+
+
+def end_to_end(
+    headers: Headers, never: Iterable[bytes]
+) -> list[tuple[bytes, Sequence[bytes]]]:
+    """
+    The headers that may cross the proxy: all of them, less ``never`` and any
+    header the message's own ``Connection`` header names.  Repeated headers
+    keep every value, in order.
+    """
+    dropped = set(never) | _named_by_connection(headers)
+    return [
+        (name, values)
+        for name, values in headers.getAllRawHeaders()
+        if name.lower() not in dropped
+    ]
+
+
+def upstream_headers(inbound: Headers) -> Headers:
+    """The headers of the request we make on the consumer."""
+    outbound = Headers()
+    for name, values in end_to_end(inbound, NOT_FORWARDED_UP):
+        outbound.setRawHeaders(name, values)
+    return outbound
+
+
+def relay_response_headers(upstream: Headers, outbound: Headers) -> None:
+    """Copy a consumer's response headers onto the client's response."""
+    for name, values in end_to_end(upstream, NOT_RELAYED_DOWN):
+        outbound.setRawHeaders(name, values)

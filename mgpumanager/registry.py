@@ -1,0 +1,131 @@
+"""
+What the daemon knows about each consumer right now.
+
+Configuration says what a consumer *is*; the registry says what it is *doing*:
+whether its last health probe passed, whether we believe its model is on the card,
+how much memory it was measured to hold, when it last finished a job.  The
+scheduler's decisions and ``/v1/status`` both read this one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+
+from mgpumanager.config import Config, ConsumerConfig
+from mgpumanager.gpu import rfc3339
+
+
+@attrs.define
+class ConsumerState:
+    """
+    The live state of one consumer.  Mutable, and only ever touched from the
+    reactor thread.
+
+    ``healthy`` is ``None`` until the first probe completes: a consumer never
+    probed is tried rather than refused.
+    """
+
+    config: ConsumerConfig
+    loaded: bool
+    healthy: bool | None = None
+    last_probe: float | None = None
+    last_error: str = ""
+    #: What the consumer's own health answer said, when it says.
+    reported_loaded: bool | None = None
+    reported_resident_mib: int | None = None
+    #: What NVML attributes to the consumer's processes, when we can tell.
+    measured_resident_mib: int | None = None
+    peak_resident_mib: int = 0
+    active: int = 0
+    total_requests: int = 0
+    last_used: float | None = None
+    load_count: int = 0
+    unload_count: int = 0
+    #: When we last loaded or unloaded it; older probe reports are stale.
+    lifecycle_changed_at: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def resident(self) -> bool:
+        """
+        Whether the model is on the card.  The consumer's own report wins over
+        our bookkeeping, which can only guess (a crash, a manual restart).
+        """
+        if self.reported_loaded is not None:
+            return self.reported_loaded
+        return self.loaded
+
+    @property
+    def gpu_resident_mib(self) -> int:
+        """Best knowledge of what it holds: measured, else reported, else declared."""
+        if self.measured_resident_mib is not None:
+            return self.measured_resident_mib
+        if self.reported_resident_mib is not None:
+            return self.reported_resident_mib
+        return self.config.vram_resident_mib if self.resident else 0
+
+    def mark_loaded(self, loaded: bool, now: float) -> None:
+        """Record our own load/unload; a stale report must not contradict it."""
+        self.loaded = loaded
+        self.lifecycle_changed_at = now
+        self.reported_loaded = None
+        self.reported_resident_mib = None
+
+    def note_resident_mib(self, mib: int) -> None:
+        self.peak_resident_mib = max(self.peak_resident_mib, mib)
+
+    def as_status(self) -> dict[str, Any]:
+        config = self.config
+        status: dict[str, Any] = {
+            "name": config.name,
+            "url": config.url,
+            "healthy": self.healthy,
+            "loaded": self.resident,
+            "gpu_resident_mib": self.gpu_resident_mib,
+            "peak_resident_mib": self.peak_resident_mib,
+            "vram_budget_mib": config.vram_resident_mib,
+            "vram_managed": config.vram_managed,
+            "active": self.active,
+            "total_requests": self.total_requests,
+            "last_used": rfc3339(self.last_used),
+            "last_probe": rfc3339(self.last_probe),
+            "last_error": self.last_error,
+            "priority": config.priority,
+            "can_coexist_with": sorted(config.can_coexist_with),
+        }
+        if (
+            config.vram_resident_mib
+            and self.measured_resident_mib is not None
+            and self.measured_resident_mib > config.vram_resident_mib
+        ):
+            status["warning"] = (
+                f"measured {self.measured_resident_mib} MiB exceeds declared "
+                f"vram_resident_mib {config.vram_resident_mib}"
+            )
+        return status
+
+
+class Registry:
+    """All consumers' states, by name, in name order."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._states = {
+            name: ConsumerState(config=consumer, loaded=consumer.initially_resident())
+            for name, consumer in config.consumers.items()
+        }
+
+    def __getitem__(self, name: str) -> ConsumerState:
+        return self._states[name]
+
+    def __iter__(self) -> Iterator[ConsumerState]:
+        return iter(self._states.values())
+
+    def as_status(self) -> list[dict[str, Any]]:
+        return [state.as_status() for state in self]

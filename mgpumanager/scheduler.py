@@ -1,0 +1,198 @@
+"""
+The global GPU scheduler: one job on the card at a time, the rest queue.
+
+Two inference servers running at once is exactly how the card runs out of memory,
+so every proxied GPU job, whatever its consumer, holds one ``DeferredLock`` for
+the whole exchange: until the response body has been relayed to the client or the
+exchange failed.  Making room (unloading other consumers) and loading the target
+happen *inside* the held lock, so nothing is ever unloaded under a running job.
+
+The scheduler knows nothing of HTTP: it runs a job callable and keeps the numbers
+``/v1/status`` shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from mgpumanager.errors import SCHEDULER_ERROR, SHUTTING_DOWN, ApiError
+from mgpumanager.gpu import rfc3339
+from mgpumanager.registry import Registry
+
+log = Logger()
+
+_T = TypeVar("_T")
+
+
+class Preparer(Protocol):
+    """
+    Makes a consumer ready to run a job: room on the card, model loaded.
+    Called with the GPU lock held; raising fails the job.
+    """
+
+    def __call__(self, consumer: str) -> Awaitable[None]: ...
+
+
+async def _nothing_to_prepare(consumer: str) -> None:
+    return None
+
+
+@attrs.define
+class _Waiter:
+    consumer: str
+    enqueued: float
+    acquiring: Deferred[DeferredLock] | None = None
+    refused: ApiError | None = None
+
+
+class GpuScheduler:
+    """
+    :param clock: for wait and run timings.
+    :param registry: per-consumer counters (active, total requests, last used).
+    :param prepare: the make-room-and-load step, run under the lock before each job.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        registry: Registry,
+        prepare: Preparer = _nothing_to_prepare,
+    ) -> None:
+        self._clock = clock
+        self._registry = registry
+        self._prepare = prepare
+        self._lock = DeferredLock()
+        self._waiters: list[_Waiter] = []
+        self._closed: ApiError | None = None
+        self._idle_waiters: list[Deferred[None]] = []
+        self._running: set[Deferred[Any]] = set()
+        self.in_flight = 0
+        self.total_jobs = 0
+        self.failed_jobs = 0
+        self.cancelled_jobs = 0
+        self.last_wait_ms: int | None = None
+        self.last_run_ms: int | None = None
+        self.evictions = 0
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiters)
+
+    def submit(self, consumer: str, job: Callable[[], Deferred[_T]]) -> Deferred[_T]:
+        """
+        Run ``job`` for ``consumer`` when the GPU is free and the consumer is
+        ready.  Cancelling the result while queued leaves the queue at once;
+        cancelling it while running cancels the job.  Either way the lock is
+        released.
+        """
+        return Deferred.fromCoroutine(self._run(consumer, job))
+
+    async def _run(self, consumer: str, job: Callable[[], Deferred[_T]]) -> _T:
+        if self._closed is not None:
+            raise self._closed
+        waiter = _Waiter(consumer=consumer, enqueued=self._clock.seconds())
+        self._waiters.append(waiter)
+        try:
+            waiter.acquiring = self._lock.acquire()
+            await waiter.acquiring
+        except CancelledError:
+            if waiter.refused is not None:
+                raise waiter.refused from None
+            self.cancelled_jobs += 1
+            raise
+        finally:
+            self._waiters.remove(waiter)
+
+        started = self._clock.seconds()
+        self.last_wait_ms = round((started - waiter.enqueued) * 1000)
+        self.in_flight += 1
+        self.total_jobs += 1
+        state = self._registry[consumer]
+        state.active += 1
+        state.total_requests += 1
+        succeeded = False
+        try:
+            try:
+                await self._prepare(consumer)
+            except (ApiError, CancelledError):
+                raise
+            except Exception as e:
+                log.failure("preparing {consumer} failed", consumer=consumer)
+                raise ApiError(
+                    SCHEDULER_ERROR, f"scheduler failed to prepare {consumer}: {e}", consumer
+                ) from e
+            running = job()
+            self._running.add(running)
+            try:
+                result = await running
+            finally:
+                self._running.discard(running)
+            succeeded = True
+            return result
+        except CancelledError:
+            self.cancelled_jobs += 1
+            raise
+        except BaseException:
+            self.failed_jobs += 1
+            raise
+        finally:
+            finished = self._clock.seconds()
+            self.last_run_ms = round((finished - started) * 1000)
+            state.active -= 1
+            if succeeded:
+                state.last_used = finished
+            self.in_flight -= 1
+            self._lock.release()
+            if self.in_flight == 0 and not self._waiters:
+                self._notify_idle()
+
+    def close(self, reason: str = "the daemon is shutting down") -> None:
+        """
+        Refuse new jobs and answer every queued one with a retryable
+        ``shutting_down`` error; jobs already running carry on.
+        """
+        self._closed = ApiError(SHUTTING_DOWN, reason)
+        for waiter in list(self._waiters):
+            waiter.refused = self._closed
+            if waiter.acquiring is not None:
+                waiter.acquiring.cancel()
+        if self.in_flight == 0:
+            self._notify_idle()
+
+    def abort_running(self) -> None:
+        """Cancel every running job (the shutdown grace is over)."""
+        for running in list(self._running):
+            running.cancel()
+
+    def when_idle(self) -> Deferred[None]:
+        """Fires once no job runs and none waits."""
+        if self.in_flight == 0 and not self._waiters:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
+
+    def _notify_idle(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def as_status(self) -> dict[str, Any]:
+        oldest = self._waiters[0].enqueued if self._waiters else None
+        return {
+            "queue_depth": self.queue_depth,
+            "in_flight": self.in_flight,
+            "total_jobs": self.total_jobs,
+            "failed_jobs": self.failed_jobs,
+            "cancelled_jobs": self.cancelled_jobs,
+            "last_wait_ms": self.last_wait_ms,
+            "last_run_ms": self.last_run_ms,
+            "oldest_queued": rfc3339(oldest),
+            "evictions": self.evictions,
+        }
