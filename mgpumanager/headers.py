@@ -37,9 +37,9 @@ NOT_FORWARDED_UP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 NOT_RELAYED_DOWN = HOP_BY_HOP
 
 
-def _named_by_connection(headers: Headers) -> set[bytes]:
+def _named_by_connection(connection: Iterable[bytes]) -> set[bytes]:
     named: set[bytes] = set()
-    for value in headers.getRawHeaders(b"connection", []):
+    for value in connection:
         named.update(
             token.strip().lower() for token in value.split(b",") if token.strip()
         )
@@ -47,14 +47,17 @@ def _named_by_connection(headers: Headers) -> set[bytes]:
 
 
 def end_to_end(
-    headers: Headers, never: Iterable[bytes]
+    headers: Headers, never: Iterable[bytes], connection: Iterable[bytes] | None = None
 ) -> list[tuple[bytes, Sequence[bytes]]]:
     """
     The headers that may cross the proxy: all of them, less ``never`` and any
-    header the message's own ``Connection`` header names.  Repeated headers
-    keep every value, in order.
+    header the message's ``Connection`` header names (``connection``, when the
+    HTTP library keeps it apart from ``headers``).  Repeated headers keep every
+    value, in order.
     """
-    dropped = set(never) | _named_by_connection(headers)
+    if connection is None:
+        connection = headers.getRawHeaders(b"connection", [])
+    dropped = set(never) | _named_by_connection(connection)
     return [
         (name, values)
         for name, values in headers.getAllRawHeaders()
@@ -70,7 +73,9 @@ def upstream_headers(inbound: Headers) -> Headers:
     return outbound
 
 
-def relay_response_headers(upstream: Headers, outbound: Headers) -> None:
+def relay_response_headers(
+    upstream: Headers, outbound: Headers, connection: Iterable[bytes] = ()
+) -> None:
     """Copy a consumer's response headers onto the client's response."""
-    for name, values in end_to_end(upstream, NOT_RELAYED_DOWN):
+    for name, values in end_to_end(upstream, NOT_RELAYED_DOWN, connection):
         outbound.setRawHeaders(name, values)

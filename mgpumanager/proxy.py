@@ -31,7 +31,7 @@ from twisted.web import client as web_client
 from twisted.web import http
 from twisted.web.client import FileBodyProducer
 from twisted.web.error import SchemeNotSupported
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from twisted.web.server import Request
 
 from mgpumanager.config import ConsumerConfig
@@ -109,7 +109,12 @@ class ConsumerProxy:
         request.setResponseCode(response.code, response.phrase)
         # twisted.web would otherwise invent "Content-Type: text/html".
         request.defaultContentType = None
-        relay_response_headers(response.headers, request.responseHeaders)
+        relay_response_headers(
+            response.headers, request.responseHeaders, _connection_header(response)
+        )
+        if response.length is not UNKNOWN_LENGTH:
+            # Twisted's client keeps Content-Length out of response.headers.
+            request.setHeader(b"content-length", b"%d" % response.length)
         finished: Deferred[None] = Deferred(lambda _: relay_body.cancel())
         relay_body = _BodyRelay(request, finished, consumer.name)
         response.deliverBody(relay_body)
@@ -178,6 +183,22 @@ class _BodyRelay(Protocol):
             request.producer = None
         else:
             request.unregisterProducer()
+
+
+def _connection_header(response: IResponse) -> list[bytes]:
+    """
+    The response's own ``Connection`` header.  Twisted's client files it with
+    the framing headers, out of ``response.headers``, yet the proxy must drop
+    every header it names; only the protocol's parser still holds it.
+    """
+    try:
+        protocol: Any = response._transport._producer.protocol  # type: ignore[attr-defined]
+        # Endpoint-made connections wrap the HTTP protocol once.
+        protocol = getattr(protocol, "_wrappedProtocol", protocol)
+        values: list[bytes] = protocol._parser.connHeaders.getRawHeaders(b"connection", [])
+    except AttributeError:
+        return []
+    return values
 
 
 def _abort_client(request: Request) -> None:
