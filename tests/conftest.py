@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 
 def pytest_configure(config: Any) -> None:
@@ -35,10 +35,10 @@ def fail_on_logged_errors(request: Any) -> Iterator[list[dict[str, Any]]]:
     finally:
         globalLogPublisher.removeObserver(observe)
     if errors and request.node.get_closest_marker("logged_errors_expected") is None:
-        from twisted.logger import formatEvent
-
-        shown = "\n".join(
-            formatEvent(e) + ("\n" + e["log_failure"].getTraceback() if e.get("log_failure") else "")
-            for e in errors[:3]
-        )
+        shown = "\n".join(_describe(event) for event in errors[:3])
         pytest.fail(f"{len(errors)} error(s) logged during the test:\n{shown}")
+
+
+def _describe(event: dict[str, Any]) -> str:
+    failure = event.get("log_failure")
+    return formatEvent(event) + ("\n" + failure.getTraceback() if failure else "")

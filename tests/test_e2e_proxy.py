@@ -6,6 +6,7 @@ all on loopback, driven by a real HTTP client.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -209,7 +210,7 @@ async def test_concurrent_jobs_never_overlap_at_the_consumers(stack: Stack) -> N
     intervals = sorted(stack.tracker.intervals, key=lambda i: i[1])
     assert len(intervals) == 10
     assert {name for name, _, _ in intervals} == {"voice", "llm", "image"}
-    for (_, _, first_end), (_, second_start, _) in zip(intervals, intervals[1:], strict=False):
+    for (_, _, first_end), (_, second_start, _) in itertools.pairwise(intervals):
         assert second_start >= first_end
     document = await wait_until_idle(stack)
     assert document["scheduler"]["last_run_ms"] >= 60
