@@ -205,6 +205,14 @@ class _Reader:
                 raise self.fail(_join(key_path, key), _unknown_key(key, allowed))
         return value
 
+    def section(self, table: Mapping[str, Any], key: str, key_path: str,
+                allowed: tuple[str, ...] | None) -> dict[str, Any]:
+        """A nested mapping that may be absent (or null), but not of another type."""
+        value = table.get(key)
+        if value is None:
+            return {}
+        return self.mapping(value, _join(key_path, key), allowed)
+
     def optional(
         self,
         table: Mapping[str, Any],
@@ -243,9 +251,13 @@ class _Reader:
     def seconds(self, value: object, key_path: str) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(key_path, f"must be a number of seconds, not {_kind_of(value)}")
-        if not value > 0 or value != value or value == float("inf"):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = float("inf")
+        if not 0 < seconds < float("inf"):
             raise self.fail(key_path, f"must be a positive number of seconds (got {value})")
-        return float(value)
+        return seconds
 
     def flag(self, value: object, key_path: str) -> bool:
         if not isinstance(value, bool):
@@ -347,7 +359,7 @@ def parse_config(document: object, source: str = "<config>") -> Config:
 
     listen = _parse_listen(read, read.optional(top, "listen", "", read.text, DEFAULT_LISTEN))
 
-    gpu_table = read.mapping(top.get("gpu") or {}, "gpu", _GPU_KEYS)
+    gpu_table = read.section(top, "gpu", "", _GPU_KEYS)
     total = read.optional(gpu_table, "total_mib", "gpu", read.size_mib, None)
     gpu = GpuConfig(
         total_mib=total or None,
@@ -357,7 +369,7 @@ def parse_config(document: object, source: str = "<config>") -> Config:
         ),
     )
 
-    probe_table = read.mapping(top.get("probes") or {}, "probes", _PROBE_KEYS)
+    probe_table = read.section(top, "probes", "", _PROBE_KEYS)
     probes = ProbeConfig(
         interval_seconds=read.optional(
             probe_table, "interval_seconds", "probes", read.seconds, 5.0
@@ -367,24 +379,17 @@ def parse_config(document: object, source: str = "<config>") -> Config:
         ),
     )
 
-    lifecycle = _parse_lifecycle(read, top.get("lifecycle") or {})
+    lifecycle = _parse_lifecycle(read, read.section(top, "lifecycle", "", _LIFECYCLE_KEYS))
 
-    consumers_value = top.get("consumers")
-    if not consumers_value:
+    consumers_table = read.section(top, "consumers", "", None)
+    if not consumers_table:
         raise read.fail("consumers", "at least one consumer is required")
-    consumers_table = read.mapping(consumers_value, "consumers", None)
     consumers = {
-        name: _parse_consumer(read, name, value) for name, value in consumers_table.items()
+        name: _parse_consumer(read, name, value, consumers_table)
+        for name, value in consumers_table.items()
     }
-    for consumer in consumers.values():
-        for i, other in enumerate(sorted(consumer.can_coexist_with)):
-            if other not in consumers:
-                raise read.fail(
-                    f"consumers.{consumer.name}.can_coexist_with[{i}]",
-                    _unknown_consumer(other, consumers),
-                )
 
-    routing_table = read.mapping(top.get("routing") or {}, "routing", ENDPOINT_KINDS)
+    routing_table = read.section(top, "routing", "", ENDPOINT_KINDS)
     routing: dict[str, str] = {}
     for kind, name in routing_table.items():
         if name is None:
@@ -421,19 +426,27 @@ def parse_config(document: object, source: str = "<config>") -> Config:
 
 
 def _parse_listen(read: _Reader, value: str) -> Listen:
-    parsed = urlsplit(f"//{value}")
     try:
+        parsed = urlsplit(f"//{value}")
         port = parsed.port
     except ValueError:
-        port = None
+        parsed, port = urlsplit(""), None
     host = parsed.hostname
-    if port is None or not host or parsed.path or parsed.username is not None:
+    if (
+        not port
+        or not host
+        or parsed.path
+        or parsed.query
+        or parsed.fragment
+        or "?" in value
+        or "#" in value
+        or parsed.username is not None
+    ):
         raise read.fail("listen", f"must be host:port, such as {DEFAULT_LISTEN} (got {value!r})")
     return Listen(host=host, port=port)
 
 
-def _parse_lifecycle(read: _Reader, value: object) -> LifecycleConfig:
-    table = read.mapping(value, "lifecycle", _LIFECYCLE_KEYS)
+def _parse_lifecycle(read: _Reader, table: dict[str, Any]) -> LifecycleConfig:
     defaults = LifecycleConfig()
     timings = {
         key: read.optional(table, key, "lifecycle", read.seconds, getattr(defaults, key))
@@ -451,7 +464,9 @@ def _parse_lifecycle(read: _Reader, value: object) -> LifecycleConfig:
     return LifecycleConfig(systemctl=systemctl, **timings)
 
 
-def _parse_consumer(read: _Reader, name: object, value: object) -> ConsumerConfig:
+def _parse_consumer(
+    read: _Reader, name: object, value: object, everyone: Mapping[str, object]
+) -> ConsumerConfig:
     key_path = f"consumers.{name}"
     if not isinstance(name, str) or not name.strip():
         raise read.fail("consumers", f"consumer names must be non-empty strings (got {name!r})")
@@ -464,7 +479,7 @@ def _parse_consumer(read: _Reader, name: object, value: object) -> ConsumerConfi
     health = read.required(
         table, "health", key_path, lambda v, p: read.route(v, p, "GET", with_body=False)
     )
-    paths_table = read.mapping(table.get("paths") or {}, f"{key_path}.paths", ENDPOINT_KINDS)
+    paths_table = read.section(table, "paths", key_path, ENDPOINT_KINDS)
     paths = {
         kind: read.route(route, f"{key_path}.paths.{kind}", "POST", with_body=False)
         for kind, route in paths_table.items()
@@ -483,8 +498,13 @@ def _parse_consumer(read: _Reader, name: object, value: object) -> ConsumerConfi
         )
     no_names: tuple[str, ...] = ()
     coexist = read.optional(table, "can_coexist_with", key_path, read.names, no_names)
-    if name in coexist:
-        raise read.fail(f"{key_path}.can_coexist_with", "a consumer cannot list itself")
+    for i, other in enumerate(coexist):
+        if other == name:
+            raise read.fail(f"{key_path}.can_coexist_with[{i}]", "a consumer cannot list itself")
+        if other not in everyone:
+            raise read.fail(
+                f"{key_path}.can_coexist_with[{i}]", _unknown_consumer(other, everyone)
+            )
 
     return ConsumerConfig(
         name=name,
@@ -503,15 +523,15 @@ def _parse_consumer(read: _Reader, name: object, value: object) -> ConsumerConfi
 
 
 def _is_base_url(url: str) -> bool:
-    parsed = urlsplit(url)
     try:
+        parsed = urlsplit(url)
         port = parsed.port
     except ValueError:
         return False
     return (
         parsed.scheme in ("http", "https")
         and bool(parsed.hostname)
-        and port is not None
+        and bool(port)
         and parsed.path in ("", "/")
         and not parsed.query
         and not parsed.fragment
