@@ -1,0 +1,278 @@
+"""
+One simulated GPU card whose memory several simulated servers share.
+
+The card is the one thing the simulated servers have in common, exactly as on a real
+host: each server allocates its model on it without knowing about the others, so a
+mixed workload sent to them directly runs out of memory the way PyTorch does.  The
+card can mirror its state into a small JSON file so that another process (the daemon,
+through :class:`mgpumanager.simulate.nvml.SimulatedNvml`) can watch it like NVML.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+from twisted.logger import Logger
+
+log = Logger()
+
+_PID_BASE = 4000
+_PID_SPAN = 60000
+
+
+class CudaOutOfMemory(Exception):
+    """
+    An allocation did not fit on the card.
+
+    ``str()`` reads like PyTorch's ``torch.cuda.OutOfMemoryError`` so that whoever
+    reads a simulated server's error sees what a real one would have said.
+    """
+
+    def __init__(self, requested_mib: int, total_mib: int, free_mib: int) -> None:
+        self.requested_mib = requested_mib
+        self.total_mib = total_mib
+        self.free_mib = free_mib
+        super().__init__(
+            f"CUDA out of memory. Tried to allocate {requested_mib} MiB "
+            f"(GPU 0; {total_mib} MiB total capacity; {free_mib} MiB free)"
+        )
+
+
+@attrs.frozen
+class ProcessUsage:
+    """One process holding memory on the card, as NVML would list it."""
+
+    pid: int
+    owner: str
+    used_mib: int
+
+
+@attrs.frozen
+class CardState:
+    """
+    A consistent snapshot of the card: what the JSON state file holds.
+
+    Reading the file and asking the card object give the same value, so the NVML
+    stand-in has one code path for both.
+    """
+
+    name: str
+    total_mib: int
+    used_mib: int
+    processes: tuple[ProcessUsage, ...]
+
+    @property
+    def free_mib(self) -> int:
+        return self.total_mib - self.used_mib
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "total_mib": self.total_mib,
+            "used_mib": self.used_mib,
+            "processes": [
+                {"pid": p.pid, "owner": p.owner, "used_mib": p.used_mib} for p in self.processes
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, document: object) -> CardState:
+        """
+        :raises ValueError: when ``document`` is not a card state; a half-understood
+            file must not be reported as a healthy card.
+        """
+        if not isinstance(document, Mapping):
+            raise ValueError("card state must be a JSON object")
+        try:
+            processes = tuple(
+                ProcessUsage(pid=int(p["pid"]), owner=str(p["owner"]), used_mib=int(p["used_mib"]))
+                for p in document.get("processes", [])
+            )
+            return cls(
+                name=str(document.get("name", SimulatedCard.DEFAULT_NAME)),
+                total_mib=int(document["total_mib"]),
+                used_mib=int(document["used_mib"]),
+                processes=processes,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed card state: {e!r}") from None
+
+
+class SimulatedCard:
+    """
+    The memory of one GPU, handed out to named owners.
+
+    :param total_mib: the card's capacity.
+    :param state_path: where to mirror the state as JSON after every change, or
+        ``None`` to keep it in this process only.
+    :param name: what ``nvmlDeviceGetName`` answers.
+
+    Counters for tests and demos: ``oom_count`` (allocations refused),
+    ``peak_used_mib`` (the most ever in use at once).
+    """
+
+    DEFAULT_NAME = "Simulated GPU"
+
+    def __init__(
+        self, total_mib: int, state_path: str | None = None, name: str = DEFAULT_NAME
+    ) -> None:
+        if total_mib <= 0:
+            raise ValueError(f"total_mib must be positive, not {total_mib}")
+        self.total_mib = total_mib
+        self.state_path = state_path
+        self.name = name
+        self.oom_count = 0
+        self.peak_used_mib = 0
+        self._held: dict[str, int] = {}
+        self._pids: dict[str, int] = {}
+        # The daemon's sampler reads the card from a thread when both share a process.
+        self._lock = threading.Lock()
+        # Written once up front: a state path that cannot be written is a setup
+        # mistake, better raised now than logged on every allocation.
+        if state_path is not None:
+            self._write_state(self.snapshot())
+
+    @property
+    def used_mib(self) -> int:
+        with self._lock:
+            return sum(self._held.values())
+
+    @property
+    def free_mib(self) -> int:
+        return self.total_mib - self.used_mib
+
+    def held_by(self, owner: str) -> int:
+        """How much ``owner`` holds now, 0 when nothing."""
+        with self._lock:
+            return self._held.get(owner, 0)
+
+    def register(self, owner: str, pid: int) -> None:
+        """Give ``owner`` the process id NVML will report for it."""
+        with self._lock:
+            taken = {p for o, p in self._pids.items() if o != owner}
+            if pid in taken:
+                raise ValueError(f"pid {pid} is already registered to another owner")
+            self._pids[owner] = pid
+
+    def pid_of(self, owner: str) -> int:
+        """
+        The fake process id of ``owner``: registered, or derived from the name so
+        that two processes reading the same card agree on it.
+        """
+        with self._lock:
+            return self._pid_locked(owner)
+
+    def allocate(self, owner: str, mib: int) -> None:
+        """
+        Hand ``mib`` more MiB to ``owner``.
+
+        :raises CudaOutOfMemory: when it does not fit; nothing changes then.
+        """
+        if mib < 0:
+            raise ValueError(f"cannot allocate a negative size ({mib} MiB)")
+        with self._lock:
+            used = sum(self._held.values())
+            if used + mib > self.total_mib:
+                self.oom_count += 1
+                error = CudaOutOfMemory(mib, self.total_mib, self.total_mib - used)
+            else:
+                error = None
+                self._pid_locked(owner)
+                self._held[owner] = self._held.get(owner, 0) + mib
+                self.peak_used_mib = max(self.peak_used_mib, used + mib)
+        if error is not None:
+            log.info(
+                "{owner} ran out of memory asking for {mib} MiB ({free} MiB free)",
+                owner=owner,
+                mib=mib,
+                free=error.free_mib,
+            )
+            raise error
+        log.debug("{owner} allocated {mib} MiB", owner=owner, mib=mib)
+        self._changed()
+
+    def release(self, owner: str) -> int:
+        """Free everything ``owner`` holds; return how many MiB came back."""
+        with self._lock:
+            freed = self._held.pop(owner, 0)
+        if freed:
+            log.debug("{owner} released {mib} MiB", owner=owner, mib=freed)
+            self._changed()
+        return freed
+
+    def processes(self) -> list[tuple[int, int]]:
+        """``(pid, used_mib)`` of every owner holding memory, as NVML lists them."""
+        return [(p.pid, p.used_mib) for p in self.snapshot().processes]
+
+    def snapshot(self) -> CardState:
+        """The whole state at one instant."""
+        with self._lock:
+            processes = tuple(
+                ProcessUsage(pid=self._pid_locked(owner), owner=owner, used_mib=mib)
+                for owner, mib in sorted(self._held.items())
+                if mib > 0
+            )
+            return CardState(
+                name=self.name,
+                total_mib=self.total_mib,
+                used_mib=sum(self._held.values()),
+                processes=processes,
+            )
+
+    def _pid_locked(self, owner: str) -> int:
+        pid = self._pids.get(owner)
+        if pid is None:
+            taken = set(self._pids.values())
+            pid = _PID_BASE + zlib.crc32(owner.encode("utf-8")) % _PID_SPAN
+            while pid in taken:
+                pid += 1
+            self._pids[owner] = pid
+        return pid
+
+    def _changed(self) -> None:
+        if self.state_path is None:
+            return
+        try:
+            self._write_state(self.snapshot())
+        except OSError:
+            # The card itself changed; failing the allocation because a mirror file
+            # could not be written would simulate a fault no real GPU has.
+            log.failure("could not write the card state to {path}", path=self.state_path)
+
+    def _write_state(self, state: CardState) -> None:
+        assert self.state_path is not None
+        directory = os.path.dirname(os.path.abspath(self.state_path))
+        # A reader must never see half a file: write beside it, then rename over it.
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=".card-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(state.to_json(), f)
+            os.replace(temporary, self.state_path)
+        except BaseException:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+            raise
+
+
+def read_card_state(path: str) -> CardState:
+    """
+    Read a card state file written by :class:`SimulatedCard`.
+
+    :raises OSError: when the file cannot be read.
+    :raises ValueError: when it does not hold a card state.
+    """
+    with open(path, encoding="utf-8") as f:
+        try:
+            document = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"card state is not JSON: {e}") from None
+    return CardState.from_json(document)

@@ -1,0 +1,159 @@
+"""
+A stand-in for the ``pynvml`` module that reads a :class:`SimulatedCard`.
+
+The daemon's GPU sampler takes its NVML module as a constructor argument; handing it a
+:class:`SimulatedNvml` instead of ``pynvml`` lets the whole daemon run against the
+simulated host, in the same process (card object) or another one (the card's JSON
+state file).  Only the names the sampler needs exist, with ``pynvml``'s semantics:
+sizes in bytes, calls before ``nvmlInit`` fail with ``Uninitialized``, and errors are
+:class:`pynvml.NVMLError` subclasses so an ``except pynvml.NVMLError`` still catches
+them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+import pynvml
+
+from mgpumanager.simulate.card import CardState, SimulatedCard, read_card_state
+
+_MIB = 1024 * 1024
+# What NVML reports for gpuInstanceId/computeInstanceId on a card without MIG.
+_NO_INSTANCE = 0xFFFFFFFF
+
+NVML_ERROR_UNINITIALIZED: int = pynvml.NVML_ERROR_UNINITIALIZED
+NVML_ERROR_INVALID_ARGUMENT: int = pynvml.NVML_ERROR_INVALID_ARGUMENT
+NVML_ERROR_DRIVER_NOT_LOADED: int = pynvml.NVML_ERROR_DRIVER_NOT_LOADED
+NVML_ERROR_GPU_IS_LOST: int = pynvml.NVML_ERROR_GPU_IS_LOST
+
+
+class SimulatedNvmlError(pynvml.NVMLError):  # type: ignore[misc]
+    """
+    An NVML failure of the simulated card.
+
+    Like ``pynvml.NVMLError`` it carries the NVML code in ``value``; it also says
+    *why* (which state file), since a simulated failure is usually a setup mistake.
+    """
+
+    value: int
+
+    def __new__(cls, value: int, detail: str = "") -> SimulatedNvmlError:
+        # pynvml's __new__ would swap in its own per-code subclass and lose ours.
+        error: SimulatedNvmlError = Exception.__new__(cls)
+        error.value = value
+        return error
+
+    def __init__(self, value: int, detail: str = "") -> None:
+        Exception.__init__(self, value, detail)
+        self.value = value
+        self.detail = detail
+
+    def __str__(self) -> str:
+        text = str(pynvml.NVMLError._errcode_to_string.get(self.value, "Unknown Error"))
+        return f"{text}: {self.detail}" if self.detail else text
+
+    # pynvml defines __eq__ (so instances are unhashable); Failure and logging do not
+    # need that, and a hashable exception is the less surprising one.
+    __hash__ = Exception.__hash__
+
+
+@attrs.frozen
+class DeviceHandle:
+    """What ``nvmlDeviceGetHandleByIndex`` returns: opaque to the caller."""
+
+    index: int
+
+
+@attrs.frozen
+class MemoryInfo:
+    """``nvmlDeviceGetMemoryInfo``'s answer, in bytes like ``c_nvmlMemory_t``."""
+
+    total: int
+    free: int
+    used: int
+
+
+@attrs.frozen
+class ProcessInfo:
+    """One entry of ``nvmlDeviceGetComputeRunningProcesses``, like ``c_nvmlProcessInfo_t``."""
+
+    # camelCase because these are pynvml's field names, which the sampler reads.
+    pid: int
+    usedGpuMemory: int
+    gpuInstanceId: int = _NO_INSTANCE
+    computeInstanceId: int = _NO_INSTANCE
+
+
+class SimulatedNvml:
+    """
+    The subset of ``pynvml`` the daemon uses, answering for one simulated card.
+
+    :param source: the card itself, or the path of the JSON state file a
+        :class:`SimulatedCard` writes (``state_path``) in another process.  The file
+        is read on every call, since the card changes under us.
+    """
+
+    NVMLError: type[Exception] = SimulatedNvmlError
+
+    def __init__(self, source: SimulatedCard | str | os.PathLike[str]) -> None:
+        self._card = source if isinstance(source, SimulatedCard) else None
+        self._path = None if isinstance(source, SimulatedCard) else os.fspath(source)
+        self._init_count = 0
+
+    # The method names are pynvml's own, hence camelCase.
+    def nvmlInit(self) -> None:
+        # Like the real library, init fails when there is no card to talk to.
+        self._state(NVML_ERROR_DRIVER_NOT_LOADED)
+        self._init_count += 1
+
+    def nvmlShutdown(self) -> None:
+        self._require_init()
+        self._init_count -= 1
+
+    def nvmlDeviceGetCount(self) -> int:
+        self._require_init()
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> DeviceHandle:
+        self._require_init()
+        if index != 0:
+            raise SimulatedNvmlError(NVML_ERROR_INVALID_ARGUMENT, f"no GPU at index {index}")
+        return DeviceHandle(index)
+
+    def nvmlDeviceGetName(self, handle: DeviceHandle) -> str:
+        return self._device_state(handle).name
+
+    def nvmlDeviceGetMemoryInfo(self, handle: DeviceHandle, version: Any = None) -> MemoryInfo:
+        state = self._device_state(handle)
+        return MemoryInfo(
+            total=state.total_mib * _MIB,
+            free=state.free_mib * _MIB,
+            used=state.used_mib * _MIB,
+        )
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: DeviceHandle) -> list[ProcessInfo]:
+        state = self._device_state(handle)
+        return [ProcessInfo(pid=p.pid, usedGpuMemory=p.used_mib * _MIB) for p in state.processes]
+
+    def _require_init(self) -> None:
+        if self._init_count <= 0:
+            raise SimulatedNvmlError(NVML_ERROR_UNINITIALIZED)
+
+    def _device_state(self, handle: DeviceHandle) -> CardState:
+        self._require_init()
+        if not isinstance(handle, DeviceHandle) or handle.index != 0:
+            raise SimulatedNvmlError(NVML_ERROR_INVALID_ARGUMENT, f"bad handle {handle!r}")
+        # Once initialised, a card that vanishes is a lost GPU, not a missing driver.
+        return self._state(NVML_ERROR_GPU_IS_LOST)
+
+    def _state(self, code: int) -> CardState:
+        if self._card is not None:
+            return self._card.snapshot()
+        assert self._path is not None
+        try:
+            return read_card_state(self._path)
+        except (OSError, ValueError) as e:
+            raise SimulatedNvmlError(code, f"simulated card state {self._path}: {e}") from None
