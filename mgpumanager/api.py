@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 from urllib.parse import quote, unquote_to_bytes
 
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.server import Request
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
-from werkzeug.routing import Map
 
 from mgpumanager.config import ENDPOINT_KINDS, Config
 from mgpumanager.errors import (
@@ -34,7 +35,9 @@ from mgpumanager.errors import (
     SHUTTING_DOWN,
     ApiError,
 )
+from mgpumanager.eviction import simulate_plan
 from mgpumanager.gpu import GpuSampler, rfc3339
+from mgpumanager.lifecycle import Lifecycle
 from mgpumanager.proxy import ConsumerProxy, UpstreamBroke
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
@@ -66,6 +69,7 @@ class ManagerApp:
         scheduler: GpuScheduler,
         proxy: ConsumerProxy,
         sampler: GpuSampler,
+        lifecycle: Lifecycle,
         clock: IReactorTime,
     ) -> None:
         self._config = config
@@ -73,10 +77,11 @@ class ManagerApp:
         self._scheduler = scheduler
         self._proxy = proxy
         self._sampler = sampler
+        self._lifecycle = lifecycle
         self._clock = clock
 
-    def resource(self) -> Any:
-        return self.app.resource()
+    def resource(self) -> Resource:
+        return _Front(self)
 
     @app.route(_KIND_RULE, methods=["POST"])
     def gpu_job(self, request: Request, kind: str) -> Deferred[None]:
@@ -92,7 +97,7 @@ class ManagerApp:
             raise ApiError(NO_CONSUMER, why, name)
         consumer, route = target
         state = self._registry[consumer.name]
-        if state.healthy is False:
+        if state.healthy is False and not state.restartable:
             raise ApiError(
                 CONSUMER_DOWN,
                 f"upstream {consumer.name}: last health probe failed: {state.last_error}",
@@ -117,8 +122,21 @@ class ManagerApp:
             ),
             "routing": dict(config.routing),
             "consumers": self._registry.as_status(),
-            "scheduler": self._scheduler.as_status(),
+            "scheduler": {**self._scheduler.as_status(), **self._lifecycle.as_status()},
         }
+
+    @app.route("/v1/plan/<any({}):kind>".format(", ".join(ENDPOINT_KINDS)), methods=["GET"])
+    def plan(self, request: Request, kind: str) -> bytes:
+        """What a job of ``kind`` would evict and load if it ran now; touches nothing."""
+        target = self._config.route_for(kind)
+        if target is None:
+            name = self._config.routing.get(kind)
+            raise ApiError(NO_CONSUMER, f"no consumer serves {kind}", name)
+        consumer, _ = target
+        document = simulate_plan(
+            self._config, self._registry, consumer.name, self._sampler.latest
+        )
+        return _json(request, {"kind": kind, **document})
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: Request) -> bytes:
@@ -131,81 +149,128 @@ class ManagerApp:
         return (
             "mgpumanager: one GPU, several inference servers, one job at a time.\n"
             f"Live state: GET /v1/status\nGPU jobs: {kinds}\n"
+            "What a job would evict now: GET /v1/plan/<kind>\n"
             f"Audio files: GET {self._config.audio_path_prefix}<name>\n"
             "Liveness: GET /healthz\n"
         ).encode()
 
-    @app.route("/<path:rest>", methods=None)
-    def elsewhere(self, request: Request, rest: str) -> Deferred[None]:
-        """The audio prefix (configurable, so no static rule), else 404."""
-        prefix = self._config.audio_path_prefix.encode("ascii")
-        raw_path = request.uri.partition(b"?")[0]
-        if not raw_path.startswith(prefix):
-            allowed = self._methods_elsewhere(request)
-            if allowed:
-                raise MethodNotAllowed(valid_methods=allowed)
-            raise ApiError(NOT_FOUND, "no such endpoint; see GET / for the routes")
+    def audio(self, request: Request) -> Deferred[None]:
+        """
+        ``GET <audio_path_prefix><name>``: relayed to the audio consumer, outside
+        the GPU scheduler.  Served before Klein's routing: the prefix is
+        configurable, and werkzeug would decode the name before we could vet it.
+        """
         if request.method != b"GET":
             raise ApiError(
                 METHOD_NOT_ALLOWED, "audio files are read with GET", headers={"Allow": "GET"}
             )
         if self._config.audio_proxy is None:
             raise ApiError(NO_CONSUMER, "no audio_proxy consumer is configured")
-        name = audio_name(raw_path[len(prefix):])
+        raw_path = request.uri.partition(b"?")[0]
+        name = audio_name(raw_path[len(self._config.audio_path_prefix):])
         consumer = self._config.consumers[self._config.audio_proxy]
         path = self._config.audio_path_prefix + quote_segment(name)
         return self._proxy.relay(request, consumer, "GET", path)
 
-    def _methods_elsewhere(self, request: Request) -> list[str]:
-        """
-        The methods the fixed routes accept at this path: the catch-all above
-        takes every method, so werkzeug cannot tell a 405 from a 404 itself.
-        """
-        adapter = _FIXED_ROUTES.bind("localhost")
-        try:
-            adapter.match(request.path.decode("utf-8", "replace"), method="-")
-        except MethodNotAllowed as e:
-            return sorted(e.valid_methods or [])
-        except NotFound:
-            pass
-        return []
-
     @app.handle_errors  # type: ignore[call-overload]
     def on_error(self, request: Request, failure: Failure) -> bytes | None:
-        error = failure.value
-        if isinstance(error, UpstreamBroke):
-            # The client's connection is already being aborted.
-            return None
-        if isinstance(error, CancelledError):
-            # Klein only passes a cancellation on while the client is still
-            # there: the daemon itself cancelled the job (shutdown grace over).
-            error = ApiError(SHUTTING_DOWN, "the daemon stopped before the job finished")
-        if isinstance(error, NotFound):
-            error = ApiError(NOT_FOUND, "no such endpoint; see GET / for the routes")
-        elif isinstance(error, MethodNotAllowed):
-            allowed = ", ".join(error.valid_methods or [])
-            error = ApiError(
-                METHOD_NOT_ALLOWED,
-                f"method {request.method.decode('ascii', 'replace')} not allowed here",
-                headers={"Allow": allowed},
-            )
-        elif not isinstance(error, ApiError):
-            log.failure("unexpected error answering {uri}", failure, uri=request.uri)
-            error = ApiError(INTERNAL_ERROR, "internal error; see the daemon's log")
-        if request.startedWriting:
-            # Too late for an envelope: the answer is already on its way.
-            transport: Any = request.transport
-            if transport is not None:
-                transport.abortConnection()
-            return None
-        for name, value in error.headers.items():
-            request.setHeader(name.encode("ascii"), value.encode("ascii"))
-        return _json(request, error.envelope(), error.status)
+        return answer_error(request, failure)
 
 
-_FIXED_ROUTES = Map(
-    [rule.empty() for rule in ManagerApp.app.url_map.iter_rules() if rule.endpoint != "elsewhere"]
-)
+def answer_error(request: Request, failure: Failure) -> bytes | None:
+    """
+    The body of the JSON envelope for ``failure`` (status and headers set on
+    ``request``), or None when nothing can be answered any more.
+    """
+    error = failure.value
+    if isinstance(error, UpstreamBroke):
+        # The client's connection is already being aborted.
+        return None
+    if isinstance(error, CancelledError):
+        # A cancellation reaches us only while the client is still there:
+        # the daemon itself cancelled the job (shutdown grace over).
+        error = ApiError(SHUTTING_DOWN, "the daemon stopped before the job finished")
+    if isinstance(error, NotFound):
+        error = ApiError(NOT_FOUND, "no such endpoint; see GET / for the routes")
+    elif isinstance(error, MethodNotAllowed):
+        allowed = ", ".join(sorted(error.valid_methods or []))
+        error = ApiError(
+            METHOD_NOT_ALLOWED,
+            f"method {request.method.decode('ascii', 'replace')} not allowed here",
+            headers={"Allow": allowed},
+        )
+    elif not isinstance(error, ApiError):
+        log.failure("unexpected error answering {uri}", failure, uri=request.uri)
+        error = ApiError(INTERNAL_ERROR, "internal error; see the daemon's log")
+    if request.startedWriting:
+        # Too late for an envelope: the answer is already on its way.
+        transport: Any = request.transport
+        if transport is not None:
+            transport.abortConnection()
+        return None
+    for name, value in error.headers.items():
+        request.setHeader(name.encode("ascii"), value.encode("ascii"))
+    return _json(request, error.envelope(), error.status)
+
+
+class _Front(Resource):
+    """
+    What the site serves: audio requests and unusable paths are answered here,
+    everything else by the Klein app.
+    """
+
+    isLeaf = True
+
+    def __init__(self, manager: ManagerApp) -> None:
+        super().__init__()
+        self._manager = manager
+        self._klein = manager.app.resource()
+        self._audio_prefix = manager._config.audio_path_prefix.encode("ascii")
+
+    def render(self, request: Request) -> bytes | int:
+        raw_path = request.uri.partition(b"?")[0]
+        if raw_path.startswith(self._audio_prefix):
+            return _serve(request, lambda: self._manager.audio(request))
+        try:
+            unquote_to_bytes(raw_path).decode("utf-8")
+        except UnicodeDecodeError:
+            return _serve(request, _not_utf8)
+        result: Any = self._klein.render(request)
+        return cast(int, result)
+
+
+def _not_utf8() -> Deferred[None]:
+    raise ApiError(BAD_REQUEST, "the request path is not UTF-8 once decoded")
+
+
+def _serve(request: Request, produce: Callable[[], Deferred[None]]) -> int:
+    """
+    Answer ``request`` with what ``produce`` does, as Klein would: errors as
+    the envelope, and the work cancelled if the client goes away.
+    """
+    finished = False
+
+    def gone(_: object) -> None:
+        nonlocal finished
+        finished = True
+
+    request.notifyFinish().addBoth(gone)
+    work = maybeDeferred(produce)
+    request.notifyFinish().addErrback(lambda _: work.cancel())
+
+    def failed(failure: Failure) -> None:
+        if finished:
+            return
+        body = answer_error(request, failure)
+        if body is not None:
+            request.write(body)
+
+    def done(_: object) -> None:
+        if not finished:
+            request.finish()
+
+    work.addErrback(failed).addCallback(done)
+    return NOT_DONE_YET
 
 
 def audio_name(encoded: bytes) -> str:

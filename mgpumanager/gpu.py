@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -126,6 +126,10 @@ def read_nvml(nvml: Any, device_index: int = 0) -> GpuReading:
         nvml.nvmlShutdown()
 
 
+class NvmlTimeout(Exception):
+    """An NVML read did not return in time: a hung driver, most likely."""
+
+
 def _describe(error: BaseException) -> str:
     text = str(error).strip()
     name = type(error).__name__
@@ -158,7 +162,9 @@ class GpuSampler:
         self._interval = interval
         self._timeout = timeout
         self._device_index = device_index
-        self._pending: Deferred[GpuReading] | None = None
+        self._pending: Deferred[Any] | None = None
+        self._timer: IDelayedCall | None = None
+        self._hung = False
         self._sinks: list[SampleSink] = []
         self._waiters: list[Deferred[GpuSample]] = []
         self.latest = GpuSample()
@@ -181,22 +187,42 @@ class GpuSampler:
         """
         Take one sample now (the loop calls this; so does the scheduler when
         it waits for an unloaded consumer's memory to come back).  Never fails.
+
+        A read still under way is shared rather than joined by another; a read
+        stuck past the timeout is reported as an error sample, and until its
+        thread comes back, further samples answer at once with that error
+        instead of queueing behind it.
         """
         waiter: Deferred[GpuSample] = Deferred()
         self._waiters.append(waiter)
         if self._pending is None:
-            # Otherwise a read is already under way (possibly hung): share it
-            # rather than stack another thread behind it.
-            self._pending = self._run_blocking(self._read)
-            self._pending.addTimeout(self._timeout, self._clock)
-            self._pending.addCallbacks(self._record, lambda failure: self._record(failure.value))
+            # The timer first: a read that returns at once must find it to cancel.
+            self._timer = self._clock.callLater(self._timeout, self._timed_out)
+            pending = self._run_blocking(self._read)
+            pending.addCallbacks(self._record, lambda failure: self._record(failure.value))
+            if not pending.called:
+                self._pending = pending
+            pending.addBoth(self._read_returned)
+        elif self._hung:
+            self._flush_waiters()
         return waiter
+
+    def _read_returned(self, _: object) -> None:
+        self._pending = None
+        self._hung = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._hung = True
+        self._record(NvmlTimeout(f"NVML read timed out after {self._timeout:g} s"))
 
     def _read(self) -> GpuReading:
         return read_nvml(self._load_nvml(), self._device_index)
 
     def _record(self, outcome: GpuReading | BaseException) -> None:
-        self._pending = None
         now = self._clock.seconds()
         if isinstance(outcome, GpuReading):
             self.latest = GpuSample(time=now, reading=outcome)
@@ -210,6 +236,9 @@ class GpuSampler:
                 sink(self.latest)
             except Exception:
                 log.failure("GPU sample subscriber failed")
+        self._flush_waiters()
+
+    def _flush_waiters(self) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(self.latest)

@@ -14,12 +14,12 @@ import json
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mgpumanager.deadline import TimedOut, within
 from mgpumanager.errors import describe_connection_error
 from mgpumanager.registry import ConsumerState, Registry
 
@@ -75,17 +75,19 @@ class HealthProber:
         """
         joined: Deferred[bool] = Deferred()
         waiters = self._in_flight.get(name)
-        if waiters is None:
-            waiters = self._in_flight[name] = []
-            state = self._registry[name]
-            started = self._clock.seconds()
-            pending = Deferred.fromCoroutine(self._probe(state))
-            pending.addTimeout(self._timeout, self._clock)
-            pending.addCallbacks(
-                lambda answer: self._record(state, started, answer, None),
-                lambda failure: self._record(state, started, None, failure),
-            )
-        waiters.append(joined)
+        if waiters is not None:
+            waiters.append(joined)
+            return joined
+        self._in_flight[name] = [joined]
+        state = self._registry[name]
+        started = self._clock.seconds()
+        pending = within(
+            Deferred.fromCoroutine(self._probe(state)), self._timeout, self._clock, "health probe"
+        )
+        pending.addCallbacks(
+            lambda answer: self._record(state, started, answer, None),
+            lambda failure: self._record(state, started, None, failure),
+        )
         return joined
 
     async def _probe(self, state: ConsumerState) -> dict[str, Any] | None:
@@ -123,8 +125,10 @@ class HealthProber:
             if answer is not None and started >= state.lifecycle_changed_at:
                 _apply_report(state, answer)
         else:
-            error = _describe_failure(failure.value, self._timeout)
-            if state.healthy is not False:
+            error = _describe_failure(failure.value)
+            if state.restartable:
+                error = f"unit stopped to free the GPU ({error})"
+            elif state.healthy is not False:
                 log.warn(
                     "consumer {consumer} failed its health probe: {error}",
                     consumer=state.name,
@@ -150,7 +154,7 @@ def _apply_report(state: ConsumerState, answer: dict[str, Any]) -> None:
         state.note_resident_mib(resident)
 
 
-def _describe_failure(error: BaseException | None, timeout: float) -> str:
-    if isinstance(error, DeferredTimeout):
-        return f"health probe timed out after {timeout:g} s"
+def _describe_failure(error: BaseException | None) -> str:
+    if isinstance(error, TimedOut):
+        return str(error)
     return describe_connection_error(error or Exception("unknown"))

@@ -70,6 +70,14 @@ class ConsumerState:
             return self.reported_resident_mib
         return self.config.vram_resident_mib if self.resident else 0
 
+    @property
+    def restartable(self) -> bool:
+        """
+        A consumer whose systemd unit we stopped is expected to fail its
+        probes; the scheduler starts it again, so it is not refused as down.
+        """
+        return self.config.systemd_unit is not None and not self.resident
+
     def mark_loaded(self, loaded: bool, now: float) -> None:
         """Record our own load/unload; a stale report must not contradict it."""
         self.loaded = loaded

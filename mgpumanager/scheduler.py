@@ -13,11 +13,17 @@ The scheduler knows nothing of HTTP: it runs a job callable and keeps the number
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, DeferredLock, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredLock,
+    ensureDeferred,
+    succeed,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -30,13 +36,9 @@ log = Logger()
 _T = TypeVar("_T")
 
 
-class Preparer(Protocol):
-    """
-    Makes a consumer ready to run a job: room on the card, model loaded.
-    Called with the GPU lock held; raising fails the job.
-    """
-
-    def __call__(self, consumer: str) -> Awaitable[None]: ...
+#: Makes a consumer ready to run a job (room on the card, model loaded).
+#: Called with the GPU lock held; raising fails the job.
+Preparer = Callable[[str], "Coroutine[Any, Any, None] | Deferred[None]"]
 
 
 async def _nothing_to_prepare(consumer: str) -> None:
@@ -78,7 +80,6 @@ class GpuScheduler:
         self.cancelled_jobs = 0
         self.last_wait_ms: int | None = None
         self.last_run_ms: int | None = None
-        self.evictions = 0
 
     @property
     def queue_depth(self) -> int:
@@ -119,7 +120,7 @@ class GpuScheduler:
         succeeded = False
         try:
             try:
-                await self._prepare(consumer)
+                await self._hold(ensureDeferred(self._prepare(consumer)))
             except (ApiError, CancelledError):
                 raise
             except Exception as e:
@@ -127,12 +128,7 @@ class GpuScheduler:
                 raise ApiError(
                     SCHEDULER_ERROR, f"scheduler failed to prepare {consumer}: {e}", consumer
                 ) from e
-            running = job()
-            self._running.add(running)
-            try:
-                result = await running
-            finally:
-                self._running.discard(running)
+            result = await self._hold(job())
             succeeded = True
             return result
         except CancelledError:
@@ -152,6 +148,14 @@ class GpuScheduler:
             if self.in_flight == 0 and not self._waiters:
                 self._notify_idle()
 
+    async def _hold(self, step: Deferred[_T]) -> _T:
+        """Await a step of a running job, cancellable by :meth:`abort_running`."""
+        self._running.add(step)
+        try:
+            return await step
+        finally:
+            self._running.discard(step)
+
     def close(self, reason: str = "the daemon is shutting down") -> None:
         """
         Refuse new jobs and answer every queued one with a retryable
@@ -166,7 +170,7 @@ class GpuScheduler:
             self._notify_idle()
 
     def abort_running(self) -> None:
-        """Cancel every running job (the shutdown grace is over)."""
+        """Cancel every running job, preparing or relaying (the shutdown grace is over)."""
         for running in list(self._running):
             running.cancel()
 
@@ -194,5 +198,4 @@ class GpuScheduler:
             "last_wait_ms": self.last_wait_ms,
             "last_run_ms": self.last_run_ms,
             "oldest_queued": rfc3339(oldest),
-            "evictions": self.evictions,
         }

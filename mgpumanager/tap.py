@@ -10,14 +10,18 @@ naming the file and key.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
+from urllib.parse import urlsplit
 
+import attrs
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -25,8 +29,11 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Site
 
 from mgpumanager.api import ManagerApp
+from mgpumanager.attribution import PidMap, ProcessAttributor, find_consumer_pids
+from mgpumanager.commands import CommandResult, run_command
 from mgpumanager.config import Config, ConfigError, load_config
 from mgpumanager.gpu import GpuReading, GpuSampler
+from mgpumanager.lifecycle import Lifecycle
 from mgpumanager.probes import HealthProber
 from mgpumanager.proxy import ConsumerProxy
 from mgpumanager.registry import Registry
@@ -47,6 +54,15 @@ class Options(usage.Options):
         "in front of several inference servers, with one global GPU lock, VRAM-aware "
         "eviction and a live GET /v1/status."
     )
+    optFlags = [
+        [
+            "simulate",
+            None,
+            "Run the simulated GPU host (four simulated inference servers on one "
+            "simulated card) inside the daemon, on the ports of the config's consumers: "
+            "a demo without a GPU.  Use with --config config/demo.yaml.",
+        ],
+    ]
     optParameters = [
         ["config", "c", "config/consumers.yaml", "The consumers.yaml file to run."],
         [
@@ -55,6 +71,13 @@ class Options(usage.Options):
             None,
             "A Twisted server endpoint overriding the file's listen address, "
             "e.g. tcp:8770:interface=127.0.0.1",
+        ],
+        [
+            "simulated-card",
+            None,
+            None,
+            "Read GPU memory from a simulated card's state file (written by "
+            "python -m mgpumanager.simulate) instead of NVML.",
         ],
     ]
 
@@ -158,8 +181,28 @@ class ManagerService(MultiService):
             self._clock._exitSignal = None
 
 
-def build(config: Config, listen: str | None, reactor: Any) -> ManagerService:
+@attrs.frozen
+class StandIns:
+    """
+    What replaces the real host's parts when the daemon runs against a
+    simulated one: the NVML module, the consumer-to-process map, the
+    ``systemctl`` command, and services to run alongside (the simulated host).
+    """
+
+    load_nvml: Callable[[], Any]
+    find_pids: Callable[[], PidMap] | None = None
+    systemctl: tuple[str, ...] | None = None
+    services: tuple[IService, ...] = ()
+
+
+def build(
+    config: Config, listen: str | None, reactor: Any, stand_ins: StandIns | None = None
+) -> ManagerService:
     """Build and wire every component of the daemon."""
+    if stand_ins is not None and stand_ins.systemctl is not None:
+        config = attrs.evolve(
+            config, lifecycle=attrs.evolve(config.lifecycle, systemctl=stand_ins.systemctl)
+        )
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = 8
@@ -173,7 +216,7 @@ def build(config: Config, listen: str | None, reactor: Any) -> ManagerService:
         return deferToThreadPool(reactor, nvml_threads, call)
 
     sampler = GpuSampler(
-        load_nvml=load_pynvml,
+        load_nvml=stand_ins.load_nvml if stand_ins else load_pynvml,
         run_blocking=run_blocking,
         clock=reactor,
         interval=config.gpu.poll_interval_seconds,
@@ -186,8 +229,24 @@ def build(config: Config, listen: str | None, reactor: Any) -> ManagerService:
         interval=config.probes.interval_seconds,
         timeout=config.probes.timeout_seconds,
     )
-    scheduler = GpuScheduler(reactor, registry)
-    app = ManagerApp(config, registry, scheduler, ConsumerProxy(agent), sampler, reactor)
+    find_pids: Callable[[], PidMap] = partial(
+        find_consumer_pids, config, config.lifecycle.systemctl
+    )
+    if stand_ins is not None and stand_ins.find_pids is not None:
+        find_pids = stand_ins.find_pids
+    attributor = ProcessAttributor(registry, find_pids, deferToThread, reactor)
+    sampler.subscribe(attributor.on_sample)
+
+    def run(argv: Sequence[str], timeout: float) -> Deferred[CommandResult]:
+        return run_command(reactor, reactor, argv, timeout)
+
+    lifecycle = Lifecycle(
+        config, registry, sampler, http_client, reactor, run, prober.probe, attributor
+    )
+    scheduler = GpuScheduler(reactor, registry, lifecycle.prepare)
+    app = ManagerApp(
+        config, registry, scheduler, ConsumerProxy(agent), sampler, lifecycle, reactor
+    )
     site = Site(app.resource())
     site.displayTracebacks = False
     endpoint = serverFromString(reactor, listen or config.listen.endpoint_description())
@@ -195,6 +254,8 @@ def build(config: Config, listen: str | None, reactor: Any) -> ManagerService:
     http._raiseSynchronously = True
 
     service = ManagerService(http, scheduler, pool, reactor, config.shutdown_grace_seconds)
+    for extra in stand_ins.services if stand_ins else ():
+        extra.setServiceParent(service)
     _ThreadPoolService(nvml_threads).setServiceParent(service)
     _Loop(sampler).setServiceParent(service)
     _Loop(prober).setServiceParent(service)
@@ -205,7 +266,79 @@ def build(config: Config, listen: str | None, reactor: Any) -> ManagerService:
     return service
 
 
+def simulated_in_process(config: Config, reactor: Any) -> StandIns:
+    """
+    Stand-ins for ``--simulate``: the simulated host runs inside the daemon on
+    the ports of the config's consumers, and the daemon reads its card.
+    """
+    from mgpumanager.simulate.host import PIDS, HostConfig, SimulatedHost
+    from mgpumanager.simulate.nvml import SimulatedNvml
+
+    ports = {}
+    for name in PIDS:
+        consumer = config.consumers.get(name)
+        if consumer is None:
+            raise usage.UsageError(
+                f"--simulate needs consumers named {', '.join(PIDS)} (see config/demo.yaml)"
+            )
+        ports[name] = urlsplit(consumer.url).port or 0
+    host_config = HostConfig()
+    host_config = attrs.evolve(
+        host_config,
+        voice=attrs.evolve(host_config.voice, port=ports["mvoice"]),
+        ollama=attrs.evolve(host_config.ollama, port=ports["ollama"]),
+        comfy=attrs.evolve(host_config.comfy, port=ports["comfyui"]),
+        whisper=attrs.evolve(host_config.whisper, port=ports["whisper"]),
+    )
+    host = SimulatedHost(host_config, clock=reactor)
+    nvml = SimulatedNvml(host.card)
+    return StandIns(
+        load_nvml=lambda: nvml,
+        find_pids=lambda: {name: frozenset({pid}) for name, pid in PIDS.items()},
+        systemctl=_simulated_systemctl(config.consumers["whisper"].url),
+        services=(_SimulatedHostService(host, reactor),),
+    )
+
+
+def simulated_card_file(config: Config, path: str) -> StandIns:
+    """Stand-ins for ``--simulated-card``: a simulated host runs elsewhere."""
+    from mgpumanager.simulate.host import PIDS
+    from mgpumanager.simulate.nvml import SimulatedNvml
+
+    nvml = SimulatedNvml(path)
+    return StandIns(
+        load_nvml=lambda: nvml,
+        find_pids=lambda: {name: frozenset({pid}) for name, pid in PIDS.items()},
+    )
+
+
+def _simulated_systemctl(whisper_url: str) -> tuple[str, ...]:
+    return (sys.executable, "-m", "mgpumanager.simulate.systemctl", "--url", whisper_url)
+
+
+class _SimulatedHostService(Service):
+    def __init__(self, host: Any, reactor: Any) -> None:
+        self._host = host
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        started = self._host.start(self._reactor)
+        started.addErrback(lambda failure: log.failure("simulated host failed", failure))
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        stopped: Deferred[None] = self._host.stop()
+        return stopped
+
+
 def makeService(options: Options) -> ManagerService:
     from twisted.internet import reactor
 
-    return build(options["loaded_config"], options["listen"], reactor)
+    config: Config = options["loaded_config"]
+    stand_ins = None
+    if options["simulate"]:
+        stand_ins = simulated_in_process(config, reactor)
+    elif options["simulated-card"]:
+        stand_ins = simulated_card_file(config, options["simulated-card"])
+    return build(config, options["listen"], reactor, stand_ins)

@@ -1,0 +1,241 @@
+"""
+Eviction decisions: does the next job's consumer fit on the card, and if not,
+whom to unload.  Pure functions of the configuration, the consumers' states and
+the latest GPU sample, so that the real scheduler and the dry-run
+``GET /v1/plan/<kind>`` reach the same answer, and every answer can say why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+
+from mgpumanager.config import Config, ConsumerConfig
+from mgpumanager.gpu import GpuSample, rfc3339
+from mgpumanager.registry import ConsumerState, Registry
+
+#: Free memory we insist on beyond the target's declared size when NVML
+#: answers: allocators fragment, and CUDA contexts cost a few hundred MiB.
+CUSHION_MIB = 256
+#: A job never evicts more than this many consumers.
+MAX_EVICTIONS = 5
+
+
+@attrs.frozen
+class Fit:
+    """Whether the target fits now, and on what evidence."""
+
+    fits: bool
+    #: "nvml" (live free memory), "budget" (declared sizes), or "skip".
+    basis: str
+    needed_mib: int
+    #: NVML's free MiB, or the budget's headroom; None when neither is known.
+    available_mib: int | None
+    why: str
+
+    def as_status(self) -> dict[str, Any]:
+        return {
+            "fits": self.fits,
+            "basis": self.basis,
+            "needed_mib": self.needed_mib,
+            "available_mib": self.available_mib,
+            "why": self.why,
+        }
+
+
+@attrs.frozen
+class Candidate:
+    """One consumer considered as a victim, and why it was or was not chosen."""
+
+    name: str
+    eligible: bool
+    reason: str
+    last_used: float | None = None
+
+    def as_status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "eligible": self.eligible,
+            "reason": self.reason,
+            "last_used": rfc3339(self.last_used),
+        }
+
+
+def needs_room(target: ConsumerState) -> str | None:
+    """Why making room can be skipped for this target, or None if it cannot."""
+    config = target.config
+    if config.vram_managed:
+        return "target manages its own VRAM"
+    if config.vram_resident_mib == 0:
+        return "target declares no VRAM size"
+    if target.resident:
+        return "target is already resident"
+    return None
+
+
+def check_fit(
+    config: Config,
+    target: ConsumerConfig,
+    sample: GpuSample,
+    resident: Iterable[ConsumerState],
+) -> Fit:
+    """
+    Whether ``target`` fits: by NVML's live free memory when a sample is at
+    hand, else by the declared budget of the consumers that may not share the
+    card with it.  ``resident`` are the consumers taken as loaded.
+    """
+    needed = target.vram_resident_mib
+    reading = sample.reading
+    if reading is not None:
+        wanted = needed + CUSHION_MIB
+        return Fit(
+            fits=reading.free_mib >= wanted,
+            basis="nvml",
+            needed_mib=wanted,
+            available_mib=reading.free_mib,
+            why=f"NVML free {reading.free_mib} MiB vs {needed} + {CUSHION_MIB} MiB cushion",
+        )
+    blocking = [
+        state
+        for state in resident
+        if state.name != target.name
+        and not state.config.vram_managed
+        and not config.may_coexist(state.name, target.name)
+    ]
+    total = config.gpu.total_mib
+    if total is None:
+        # No card size at all: the only safe assumption is that the target
+        # needs the card to itself.
+        return Fit(
+            fits=not blocking,
+            basis="budget",
+            needed_mib=needed,
+            available_mib=None,
+            why="card size unknown (no NVML, no gpu.total_mib): exclusive use assumed",
+        )
+    held = sum(state.config.vram_resident_mib for state in blocking)
+    headroom = total - config.gpu.reserved_mib - held
+    return Fit(
+        fits=headroom >= needed,
+        basis="budget",
+        needed_mib=needed,
+        available_mib=headroom,
+        why=(
+            f"budget {total} total - {config.gpu.reserved_mib} reserved - {held} held "
+            f"by non-coexisting residents = {headroom} MiB vs {needed} MiB"
+        ),
+    )
+
+
+def rank_candidates(
+    config: Config,
+    target: str,
+    states: Iterable[ConsumerState],
+    evicted: Iterable[str] = (),
+) -> list[Candidate]:
+    """
+    Every other consumer with the reason it may or may not be unloaded; the
+    eligible ones first, least recently used first (never used counts as
+    oldest, ties broken by name).  ``evicted`` were unloaded in earlier steps.
+    """
+    gone = set(evicted)
+    candidates = []
+    for state in states:
+        if state.name == target:
+            continue
+        reason = "unloaded in an earlier step" if state.name in gone else _ineligible(
+            config, target, state
+        )
+        candidates.append(
+            Candidate(
+                name=state.name,
+                eligible=reason is None,
+                reason=reason or "eligible",
+                last_used=state.last_used,
+            )
+        )
+    return sorted(
+        candidates,
+        key=lambda c: (not c.eligible, c.last_used if c.last_used is not None else -1.0, c.name),
+    )
+
+
+def _ineligible(config: Config, target: str, state: ConsumerState) -> str | None:
+    if not state.resident:
+        return "not resident"
+    if state.config.vram_managed:
+        return "manages its own VRAM"
+    if config.may_coexist(state.name, target):
+        return f"may coexist with {target}"
+    if not state.config.unloadable:
+        return "no unload route or systemd unit"
+    if state.active:
+        return "running a job"
+    return None
+
+
+def pick_victim(candidates: list[Candidate]) -> Candidate | None:
+    """The least recently used eligible candidate, if any."""
+    return candidates[0] if candidates and candidates[0].eligible else None
+
+
+def simulate_plan(
+    config: Config, registry: Registry, target: str, sample: GpuSample
+) -> dict[str, Any]:
+    """
+    What making room for ``target`` would do now, touching nothing: the same
+    fit test and victim order the scheduler uses, with each eviction assumed
+    to free the victim's declared (or measured) memory.
+    """
+    state = registry[target]
+    skip = needs_room(state)
+    steps: list[dict[str, Any]] = []
+    evict: list[str] = []
+    if skip is None:
+        freed = 0
+        for _ in range(MAX_EVICTIONS + 1):
+            resident = [s for s in registry if s.resident and s.name not in evict]
+            fit = check_fit(config, state.config, _plus_free(sample, freed), resident)
+            candidates = rank_candidates(config, target, registry, evict)
+            victim = None if fit.fits or len(evict) == MAX_EVICTIONS else pick_victim(candidates)
+            steps.append(
+                {
+                    "fit": fit.as_status(),
+                    "candidates": [c.as_status() for c in candidates],
+                    "victim": victim.name if victim else None,
+                }
+            )
+            if victim is None:
+                break
+            evict.append(victim.name)
+            freed += registry[victim.name].gpu_resident_mib
+    return {
+        "target": target,
+        "skip_make_room": skip,
+        "would_evict": evict,
+        "would_load": not state.resident,
+        "load_by": _load_method(state.config) if not state.resident else None,
+        "steps": steps,
+    }
+
+
+def _plus_free(sample: GpuSample, freed: int) -> GpuSample:
+    if sample.reading is None or freed == 0:
+        return sample
+    reading = sample.reading
+    return attrs.evolve(
+        sample,
+        reading=attrs.evolve(
+            reading, free_mib=reading.free_mib + freed, used_mib=reading.used_mib - freed
+        ),
+    )
+
+
+def _load_method(config: ConsumerConfig) -> str:
+    if config.load is not None:
+        return f"{config.load.method} {config.load.path}"
+    if config.systemd_unit is not None:
+        return f"systemctl start {config.systemd_unit}"
+    return "cold start on the first request"

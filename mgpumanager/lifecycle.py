@@ -1,0 +1,344 @@
+"""
+Consumer lifecycle: make room on the card, then load the job's consumer.
+
+Runs as the scheduler's ``prepare`` step, so always with the GPU lock held: no
+consumer is ever unloaded while any job runs.  Each eviction is verified: an
+unload route answering 200 is not proof that the memory came back (CUDA frees
+it when the process's context goes), so we watch NVML until it does, and refuse
+to load anything on top of memory that never returned.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from mgpumanager.commands import CommandResult
+from mgpumanager.config import Config, Route
+from mgpumanager.deadline import TimedOut, within
+from mgpumanager.errors import LOAD_FAILED, UNLOAD_FAILED, ApiError, describe_connection_error
+from mgpumanager.eviction import (
+    MAX_EVICTIONS,
+    Candidate,
+    Fit,
+    check_fit,
+    needs_room,
+    pick_victim,
+    rank_candidates,
+)
+from mgpumanager.gpu import GpuSample, GpuSampler, rfc3339
+from mgpumanager.registry import ConsumerState, Registry
+
+log = Logger()
+
+#: How many eviction decisions ``/v1/status`` keeps.
+DECISIONS_KEPT = 20
+#: An unload counts as verified once this share of the victim's memory is back...
+RECOVERED_SHARE = 0.75
+#: ...or once its own processes hold less than this share of it.
+LEFTOVER_SHARE = 0.05
+
+
+class CommandRunner(Protocol):
+    """Runs an external command with a time limit (``systemctl stop …``)."""
+
+    def __call__(self, argv: Sequence[str], timeout: float) -> Deferred[CommandResult]: ...
+
+
+class HealthCheck(Protocol):
+    """Probes a consumer now; fires with whether it answered healthy."""
+
+    def __call__(self, name: str) -> Deferred[bool]: ...
+
+
+class PidLookup(Protocol):
+    """The processes on this host that belong to a consumer, when known."""
+
+    def pids_of(self, name: str) -> frozenset[int]: ...
+
+
+@attrs.define
+class Decision:
+    """One make-room step, kept for ``/v1/status`` and logged."""
+
+    time: float
+    target: str
+    fit: Fit
+    candidates: list[Candidate]
+    victim: str | None
+    outcome: str = "pending"
+    unload_ms: int | None = None
+    recovery_ms: int | None = None
+    recovered_mib: int | None = None
+
+    def as_status(self) -> dict[str, Any]:
+        return {
+            "time": rfc3339(self.time),
+            "target": self.target,
+            **self.fit.as_status(),
+            "candidates": [c.as_status() for c in self.candidates],
+            "victim": self.victim,
+            "outcome": self.outcome,
+            "unload_ms": self.unload_ms,
+            "recovery_ms": self.recovery_ms,
+            "recovered_mib": self.recovered_mib,
+        }
+
+
+class Lifecycle:
+    """
+    :param client: a treq ``HTTPClient`` for load and unload routes.
+    :param run_command: runs ``systemctl`` for consumers with a systemd unit.
+    :param health_check: probes a consumer (after ``systemctl start``).
+    :param pids: maps consumers to their processes, for per-process checks.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        registry: Registry,
+        sampler: GpuSampler,
+        client: Any,
+        clock: IReactorTime,
+        run_command: CommandRunner,
+        health_check: HealthCheck,
+        pids: PidLookup,
+    ) -> None:
+        self._config = config
+        self._registry = registry
+        self._sampler = sampler
+        self._client = client
+        self._clock = clock
+        self._run_command = run_command
+        self._health_check = health_check
+        self._pids = pids
+        self.evictions = 0
+        self.failed_unloads = 0
+        self.loads = 0
+        self.failed_loads = 0
+        self.decisions: collections.deque[Decision] = collections.deque(maxlen=DECISIONS_KEPT)
+
+    async def prepare(self, name: str) -> None:
+        """The scheduler's ``prepare`` step: make room for ``name``, then load it."""
+        state = self._registry[name]
+        skip = needs_room(state)
+        if skip is None:
+            await self._make_room(state)
+        if not state.resident:
+            await self._load(state)
+
+    def as_status(self) -> dict[str, Any]:
+        return {
+            "evictions": self.evictions,
+            "failed_unloads": self.failed_unloads,
+            "loads": self.loads,
+            "failed_loads": self.failed_loads,
+            "decisions": [d.as_status() for d in self.decisions],
+        }
+
+    async def _make_room(self, target: ConsumerState) -> None:
+        evicted = 0
+        while True:
+            sample = await self._sampler.sample()
+            resident = [s for s in self._registry if s.resident]
+            fit = check_fit(self._config, target.config, sample, resident)
+            if fit.fits:
+                return
+            candidates = rank_candidates(self._config, target.name, self._registry)
+            victim = pick_victim(candidates) if evicted < MAX_EVICTIONS else None
+            decision = Decision(
+                time=self._clock.seconds(),
+                target=target.name,
+                fit=fit,
+                candidates=candidates,
+                victim=victim.name if victim else None,
+            )
+            self.decisions.append(decision)
+            if victim is None:
+                decision.outcome = (
+                    f"still short after {MAX_EVICTIONS} evictions; proceeding"
+                    if evicted >= MAX_EVICTIONS
+                    else "nothing can be evicted; proceeding"
+                )
+                log.warn(
+                    "{target} may not fit ({why}) and {outcome}",
+                    target=target.name,
+                    why=fit.why,
+                    outcome=decision.outcome,
+                )
+                return
+            log.info(
+                "evicting {victim} for {target}: {why}",
+                victim=victim.name,
+                target=target.name,
+                why=fit.why,
+            )
+            await self._evict(self._registry[victim.name], sample, decision)
+            evicted += 1
+
+    async def _evict(self, victim: ConsumerState, before: GpuSample, decision: Decision) -> None:
+        config = victim.config
+        started = self._clock.seconds()
+        pids = self._pids.pids_of(victim.name)
+        try:
+            if config.unload is not None:
+                await self._call_route(victim.name, config.unload,
+                                       self._config.lifecycle.unload_timeout_seconds)
+            else:
+                assert config.systemd_unit is not None
+                await self._systemctl("stop", config.systemd_unit,
+                                      self._config.lifecycle.unload_timeout_seconds)
+        except _StepFailed as e:
+            self._unload_failed(victim, decision, f"unloading {victim.name} failed: {e}")
+        self.evictions += 1
+        victim.unload_count += 1
+        victim.mark_loaded(False, self._clock.seconds())
+        unloaded = self._clock.seconds()
+        decision.unload_ms = round((unloaded - started) * 1000)
+        recovered = await self._await_memory_back(victim, before, pids)
+        decision.recovery_ms = round((self._clock.seconds() - unloaded) * 1000)
+        if recovered is False:
+            self._unload_failed(
+                victim,
+                decision,
+                f"unloaded {victim.name}, but its memory did not come back within "
+                f"{self._config.lifecycle.verify_timeout_seconds:g} s",
+            )
+        decision.recovered_mib = recovered if isinstance(recovered, int) else None
+        decision.outcome = "unloaded" + ("" if recovered is not None else " (settled, no NVML)")
+        log.info(
+            "evicted {victim} for {target} in {unload_ms} ms, memory back after "
+            "{recovery_ms} ms",
+            victim=victim.name,
+            target=decision.target,
+            unload_ms=decision.unload_ms,
+            recovery_ms=decision.recovery_ms,
+        )
+
+    def _unload_failed(self, victim: ConsumerState, decision: Decision, message: str) -> None:
+        self.failed_unloads += 1
+        decision.outcome = message
+        log.error("{message}; nothing is loaded on top of it", message=message)
+        raise ApiError(UNLOAD_FAILED, message, victim.name)
+
+    async def _await_memory_back(
+        self, victim: ConsumerState, before: GpuSample, pids: frozenset[int]
+    ) -> int | bool | None:
+        """
+        Poll the card until the victim's memory is back: the recovered MiB,
+        ``False`` if it never came back in time, ``None`` without NVML (after
+        a fixed settle).
+        """
+        lifecycle = self._config.lifecycle
+        baseline = before.reading
+        if baseline is None:
+            await self._sleep(lifecycle.settle_seconds)
+            return None
+        declared = victim.config.vram_resident_mib or victim.peak_resident_mib
+        held_before = sum(baseline.processes.get(pid, 0) for pid in pids)
+        deadline = self._clock.seconds() + lifecycle.verify_timeout_seconds
+        while True:
+            sample = await self._sampler.sample()
+            reading = sample.reading
+            if reading is not None:
+                recovered = reading.free_mib - baseline.free_mib
+                if recovered >= RECOVERED_SHARE * declared:
+                    return max(recovered, 0)
+                if held_before > 0:
+                    # NVML sees the victim's own processes: trust that directly.
+                    held_now = sum(reading.processes.get(pid, 0) for pid in pids)
+                    if held_now < LEFTOVER_SHARE * max(declared, held_before):
+                        return max(recovered, 0)
+            if self._clock.seconds() >= deadline:
+                return False
+            await self._sleep(lifecycle.verify_interval_seconds)
+
+    async def _load(self, state: ConsumerState) -> None:
+        config = state.config
+        lifecycle = self._config.lifecycle
+        try:
+            if config.load is not None:
+                await self._call_route(state.name, config.load, lifecycle.load_timeout_seconds)
+            elif config.systemd_unit is not None:
+                deadline = self._clock.seconds() + lifecycle.load_timeout_seconds
+                await self._systemctl("start", config.systemd_unit,
+                                      lifecycle.load_timeout_seconds)
+                await self._until_healthy(state.name, deadline)
+        except _StepFailed as e:
+            self.failed_loads += 1
+            message = f"loading {state.name} failed: {e}"
+            log.error("{message}", message=message)
+            raise ApiError(LOAD_FAILED, message, state.name) from None
+        # With neither route nor unit the consumer cold-starts on the request.
+        self.loads += 1
+        state.load_count += 1
+        state.mark_loaded(True, self._clock.seconds())
+
+    async def _until_healthy(self, name: str, deadline: float) -> None:
+        while not await self._health_check(name):
+            if self._clock.seconds() >= deadline:
+                raise _StepFailed("started, but never answered its health route")
+            await self._sleep(self._config.lifecycle.verify_interval_seconds)
+
+    async def _call_route(self, name: str, route: Route, timeout: float) -> None:
+        url = self._config.consumers[name].url + route.path
+        headers = {"Content-Type": ["application/json"]} if route.body else None
+
+        async def call() -> tuple[int, bytes]:
+            response = await self._client.request(
+                route.method, url, data=route.body, headers=headers, allow_redirects=False
+            )
+            return response.code, await response.content()
+
+        try:
+            what = f"{route.method} {route.path}"
+            code, body = await within(Deferred.fromCoroutine(call()), timeout, self._clock, what)
+        except CancelledError:
+            raise
+        except TimedOut as e:
+            raise _StepFailed(str(e)) from None
+        except Exception as e:
+            raise _StepFailed(
+                f"{route.method} {route.path}: {describe_connection_error(e)}"
+            ) from None
+        if not 200 <= code < 300:
+            said = " ".join(body[:200].decode("utf-8", "replace").split())
+            raise _StepFailed(f"{route.method} {route.path} answered HTTP {code} {said}")
+
+    async def _systemctl(self, action: str, unit: str, timeout: float) -> None:
+        argv = [*self._config.lifecycle.systemctl, action, unit]
+        try:
+            result = await self._run_command(argv, timeout)
+        except CancelledError:
+            raise
+        except Exception as e:
+            raise _StepFailed(str(e)) from None
+        if not result.ok:
+            raise _StepFailed(result.describe())
+
+    def _sleep(self, seconds: float) -> Deferred[None]:
+        return deferLater(self._clock, seconds, lambda: None)
+
+
+class _StepFailed(Exception):
+    """A lifecycle call failed; the message says which and how."""
+
+
+def static_pids(pids: dict[str, frozenset[int]]) -> PidLookup:
+    """A fixed consumer-to-processes map (tests, stand-ins)."""
+
+    class _Static:
+        def pids_of(self, name: str) -> frozenset[int]:
+            return pids.get(name, frozenset())
+
+    return _Static()
+
+
+NO_PIDS: PidLookup = static_pids({})
