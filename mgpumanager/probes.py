@@ -80,7 +80,7 @@ class HealthProber:
             return joined
         self._in_flight[name] = [joined]
         state = self._registry[name]
-        started = self._clock.seconds()
+        started = state.lifecycle_changes
         pending = within(
             Deferred.fromCoroutine(self._probe(state)), self._timeout, self._clock, "health probe"
         )
@@ -112,7 +112,7 @@ class HealthProber:
     def _record(
         self,
         state: ConsumerState,
-        started: float,
+        started: int,
         answer: dict[str, Any] | None,
         failure: Failure | None,
     ) -> None:
@@ -122,7 +122,7 @@ class HealthProber:
             if state.healthy is False:
                 log.info("consumer {consumer} is healthy again", consumer=state.name)
             state.last_error = ""
-            if answer is not None and started >= state.lifecycle_changed_at:
+            if answer is not None and started == state.lifecycle_changes:
                 _apply_report(state, answer)
         else:
             error = _describe_failure(failure.value)

@@ -44,8 +44,10 @@ class ConsumerState:
     last_used: float | None = None
     load_count: int = 0
     unload_count: int = 0
-    #: When we last loaded or unloaded it; older probe reports are stale.
+    #: When we last loaded or unloaded it, and how many times we have: a probe
+    #: report from before the latest change is stale.
     lifecycle_changed_at: float = 0.0
+    lifecycle_changes: int = 0
 
     @property
     def name(self) -> str:
@@ -82,6 +84,7 @@ class ConsumerState:
         """Record our own load/unload; a stale report must not contradict it."""
         self.loaded = loaded
         self.lifecycle_changed_at = now
+        self.lifecycle_changes += 1
         self.reported_loaded = None
         self.reported_resident_mib = None
 
