@@ -126,16 +126,18 @@ class ManagerApp:
         }
 
     @app.route("/v1/plan/<any({}):kind>".format(", ".join(ENDPOINT_KINDS)), methods=["GET"])
-    def plan(self, request: Request, kind: str) -> bytes:
-        """What a job of ``kind`` would evict and load if it ran now; touches nothing."""
+    async def plan(self, request: Request, kind: str) -> bytes:
+        """
+        What a job of ``kind`` would evict and load if it ran now; touches
+        nothing but a fresh GPU sample, as the real job would take.
+        """
         target = self._config.route_for(kind)
         if target is None:
             name = self._config.routing.get(kind)
             raise ApiError(NO_CONSUMER, f"no consumer serves {kind}", name)
         consumer, _ = target
-        document = simulate_plan(
-            self._config, self._registry, consumer.name, self._sampler.latest
-        )
+        sample = await self._sampler.sample()
+        document = simulate_plan(self._config, self._registry, consumer.name, sample)
         return _json(request, {"kind": kind, **document})
 
     @app.route("/healthz", methods=["GET"])

@@ -162,8 +162,9 @@ class ProcessAttributor:
         for state in self._registry:
             pids = self._pids.get(state.name)
             if not pids:
-                state.measured_resident_mib = None
+                state.measured_resident_mib = state.measured_at = None
                 continue
             held = sum(reading.processes.get(pid, 0) for pid in pids)
             state.measured_resident_mib = held
+            state.measured_at = sample.time
             state.note_resident_mib(held)

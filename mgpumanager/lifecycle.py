@@ -147,6 +147,8 @@ class Lifecycle:
         evicted = 0
         while True:
             sample = await self._sampler.sample()
+            if needs_room(target) is not None:
+                return  # the fresh sample shows it loaded after all
             resident = [s for s in self._registry if s.resident]
             fit = check_fit(self._config, target.config, sample, resident)
             if fit.fits:

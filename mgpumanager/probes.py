@@ -80,7 +80,7 @@ class HealthProber:
             return joined
         self._in_flight[name] = [joined]
         state = self._registry[name]
-        started = state.lifecycle_changes
+        started = state.lifecycle_changes, state.total_requests, state.active
         pending = within(
             Deferred.fromCoroutine(self._probe(state)), self._timeout, self._clock, "health probe"
         )
@@ -112,7 +112,7 @@ class HealthProber:
     def _record(
         self,
         state: ConsumerState,
-        started: int,
+        started: tuple[int, int, int],
         answer: dict[str, Any] | None,
         failure: Failure | None,
     ) -> None:
@@ -122,7 +122,11 @@ class HealthProber:
             if state.healthy is False:
                 log.info("consumer {consumer} is healthy again", consumer=state.name)
             state.last_error = ""
-            if answer is not None and started == state.lifecycle_changes:
+            # A report is about a moment; it is kept only if that moment was a
+            # quiet one: no load or unload since, no job running or started
+            # meanwhile (a lazily loading consumer says "not loaded" mid-job).
+            quiet = (state.lifecycle_changes, state.total_requests, 0)
+            if answer is not None and started == quiet and state.active == 0:
                 _apply_report(state, answer)
         else:
             error = _describe_failure(failure.value)

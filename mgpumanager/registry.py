@@ -18,6 +18,10 @@ from mgpumanager.config import Config, ConsumerConfig
 from mgpumanager.gpu import rfc3339
 
 
+#: Share of its declared VRAM a consumer's processes must hold to count as loaded.
+RESIDENT_SHARE = 0.5
+
+
 @attrs.define
 class ConsumerState:
     """
@@ -38,6 +42,7 @@ class ConsumerState:
     reported_resident_mib: int | None = None
     #: What NVML attributes to the consumer's processes, when we can tell.
     measured_resident_mib: int | None = None
+    measured_at: float | None = None
     peak_resident_mib: int = 0
     active: int = 0
     total_requests: int = 0
@@ -56,9 +61,18 @@ class ConsumerState:
     @property
     def resident(self) -> bool:
         """
-        Whether the model is on the card.  The consumer's own report wins over
-        our bookkeeping, which can only guess (a crash, a manual restart).
+        Whether the model is on the card.  The card itself is the best witness:
+        when NVML attributes memory to the consumer's processes, holding at
+        least half its declared size means loaded, whatever anyone says.  Next
+        comes the consumer's own report, then our bookkeeping, which can only
+        guess (a crash, a manual restart).
         """
+        declared = self.config.vram_resident_mib
+        measured = self.measured_resident_mib
+        # A measurement from before our latest load or unload describes the past.
+        fresh = self.measured_at is not None and self.measured_at > self.lifecycle_changed_at
+        if measured is not None and fresh and declared > 0:
+            return measured >= RESIDENT_SHARE * declared
         if self.reported_loaded is not None:
             return self.reported_loaded
         return self.loaded
