@@ -17,7 +17,6 @@ import attrs
 from mgpumanager.config import Config, ConsumerConfig
 from mgpumanager.gpu import rfc3339
 
-
 #: Share of its declared VRAM a consumer's processes must hold to count as loaded.
 RESIDENT_SHARE = 0.5
 
