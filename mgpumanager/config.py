@@ -114,6 +114,23 @@ class LifecycleConfig:
 
 
 @attrs.frozen
+class Timeouts:
+    """How long a consumer may take: to accept, to answer, between two bytes."""
+
+    connect_seconds: float = 5.0
+    response_seconds: float = 120.0
+    idle_seconds: float = 300.0
+
+
+@attrs.frozen
+class QueueConfig:
+    """Admission control: how many jobs may wait, and for how long."""
+
+    max_depth: int = 512
+    max_wait_seconds: float = 600.0
+
+
+@attrs.frozen
 class ConsumerConfig:
     """One inference server behind the facade, as the operator declared it."""
 
@@ -129,6 +146,9 @@ class ConsumerConfig:
     can_coexist_with: frozenset[str] = frozenset()
     priority: int = 0
     max_concurrency: int = 1
+    timeouts: Timeouts = Timeouts()
+    #: This consumer's request-body limit, when it differs from the global one.
+    max_body_mib: int | None = None
 
     @property
     def unloadable(self) -> bool:
@@ -161,6 +181,19 @@ class Config:
     audio_path_prefix: str
     consumers: Mapping[str, ConsumerConfig]
     shutdown_grace_seconds: float = 30.0
+    max_body_mib: int = 512
+    queue: QueueConfig = QueueConfig()
+    allowed_origins: frozenset[str] = frozenset()
+    #: The bearer token every route but /healthz requires, when set.
+    auth_token: bytes | None = attrs.field(default=None, repr=False)
+
+    def body_limit_for(self, kind: str | None) -> int:
+        """The request-body limit in bytes for a job of ``kind`` (None: not a job)."""
+        limit = self.max_body_mib
+        target = self.route_for(kind) if kind is not None else None
+        if target is not None and target[0].max_body_mib is not None:
+            limit = target[0].max_body_mib
+        return limit * 1024 * 1024
 
     def may_coexist(self, first: str, second: str) -> bool:
         """Coexistence is symmetric: either side listing the other is enough."""
@@ -304,6 +337,10 @@ _TOP_KEYS = (
     "audio_path_prefix",
     "consumers",
     "shutdown_grace_seconds",
+    "limits",
+    "queue",
+    "allowed_origins",
+    "auth",
 )
 _GPU_KEYS = ("total_mib", "reserved_mib", "poll_interval_seconds")
 _PROBE_KEYS = ("interval_seconds", "timeout_seconds")
@@ -327,7 +364,11 @@ _CONSUMER_KEYS = (
     "can_coexist_with",
     "priority",
     "max_concurrency",
+    "timeouts",
+    "max_body_mib",
 )
+_TIMEOUT_KEYS = ("connect_seconds", "response_seconds", "idle_seconds")
+_QUEUE_KEYS = ("max_depth", "max_wait_seconds")
 
 
 def load_config(path: str | Path) -> Config:
@@ -409,6 +450,7 @@ def parse_config(document: object, source: str = "<config>") -> Config:
             f"must start and end with '/' and hold only plain path segments (got {prefix!r})",
         )
 
+    no_names: tuple[str, ...] = ()
     return Config(
         source=source,
         listen=listen,
@@ -422,6 +464,12 @@ def parse_config(document: object, source: str = "<config>") -> Config:
         shutdown_grace_seconds=read.optional(
             top, "shutdown_grace_seconds", "", read.seconds, 30.0
         ),
+        max_body_mib=_parse_body_limit(read, read.section(top, "limits", "", ("max_body_mib",))),
+        queue=_parse_queue(read, read.section(top, "queue", "", _QUEUE_KEYS)),
+        allowed_origins=frozenset(
+            read.optional(top, "allowed_origins", "", read.names, no_names)
+        ),
+        auth_token=_parse_auth(read, read.section(top, "auth", "", ("token_file",)), source),
     )
 
 
@@ -444,6 +492,49 @@ def _parse_listen(read: _Reader, value: str) -> Listen:
     ):
         raise read.fail("listen", f"must be host:port, such as {DEFAULT_LISTEN} (got {value!r})")
     return Listen(host=host, port=port)
+
+
+def _parse_body_limit(read: _Reader, table: dict[str, Any]) -> int:
+    limit = read.optional(table, "max_body_mib", "limits", read.size_mib, 512)
+    if limit < 1:
+        raise read.fail("limits.max_body_mib", "must be at least 1")
+    return limit
+
+
+def _parse_queue(read: _Reader, table: dict[str, Any]) -> QueueConfig:
+    depth = read.optional(table, "max_depth", "queue", read.whole, 512)
+    if depth < 1:
+        raise read.fail("queue.max_depth", f"must be at least 1 (got {depth})")
+    wait = read.optional(table, "max_wait_seconds", "queue", read.seconds, 600.0)
+    return QueueConfig(max_depth=depth, max_wait_seconds=wait)
+
+
+def _parse_auth(read: _Reader, table: dict[str, Any], source: str) -> bytes | None:
+    if not table:
+        return None
+    name = read.required(table, "token_file", "auth", read.text)
+    path = Path(name)
+    if not path.is_absolute():
+        path = Path(source).parent / path
+    try:
+        token = path.read_bytes().strip()
+    except OSError as e:
+        raise read.fail("auth.token_file", f"cannot read {name}: {e.strerror}") from None
+    if len(token) < 16 or any(c <= 32 or c >= 127 for c in token):
+        raise read.fail(
+            "auth.token_file", "the token must be at least 16 printable characters, no spaces"
+        )
+    return token
+
+
+def _parse_timeouts(read: _Reader, table: dict[str, Any], key_path: str) -> Timeouts:
+    defaults = Timeouts()
+    return Timeouts(
+        **{
+            key: read.optional(table, key, key_path, read.seconds, getattr(defaults, key))
+            for key in _TIMEOUT_KEYS
+        }
+    )
 
 
 def _parse_lifecycle(read: _Reader, table: dict[str, Any]) -> LifecycleConfig:
@@ -519,7 +610,18 @@ def _parse_consumer(
         can_coexist_with=frozenset(coexist),
         priority=priority,
         max_concurrency=max_concurrency,
+        timeouts=_parse_timeouts(
+            read, read.section(table, "timeouts", key_path, _TIMEOUT_KEYS), f"{key_path}.timeouts"
+        ),
+        max_body_mib=_consumer_body_limit(read, table, key_path),
     )
+
+
+def _consumer_body_limit(read: _Reader, table: dict[str, Any], key_path: str) -> int | None:
+    limit = read.optional(table, "max_body_mib", key_path, read.size_mib, None)
+    if limit is not None and limit < 1:
+        raise read.fail(f"{key_path}.max_body_mib", "must be at least 1")
+    return limit
 
 
 def _is_base_url(url: str) -> bool:
