@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import unicodedata
 from collections.abc import Callable
+from functools import partial
 from typing import Any, cast
 from urllib.parse import quote, unquote_to_bytes
 
@@ -37,6 +38,7 @@ from mgpumanager.errors import (
 )
 from mgpumanager.eviction import simulate_plan
 from mgpumanager.gpu import GpuSampler, rfc3339
+from mgpumanager.guard import Guard
 from mgpumanager.lifecycle import Lifecycle
 from mgpumanager.proxy import ConsumerProxy, UpstreamBroke
 from mgpumanager.registry import Registry
@@ -71,6 +73,7 @@ class ManagerApp:
         sampler: GpuSampler,
         lifecycle: Lifecycle,
         clock: IReactorTime,
+        guard: Guard | None = None,
     ) -> None:
         self._config = config
         self._registry = registry
@@ -79,6 +82,7 @@ class ManagerApp:
         self._sampler = sampler
         self._lifecycle = lifecycle
         self._clock = clock
+        self._guard = guard
 
     def resource(self) -> Resource:
         return _Front(self)
@@ -230,6 +234,12 @@ class _Front(Resource):
         self._audio_prefix = manager._config.audio_path_prefix.encode("ascii")
 
     def render(self, request: Request) -> bytes | int:
+        guard = self._manager._guard
+        if guard is not None:
+            try:
+                guard.check(request)
+            except ApiError as refusal:
+                return _serve(request, partial(_refuse, refusal))
         raw_path = request.uri.partition(b"?")[0]
         if raw_path.startswith(self._audio_prefix):
             return _serve(request, lambda: self._manager.audio(request))
@@ -239,6 +249,10 @@ class _Front(Resource):
             return _serve(request, _not_utf8)
         result: Any = self._klein.render(request)
         return cast(int, result)
+
+
+def _refuse(refusal: ApiError) -> Deferred[None]:
+    raise refusal
 
 
 def _not_utf8() -> Deferred[None]:

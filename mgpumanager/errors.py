@@ -40,6 +40,12 @@ BAD_REQUEST = ErrorCode("bad_request", 400, False)
 NOT_FOUND = ErrorCode("not_found", 404, False)
 METHOD_NOT_ALLOWED = ErrorCode("method_not_allowed", 405, False)
 SHUTTING_DOWN = ErrorCode("shutting_down", 503, True)
+BODY_TOO_LARGE = ErrorCode("body_too_large", 413, False)
+UPSTREAM_TIMEOUT = ErrorCode("upstream_timeout", 504, True)
+QUEUE_FULL = ErrorCode("queue_full", 503, True)
+QUEUE_TIMEOUT = ErrorCode("queue_timeout", 503, True)
+FORBIDDEN = ErrorCode("forbidden", 403, False)
+UNAUTHORIZED = ErrorCode("unauthorized", 401, False)
 INTERNAL_ERROR = ErrorCode("internal_error", 500, True)
 
 

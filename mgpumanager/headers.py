@@ -65,11 +65,39 @@ def end_to_end(
     ]
 
 
-def upstream_headers(inbound: Headers) -> Headers:
-    """The headers of the request we make on the consumer."""
+#: Set by the daemon from what it saw, never taken from the client.
+FORWARDING = frozenset(
+    {b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"}
+)
+
+
+def upstream_headers(
+    inbound: Headers,
+    client: str | None = None,
+    drop_authorization: bool = False,
+) -> Headers:
+    """
+    The headers of the request we make on the consumer.  A client's own
+    forwarding headers are replaced with what the daemon saw (``client`` is
+    the peer address; None leaves them out); ``drop_authorization`` keeps the
+    daemon's bearer token from reaching a consumer.
+    """
+    never = NOT_FORWARDED_UP | FORWARDING
+    if drop_authorization:
+        never = never | {b"authorization"}
     outbound = Headers()
-    for name, values in end_to_end(inbound, NOT_FORWARDED_UP):
+    for name, values in end_to_end(inbound, never):
         outbound.setRawHeaders(name, values)
+    if client is not None:
+        host = (inbound.getRawHeaders(b"host") or [b""])[0].decode("latin-1")
+        node = f'"[{client}]"' if ":" in client else client
+        forwarded = f"for={node};proto=http"
+        if host:
+            outbound.setRawHeaders(b"x-forwarded-host", [host.encode("latin-1")])
+            forwarded += f';host="{host}"'
+        outbound.setRawHeaders(b"x-forwarded-for", [client.encode("ascii")])
+        outbound.setRawHeaders(b"x-forwarded-proto", [b"http"])
+        outbound.setRawHeaders(b"forwarded", [forwarded.encode("latin-1")])
     return outbound
 
 

@@ -19,11 +19,12 @@ The relay knows no scheduler; the caller decides under which lock it runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,11 +34,14 @@ from twisted.web.client import FileBodyProducer
 from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from mgpumanager.config import ConsumerConfig
+from mgpumanager.deadline import TimedOut, within
 from mgpumanager.errors import (
     BAD_CONSUMER_URL,
     CONSUMER_UNREACHABLE,
+    UPSTREAM_TIMEOUT,
     ApiError,
     describe_connection_error,
 )
@@ -63,11 +67,22 @@ def upstream_url(consumer: ConsumerConfig, path: str, uri: bytes) -> bytes:
 
 class ConsumerProxy:
     """
-    :param agent: an ``Agent`` over a persistent ``HTTPConnectionPool``.
+    :param agent_for: the ``Agent`` to reach a consumer with: one per connect
+        timeout, all over one persistent ``HTTPConnectionPool``.
+    :param clock: for the response and idle timeouts.
+    :param drop_authorization: keep clients' ``Authorization`` (the daemon's
+        own bearer token) from reaching consumers.
     """
 
-    def __init__(self, agent: IAgent) -> None:
-        self._agent = agent
+    def __init__(
+        self,
+        agent_for: Callable[[ConsumerConfig], IAgent],
+        clock: IReactorTime,
+        drop_authorization: bool = False,
+    ) -> None:
+        self._agent_for = agent_for
+        self._clock = clock
+        self._drop_authorization = drop_authorization
 
     def relay(
         self, request: Request, consumer: ConsumerConfig, method: str, path: str
@@ -89,12 +104,29 @@ class ConsumerProxy:
         if request.content is not None and method not in ("GET", "HEAD"):
             request.content.seek(0)
             body = FileBodyProducer(request.content)
+        client = request.getClientAddress()
+        headers = upstream_headers(
+            request.requestHeaders,
+            getattr(client, "host", None),
+            self._drop_authorization,
+        )
+        timeouts = consumer.timeouts
         try:
-            response: IResponse = await self._agent.request(
-                method.encode("ascii"), url, upstream_headers(request.requestHeaders), body
+            response: IResponse = await within(
+                self._agent_for(consumer).request(method.encode("ascii"), url, headers, body),
+                timeouts.response_seconds,
+                self._clock,
+                f"upstream {consumer.name}",
             )
         except CancelledError:
             raise
+        except TimedOut:
+            raise ApiError(
+                UPSTREAM_TIMEOUT,
+                f"upstream {consumer.name}: no response within "
+                f"{timeouts.response_seconds:g} s",
+                consumer.name,
+            ) from None
         except SchemeNotSupported as e:
             raise ApiError(
                 BAD_CONSUMER_URL, f"upstream {consumer.name}: {e}", consumer.name
@@ -116,7 +148,9 @@ class ConsumerProxy:
             # Twisted's client keeps Content-Length out of response.headers.
             request.setHeader(b"content-length", b"%d" % response.length)
         finished: Deferred[None] = Deferred(lambda _: relay_body.cancel())
-        relay_body = _BodyRelay(request, finished, consumer.name)
+        relay_body = _BodyRelay(
+            request, finished, consumer.name, self._clock, timeouts.idle_seconds
+        )
         response.deliverBody(relay_body)
         await finished
 
@@ -124,28 +158,100 @@ class ConsumerProxy:
 _CONNECTION_DONE = Failure(net_error.ConnectionDone())
 
 
+@implementer(IPushProducer)
+class _PausableSource:
+    """
+    The consumer's connection as the client's socket sees it: pausing it also
+    stops the idle clock, so a slow client is never mistaken for a stalled
+    consumer.
+    """
+
+    def __init__(self, transport: IPushProducer, relay: _BodyRelay) -> None:
+        self._transport = transport
+        self._relay = relay
+
+    def pauseProducing(self) -> None:
+        self._relay.paused = True
+        self._relay.stop_idle_timer()
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._relay.paused = False
+        self._relay.restart_idle_timer()
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._relay.stop_idle_timer()
+        self._transport.stopProducing()
+
+
 class _BodyRelay(Protocol):
     """
     Writes the consumer's body to the client as it arrives, pausing the
-    consumer's connection while the client's socket is full.
+    consumer's connection while the client's socket is full, and giving up
+    on a consumer that sends nothing for ``idle`` seconds.
     """
 
-    def __init__(self, request: Request, finished: Deferred[None], consumer: str) -> None:
+    def __init__(
+        self,
+        request: Request,
+        finished: Deferred[None],
+        consumer: str,
+        clock: IReactorTime,
+        idle: float,
+    ) -> None:
         self._request = request
         self._finished = finished
         self._consumer = consumer
+        self._clock = clock
+        self._idle = idle
+        self._idle_timer: IDelayedCall | None = None
         self._done = False
-        self._producer: IPushProducer | None = None
+        self._producer: _PausableSource | None = None
+        self.paused = False
 
     def connectionMade(self) -> None:
-        self._producer = self.transport  # type: ignore[assignment]
+        self._producer = _PausableSource(self.transport, self)  # type: ignore[arg-type]
         self._request.registerProducer(self._producer, True)
+        self.restart_idle_timer()
 
     def dataReceived(self, data: bytes) -> None:
         if not self._done:
+            if not self.paused:
+                self.restart_idle_timer()
             self._request.write(data)
 
+    def restart_idle_timer(self) -> None:
+        if self._done:
+            return
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self._idle)
+        else:
+            self._idle_timer = self._clock.callLater(self._idle, self._went_idle)
+
+    def stop_idle_timer(self) -> None:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+
+    def _went_idle(self) -> None:
+        self._idle_timer = None
+        if self._done:
+            return
+        log.warn(
+            "upstream {consumer} sent nothing for {idle} s mid-response; aborting both sides",
+            consumer=self._consumer,
+            idle=self._idle,
+        )
+        self._done = True
+        self._unregister()
+        if self._producer is not None:
+            self._producer.stopProducing()
+        _abort_client(self._request)
+        self._finished.errback(UpstreamBroke(f"upstream {self._consumer} went idle"))
+
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        self.stop_idle_timer()
         if self._done:
             return
         self._done = True
@@ -167,6 +273,7 @@ class _BodyRelay(Protocol):
 
     def cancel(self) -> None:
         """The client went away: stop reading from the consumer at once."""
+        self.stop_idle_timer()
         if self._done:
             return
         self._done = True

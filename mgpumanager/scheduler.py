@@ -13,6 +13,7 @@ The scheduler knows nothing of HTTP: it runs a job callable and keeps the number
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -27,7 +28,13 @@ from twisted.internet.defer import (
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mgpumanager.errors import SCHEDULER_ERROR, SHUTTING_DOWN, ApiError
+from mgpumanager.errors import (
+    QUEUE_FULL,
+    QUEUE_TIMEOUT,
+    SCHEDULER_ERROR,
+    SHUTTING_DOWN,
+    ApiError,
+)
 from mgpumanager.gpu import rfc3339
 from mgpumanager.registry import Registry
 
@@ -58,6 +65,8 @@ class GpuScheduler:
     :param clock: for wait and run timings.
     :param registry: per-consumer counters (active, total requests, last used).
     :param prepare: the make-room-and-load step, run under the lock before each job.
+    :param max_depth: jobs allowed to wait; one more is refused with ``queue_full``.
+    :param max_wait: seconds a job may wait before it gives up with ``queue_timeout``.
     """
 
     def __init__(
@@ -65,8 +74,12 @@ class GpuScheduler:
         clock: IReactorTime,
         registry: Registry,
         prepare: Preparer = _nothing_to_prepare,
+        max_depth: int = 512,
+        max_wait: float = 600.0,
     ) -> None:
         self._clock = clock
+        self._max_depth = max_depth
+        self._max_wait = max_wait
         self._registry = registry
         self._prepare = prepare
         self._lock = DeferredLock()
@@ -80,6 +93,8 @@ class GpuScheduler:
         self.cancelled_jobs = 0
         self.last_wait_ms: int | None = None
         self.last_run_ms: int | None = None
+        self.refused_queue_full = 0
+        self.queue_timeouts = 0
 
     @property
     def queue_depth(self) -> int:
@@ -97,10 +112,20 @@ class GpuScheduler:
     async def _run(self, consumer: str, job: Callable[[], Deferred[_T]]) -> _T:
         if self._closed is not None:
             raise self._closed
+        if self._lock.locked and len(self._waiters) >= self._max_depth:
+            self.refused_queue_full += 1
+            raise ApiError(
+                QUEUE_FULL,
+                f"{len(self._waiters)} jobs are already waiting for the GPU",
+                headers={"Retry-After": str(self._retry_after())},
+            )
         waiter = _Waiter(consumer=consumer, enqueued=self._clock.seconds())
         self._waiters.append(waiter)
+        waiter.acquiring = self._lock.acquire()
+        timer = None
+        if not waiter.acquiring.called:
+            timer = self._clock.callLater(self._max_wait, self._give_up, waiter)
         try:
-            waiter.acquiring = self._lock.acquire()
             await waiter.acquiring
         except CancelledError:
             if waiter.refused is not None:
@@ -109,6 +134,8 @@ class GpuScheduler:
             raise
         finally:
             self._waiters.remove(waiter)
+            if timer is not None and timer.active():
+                timer.cancel()
 
         started = self._clock.seconds()
         self.last_wait_ms = round((started - waiter.enqueued) * 1000)
@@ -169,6 +196,22 @@ class GpuScheduler:
         if self.in_flight == 0:
             self._notify_idle()
 
+    def _give_up(self, waiter: _Waiter) -> None:
+        self.queue_timeouts += 1
+        waiter.refused = ApiError(
+            QUEUE_TIMEOUT,
+            f"waited {self._max_wait:g} s for the GPU without getting it",
+            waiter.consumer,
+            headers={"Retry-After": str(self._retry_after())},
+        )
+        assert waiter.acquiring is not None
+        waiter.acquiring.cancel()
+
+    def _retry_after(self) -> int:
+        """Seconds until a retry might find room: the queue at the last job's pace."""
+        per_job = (self.last_run_ms or 1000) / 1000
+        return max(1, min(600, math.ceil(per_job * (len(self._waiters) + 1))))
+
     def abort_running(self) -> None:
         """Cancel every running job, preparing or relaying (the shutdown grace is over)."""
         for running in list(self._running):
@@ -198,4 +241,7 @@ class GpuScheduler:
             "last_wait_ms": self.last_wait_ms,
             "last_run_ms": self.last_run_ms,
             "oldest_queued": rfc3339(oldest),
+            "max_depth": self._max_depth,
+            "refused_queue_full": self.refused_queue_full,
+            "queue_timeouts": self.queue_timeouts,
         }

@@ -9,6 +9,7 @@ naming the file and key.
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -26,18 +27,19 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.server import Site
 
 from mgpumanager.api import ManagerApp
 from mgpumanager.attribution import PidMap, ProcessAttributor, find_consumer_pids
 from mgpumanager.commands import CommandResult, run_command
-from mgpumanager.config import Config, ConfigError, load_config
+from mgpumanager.config import ENDPOINT_KINDS, Config, ConfigError, load_config
 from mgpumanager.gpu import GpuReading, GpuSampler
+from mgpumanager.guard import Guard
 from mgpumanager.lifecycle import Lifecycle
 from mgpumanager.probes import HealthProber
 from mgpumanager.proxy import ConsumerProxy
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
+from mgpumanager.site import ManagerSite
 
 log = Logger()
 
@@ -206,8 +208,15 @@ def build(
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = 8
-    agent = Agent(reactor, connectTimeout=CONNECT_TIMEOUT_SECONDS, pool=pool)
-    http_client = HTTPClient(agent)
+    agents: dict[float, Agent] = {}
+
+    def agent_for_timeout(seconds: float) -> Agent:
+        if seconds not in agents:
+            agents[seconds] = Agent(reactor, connectTimeout=seconds, pool=pool)
+        return agents[seconds]
+
+    # Probes and lifecycle calls use treq; each is bounded by its own timeout.
+    http_client = HTTPClient(agent_for_timeout(CONNECT_TIMEOUT_SECONDS))
 
     registry = Registry(config)
     nvml_threads = ThreadPool(minthreads=0, maxthreads=1, name="mgpumanager-nvml")
@@ -243,13 +252,24 @@ def build(
     lifecycle = Lifecycle(
         config, registry, sampler, http_client, reactor, run, prober.probe, attributor
     )
-    scheduler = GpuScheduler(reactor, registry, lifecycle.prepare)
-    app = ManagerApp(
-        config, registry, scheduler, ConsumerProxy(agent), sampler, lifecycle, reactor
+    scheduler = GpuScheduler(
+        reactor,
+        registry,
+        lifecycle.prepare,
+        max_depth=config.queue.max_depth,
+        max_wait=config.queue.max_wait_seconds,
     )
-    site = Site(app.resource())
-    site.displayTracebacks = False
-    endpoint = serverFromString(reactor, listen or config.listen.endpoint_description())
+    proxy = ConsumerProxy(
+        lambda consumer: agent_for_timeout(consumer.timeouts.connect_seconds),
+        reactor,
+        drop_authorization=config.auth_token is not None,
+    )
+    description = listen or config.listen.endpoint_description()
+    loopback = endpoint_is_loopback(description)
+    guard = Guard(config, loopback)
+    app = ManagerApp(config, registry, scheduler, proxy, sampler, lifecycle, reactor, guard)
+    site = ManagerSite(app.resource(), partial(body_limit_for_path, config))
+    endpoint = serverFromString(reactor, description)
     http = StreamServerEndpointService(endpoint, site)
     http._raiseSynchronously = True
 
@@ -260,10 +280,44 @@ def build(
     _Loop(sampler).setServiceParent(service)
     _Loop(prober).setServiceParent(service)
     http.setServiceParent(service)
-    if not config.listen.is_loopback() and listen is None:
-        log.warn("listening on {listen}, which is not loopback: anyone who can reach it "
-                 "can use the GPU", listen=str(config.listen))
+    if not loopback:
+        log.warn(
+            "listening on {listen}, which is not loopback only: anyone who can reach it "
+            "can use the GPU{hint}",
+            listen=description,
+            hint="" if config.auth_token else " (consider auth.token_file)",
+        )
     return service
+
+
+def endpoint_is_loopback(description: str) -> bool:
+    """Whether a server endpoint string listens on a loopback interface only."""
+    words = description.split(":")
+    if words[0] not in ("tcp", "tcp6"):
+        return words[0] == "unix"
+    interface = ""
+    for index, word in enumerate(words):
+        if word.startswith("interface="):
+            # IPv6 addresses are written with escaped colons: re-join them.
+            interface = ":".join([word[len("interface="):], *words[index + 1 :]])
+            interface = interface.replace("\\", "")
+            break
+    if not interface:
+        return False
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return interface == "localhost"
+
+
+def body_limit_for_path(config: Config, path: bytes) -> int:
+    """The body limit for a request path: a job's consumer's, else the global one."""
+    route = path.partition(b"?")[0]
+    kind = None
+    if route.startswith(b"/v1/"):
+        candidate = route[len(b"/v1/"):].decode("ascii", "replace")
+        kind = candidate if candidate in ENDPOINT_KINDS else None
+    return config.body_limit_for(kind)
 
 
 def simulated_in_process(config: Config, reactor: Any) -> StandIns:

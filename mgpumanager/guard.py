@@ -1,0 +1,90 @@
+"""
+Who may use the daemon: checks made before any route runs.
+
+A daemon on loopback is still reachable from every web page the host's browser
+opens: a page can POST to ``127.0.0.1:8770`` (cross-origin), or rebind a DNS
+name it controls to 127.0.0.1 and then read our answers (DNS rebinding).  So on
+loopback the ``Host`` must be a loopback name, a POST carrying a foreign
+``Origin`` is refused, and an optional bearer token closes the rest.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+from twisted.web.server import Request
+
+from mgpumanager.config import Config
+from mgpumanager.errors import BAD_REQUEST, FORBIDDEN, UNAUTHORIZED, ApiError
+
+#: Routes open without the bearer token: liveness checks carry no secrets.
+OPEN_PATHS = frozenset({b"/healthz"})
+
+
+def is_loopback_host(host: bytes) -> bool:
+    """Whether a ``Host`` header names this machine's loopback interface."""
+    try:
+        text = host.decode("ascii").strip().lower()
+    except UnicodeDecodeError:
+        return False
+    if text.startswith("["):
+        address, _, _ = text[1:].partition("]")
+    else:
+        address = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    address = address.rstrip(".")
+    if address == "localhost" or address.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+class Guard:
+    """
+    :param loopback: whether the daemon listens on loopback only; the Host
+        check only makes sense then.
+    """
+
+    def __init__(self, config: Config, loopback: bool) -> None:
+        self._loopback = loopback
+        self._origins = {origin.rstrip("/").encode("ascii", "replace")
+                         for origin in config.allowed_origins}
+        self._token = config.auth_token
+
+    @property
+    def token_required(self) -> bool:
+        return self._token is not None
+
+    def check(self, request: Request) -> None:
+        """Raise the :class:`ApiError` that refuses ``request``, if any."""
+        hosts = request.requestHeaders.getRawHeaders(b"host") or []
+        if len(hosts) != 1 or not hosts[0].strip():
+            raise ApiError(BAD_REQUEST, "exactly one Host header is required")
+        if self._loopback and not is_loopback_host(hosts[0]):
+            raise ApiError(
+                FORBIDDEN,
+                "this daemon listens on loopback and answers only loopback host names",
+            )
+        if request.method == b"POST":
+            for origin in request.requestHeaders.getRawHeaders(b"origin") or []:
+                if origin.rstrip(b"/") not in self._origins:
+                    raise ApiError(FORBIDDEN, "cross-origin requests are not allowed")
+        if self._token is not None and request.path not in OPEN_PATHS:
+            if not self._authorized(request):
+                raise ApiError(
+                    UNAUTHORIZED,
+                    "a valid bearer token is required",
+                    headers={"WWW-Authenticate": 'Bearer realm="mgpumanager"'},
+                )
+
+    def _authorized(self, request: Request) -> bool:
+        assert self._token is not None
+        presented = request.requestHeaders.getRawHeaders(b"authorization") or []
+        if len(presented) != 1:
+            return False
+        scheme, _, credential = presented[0].partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        return hmac.compare_digest(credential.strip(), self._token)

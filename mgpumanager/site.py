@@ -1,0 +1,91 @@
+"""
+The HTTP site, with a request-body limit enforced before the body is read.
+
+twisted.web has no body limit: it buffers any upload into a temporary file, and
+only then hands the request to a resource.  A client could fill the disk, or tie
+up the GPU queue behind an upload we would refuse anyway.  So the limit is
+checked as soon as the headers are in (``Content-Length``), and again as each
+chunk of a chunked body arrives; a request over the limit gets a JSON 413 and
+its connection is closed, and nothing of it reaches a resource or a consumer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web.server import Request, Site
+
+from mgpumanager.errors import BODY_TOO_LARGE
+
+log = Logger()
+
+
+class LimitedRequest(Request):
+    """A request that refuses a body larger than its site's limit for it."""
+
+    _limit = 0
+    _received = 0
+    _refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        channel: Any = self.channel
+        # The request line is parsed but not yet given to the request: the
+        # channel still holds the method and path.
+        path: bytes = getattr(channel, "_path", b"") or b""
+        site = channel.site
+        self._limit = site.body_limit_for(path)
+        if length is not None and length > self._limit:
+            self._refuse(f"request body of {length} bytes")
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self._limit:
+            self._refuse("request body")
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            return
+        super().requestReceived(command, path, version)
+
+    def _refuse(self, what: str) -> None:
+        self._refused = True
+        limit_mib = self._limit // (1024 * 1024)
+        message = f"{what} exceeds the limit of {limit_mib} MiB"
+        body = json.dumps(
+            {"error": BODY_TOO_LARGE.code, "message": message, "retryable": False}
+        ).encode("utf-8")
+        # Nothing will be read: no "100 Continue" may follow our answer.
+        self.requestHeaders.removeHeader(b"expect")
+        transport: Any = self.channel.transport
+        transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), body)
+        )
+        transport.loseConnection()
+        log.info("refused a request: {message}", message=message)
+
+
+class ManagerSite(Site):
+    """
+    The daemon's site: no tracebacks to clients, and a body limit per path.
+
+    :param body_limit_for: the limit in bytes for a request path.
+    """
+
+    requestFactory = LimitedRequest
+    displayTracebacks = False
+
+    def __init__(self, resource: Any, body_limit_for: Callable[[bytes], int]) -> None:
+        super().__init__(resource)
+        self.body_limit_for = body_limit_for
