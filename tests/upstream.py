@@ -205,6 +205,11 @@ class ScriptedUpstream(Resource):
         self._later(0.05, die)
         return NOT_DONE_YET
 
+    def do_close(self, request: Request, args: dict[str, str], body: bytes) -> int:
+        """Takes the request, then drops the connection without a word."""
+        request.transport.abortConnection()
+        return NOT_DONE_YET
+
     def do_download(self, request: Request, args: dict[str, str], body: bytes) -> int:
         """``mib`` MiB of zeros, written as the client's socket takes them."""
         remaining = int(args.get("mib", "1")) * 1024 * 1024
