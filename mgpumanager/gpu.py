@@ -199,20 +199,23 @@ class GpuSampler:
             # The timer first: a read that returns at once must find it to cancel.
             self._timer = self._clock.callLater(self._timeout, self._timed_out)
             pending = self._run_blocking(self._read)
-            pending.addCallbacks(self._record, lambda failure: self._record(failure.value))
             if not pending.called:
                 self._pending = pending
-            pending.addBoth(self._read_returned)
+            pending.addCallbacks(
+                self._read_returned, lambda failure: self._read_returned(failure.value)
+            )
         elif self._hung:
             self._flush_waiters()
         return waiter
 
-    def _read_returned(self, _: object) -> None:
+    def _read_returned(self, outcome: GpuReading | BaseException) -> None:
+        # Clear first: a waiter answered below may ask for the next sample at once.
         self._pending = None
         self._hung = False
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._record(outcome)
 
     def _timed_out(self) -> None:
         self._timer = None

@@ -207,6 +207,9 @@ class Lifecycle:
         recovered = await self._await_memory_back(victim, before, pids)
         decision.recovery_ms = round((self._clock.seconds() - unloaded) * 1000)
         if recovered is False:
+            # Its memory is still on the card: as far as making room goes, it is
+            # still loaded, so no retry loads anything on top of it.
+            victim.mark_loaded(True, self._clock.seconds())
             self._unload_failed(
                 victim,
                 decision,
