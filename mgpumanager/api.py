@@ -232,6 +232,7 @@ class _Front(Resource):
         self._manager = manager
         self._klein = manager.app.resource()
         self._audio_prefix = manager._config.audio_path_prefix.encode("ascii")
+        self._jobs = {f"/v1/{kind}".encode(): kind for kind in ENDPOINT_KINDS}
 
     def render(self, request: Request) -> bytes | int:
         guard = self._manager._guard
@@ -241,6 +242,10 @@ class _Front(Resource):
             except ApiError as refusal:
                 return _serve(request, partial(_refuse, refusal))
         raw_path = request.uri.partition(b"?")[0]
+        kind = self._jobs.get(raw_path)
+        if kind is not None and request.method == b"POST":
+            # The hot path: a GPU job needs no URL routing, so Klein is skipped.
+            return _serve(request, partial(self._manager.gpu_job, request, kind))
         if raw_path.startswith(self._audio_prefix):
             return _serve(request, lambda: self._manager.audio(request))
         try:

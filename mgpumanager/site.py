@@ -21,6 +21,7 @@ from twisted.web.server import Request, Site
 from mgpumanager.errors import BODY_TOO_LARGE
 
 log = Logger()
+access = Logger(namespace="mgpumanager.access")
 
 
 class LimitedRequest(Request):
@@ -87,5 +88,27 @@ class ManagerSite(Site):
     displayTracebacks = False
 
     def __init__(self, resource: Any, body_limit_for: Callable[[bytes], int]) -> None:
-        super().__init__(resource)
+        # A proxy never reads form fields, and twisted.web would otherwise parse
+        # a multipart upload (a whisper.cpp /inference call) whole into memory.
+        super().__init__(resource, parsePOSTFormSubmission=False)
         self.body_limit_for = body_limit_for
+
+    def log(self, request: Request) -> None:  # type: ignore[override]
+        """
+        One structured access-log event a request, formatted only by the
+        observers that want text (the combined-log line costs more to build
+        than the rest of a proxied request).
+        """
+        access.info(
+            "{client} {method} {uri} {code} {length}",
+            client=_client(request),
+            method=request.method,
+            uri=request.uri,
+            code=request.code,
+            length=request.sentLength,
+        )
+
+
+def _client(request: Request) -> str:
+    address = request.getClientAddress()
+    return str(getattr(address, "host", "-"))

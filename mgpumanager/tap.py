@@ -36,7 +36,7 @@ from mgpumanager.gpu import GpuReading, GpuSampler
 from mgpumanager.guard import Guard
 from mgpumanager.lifecycle import Lifecycle
 from mgpumanager.probes import HealthProber
-from mgpumanager.proxy import ConsumerProxy
+from mgpumanager.proxy import ConsumerProxy, ReusedEndpoints
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
 from mgpumanager.site import ManagerSite
@@ -212,7 +212,9 @@ def build(
 
     def agent_for_timeout(seconds: float) -> Agent:
         if seconds not in agents:
-            agents[seconds] = Agent(reactor, connectTimeout=seconds, pool=pool)
+            agents[seconds] = Agent.usingEndpointFactory(
+                reactor, ReusedEndpoints(reactor, seconds), pool=pool
+            )
         return agents[seconds]
 
     # Probes and lifecycle calls use treq; each is bounded by its own timeout.
