@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.logger import Logger
+from twisted.web.http import RESPONSES
 from twisted.web.server import Request, Site
 
 from mgpumanager.errors import BODY_TOO_LARGE
@@ -38,8 +39,15 @@ class LimitedRequest(Request):
         path: bytes = getattr(channel, "_path", b"") or b""
         site = channel.site
         self._limit = site.body_limit_for(path)
+        codings = self.requestHeaders.getRawHeaders(b"transfer-encoding")
+        if codings is not None and [c.strip().lower() for c in codings] != [b"chunked"]:
+            # twisted.web ignores "identity" (and so reads no body where a
+            # front proxy may have seen one: a request-smuggling desync);
+            # RFC 9112 section 6.1 says such a request is a 400.
+            self._refuse(400, "bad_request", "unsupported Transfer-Encoding")
+            return
         if length is not None and length > self._limit:
-            self._refuse(f"request body of {length} bytes")
+            self._refuse(413, BODY_TOO_LARGE.code, self._too_large(f"{length} bytes"))
             return
         super().gotLength(length)
 
@@ -48,7 +56,7 @@ class LimitedRequest(Request):
             return
         self._received += len(data)
         if self._received > self._limit:
-            self._refuse("request body")
+            self._refuse(413, BODY_TOO_LARGE.code, self._too_large("more"))
             return
         super().handleContentChunk(data)
 
@@ -57,21 +65,22 @@ class LimitedRequest(Request):
             return
         super().requestReceived(command, path, version)
 
-    def _refuse(self, what: str) -> None:
+    def _too_large(self, size: str) -> str:
+        return f"request body of {size} exceeds the limit of {self._limit // 2**20} MiB"
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answer before the body is read, and close: nothing of it is kept."""
         self._refused = True
-        limit_mib = self._limit // (1024 * 1024)
-        message = f"{what} exceeds the limit of {limit_mib} MiB"
-        body = json.dumps(
-            {"error": BODY_TOO_LARGE.code, "message": message, "retryable": False}
-        ).encode("utf-8")
+        body = json.dumps({"error": code, "message": message, "retryable": False}).encode()
+        phrase = RESPONSES.get(status, b"Error")
         # Nothing will be read: no "100 Continue" may follow our answer.
         self.requestHeaders.removeHeader(b"expect")
         transport: Any = self.channel.transport
         transport.write(
-            b"HTTP/1.1 413 Content Too Large\r\n"
+            b"HTTP/1.1 %d %s\r\n"
             b"Content-Type: application/json\r\n"
             b"Content-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (len(body), body)
+            b"Connection: close\r\n\r\n%s" % (status, phrase, len(body), body)
         )
         transport.loseConnection()
         log.info("refused a request: {message}", message=message)
