@@ -14,14 +14,15 @@ install:
 	$(BIN)/twistd --help | grep -q mgpumanager
 
 lint:
-	$(BIN)/ruff check mgpumanager tests twisted bench
+	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest -q
 
 bench:
-	$(BIN)/python bench/run.py
+	bench/setup.sh
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info twisted/plugins/dropin.cache

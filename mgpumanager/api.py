@@ -90,6 +90,10 @@ class ManagerApp:
     @app.route(_KIND_RULE, methods=["POST"])
     def gpu_job(self, request: Request, kind: str) -> Deferred[None]:
         """Proxy one GPU job to the consumer routed for ``kind``."""
+        if request.path != f"/v1/{kind}".encode():
+            # werkzeug also matches /v1/%6Clm and //v1/llm; only the plain
+            # spelling is a job, so per-path limits cannot be sidestepped.
+            raise ApiError(NOT_FOUND, "no such endpoint; see GET / for the routes")
         target = self._config.route_for(kind)
         if target is None:
             name = self._config.routing.get(kind)

@@ -29,7 +29,9 @@ def is_loopback_host(host: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     if text.startswith("["):
-        address, _, _ = text[1:].partition("]")
+        address, closed, port = text[1:].partition("]")
+        if not closed or not (port == "" or (port[:1] == ":" and port[1:].isdigit())):
+            return False
     else:
         address = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
     address = address.rstrip(".")

@@ -56,7 +56,7 @@ class LimitedRequest(Request):
             return
         self._received += len(data)
         if self._received > self._limit:
-            self._refuse(413, BODY_TOO_LARGE.code, self._too_large("more"))
+            self._refuse(413, BODY_TOO_LARGE.code, self._too_large())
             return
         super().handleContentChunk(data)
 
@@ -65,8 +65,9 @@ class LimitedRequest(Request):
             return
         super().requestReceived(command, path, version)
 
-    def _too_large(self, size: str) -> str:
-        return f"request body of {size} exceeds the limit of {self._limit // 2**20} MiB"
+    def _too_large(self, size: str | None = None) -> str:
+        body = f"request body of {size}" if size else "request body"
+        return f"{body} exceeds the limit of {self._limit // 2**20} MiB"
 
     def _refuse(self, status: int, code: str, message: str) -> None:
         """Answer before the body is read, and close: nothing of it is kept."""

@@ -294,22 +294,43 @@ def build(
 
 def endpoint_is_loopback(description: str) -> bool:
     """Whether a server endpoint string listens on a loopback interface only."""
-    words = description.split(":")
-    if words[0] not in ("tcp", "tcp6"):
-        return words[0] == "unix"
-    interface = ""
-    for index, word in enumerate(words):
-        if word.startswith("interface="):
-            # IPv6 addresses are written with escaped colons: re-join them.
-            interface = ":".join([word[len("interface="):], *words[index + 1 :]])
-            interface = interface.replace("\\", "")
-            break
-    if not interface:
+    words = _endpoint_words(description)
+    kind = words[0] if words else ""
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6"):
         return False
+    interface = ""
+    for word in words[1:]:
+        key, equals, value = word.partition("=")
+        if equals and key == "interface":
+            interface = value
+    if not interface:
+        return False  # every interface
+    if interface == "localhost":
+        return True
     try:
         return ipaddress.ip_address(interface).is_loopback
     except ValueError:
-        return interface == "localhost"
+        return False
+
+
+def _endpoint_words(description: str) -> list[str]:
+    """Split an endpoint string on ':' as Twisted does, honouring '\\:' escapes."""
+    words, word, escaped = [], "", False
+    for character in description:
+        if escaped:
+            word += character
+            escaped = False
+        elif character == "\\":
+            escaped = True
+        elif character == ":":
+            words.append(word)
+            word = ""
+        else:
+            word += character
+    words.append(word)
+    return words
 
 
 def body_limit_for_path(config: Config, path: bytes) -> int:
