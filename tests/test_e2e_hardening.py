@@ -55,7 +55,7 @@ def stack(tmp_path_factory: Any) -> Iterator[Stack]:
                 **extra}
 
     config = {
-        "probes": {"interval_seconds": 0.5, "timeout_seconds": 1},
+        "probes": {"interval_seconds": 0.5, "timeout_seconds": 3},
         "shutdown_grace_seconds": 3,
         "limits": {"max_body_mib": 1},
         "queue": {"max_depth": 3, "max_wait_seconds": 1.5},
@@ -76,10 +76,22 @@ def stack(tmp_path_factory: Any) -> Iterator[Stack]:
     daemon = Daemon(config, workdir)
     daemon.start()
     built = Stack(daemon, upstreams, ports)
+    pytest_twisted.blockon(Deferred.fromCoroutine(healthy(built)))
     yield built
     assert daemon.stop() == 0, daemon.log()
     for port in listening.values():
         pytest_twisted.blockon(port.stopListening())
+
+
+async def healthy(stack: Stack) -> None:
+    """Every consumer probed healthy: a slow first probe must not fail a test."""
+    for _ in range(200):
+        response = await treq.get(stack.url("/v1/status"), headers=stack.auth())
+        document = await response.json()
+        if all(consumer["healthy"] for consumer in document["consumers"]):
+            return
+        await sleep(0.05)
+    raise AssertionError(f"consumers never became healthy: {document}")
 
 
 def sleep(seconds: float) -> Deferred[None]:

@@ -53,7 +53,7 @@ def stack(tmp_path_factory: Any) -> Iterator[Stack]:
     config = {
         "gpu": {"total_mib": 24576, "poll_interval_seconds": 0.5},
         "shutdown_grace_seconds": 3,
-        "probes": {"interval_seconds": 0.5, "timeout_seconds": 1},
+        "probes": {"interval_seconds": 0.5, "timeout_seconds": 3},
         "routing": {"tts": "voice", "stt": "voice", "llm": "llm", "image": "image"},
         "audio_proxy": "voice",
         "consumers": {

@@ -62,7 +62,7 @@ def stack(tmp_path_factory: Any) -> Iterator[Stack]:
                 **extra}
 
     config = {
-        "probes": {"interval_seconds": 0.5, "timeout_seconds": 1},
+        "probes": {"interval_seconds": 0.5, "timeout_seconds": 3},
         "shutdown_grace_seconds": 3,
         "limits": {"max_body_mib": 1},
         "routing": {"tts": "voice", "stt": "voice", "llm": "llm", "image": "image"},

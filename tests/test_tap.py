@@ -117,7 +117,7 @@ async def test_sigterm_finishes_running_jobs_and_refuses_queued_ones(tmp_path: P
     port = listen(upstream)
     config: dict[str, Any] = {
         "shutdown_grace_seconds": 10,
-        "probes": {"interval_seconds": 0.5, "timeout_seconds": 1},
+        "probes": {"interval_seconds": 0.5, "timeout_seconds": 3},
         "routing": {"tts": "voice"},
         "consumers": {
             "voice": {

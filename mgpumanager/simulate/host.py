@@ -239,7 +239,7 @@ class SimulatedHost:
         return {
             "listen": listen,
             "gpu": {"total_mib": cfg.total_mib, "reserved_mib": 0, "poll_interval_seconds": 0.2},
-            "probes": {"interval_seconds": 0.5, "timeout_seconds": 1},
+            "probes": {"interval_seconds": 0.5, "timeout_seconds": 2},
             "lifecycle": {
                 "systemctl": [
                     sys.executable,
