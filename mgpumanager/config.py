@@ -23,6 +23,8 @@ import yaml
 ENDPOINT_KINDS = ("tts", "stt", "llm", "image")
 DEFAULT_LISTEN = "127.0.0.1:8770"
 DEFAULT_AUDIO_PREFIX = "/api/audio/"
+#: Pending connections the kernel may hold for the facade.
+LISTEN_BACKLOG = 1024
 
 _T = TypeVar("_T")
 
@@ -65,9 +67,13 @@ class Listen:
         return f"{host}:{self.port}"
 
     def endpoint_description(self) -> str:
-        """The twisted endpoint string (``tcp:8770:interface=127.0.0.1``)."""
+        """
+        The twisted endpoint string.  Twisted's default backlog of 50 drops
+        connections when a few hundred clients arrive at once (they all queue
+        on the GPU lock by design), so the kernel gets room for more.
+        """
         interface = self.host.replace(":", "\\:")
-        return f"tcp:{self.port}:interface={interface}"
+        return f"tcp:{self.port}:backlog={LISTEN_BACKLOG}:interface={interface}"
 
     def is_loopback(self) -> bool:
         """True when only this host can reach the socket."""

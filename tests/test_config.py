@@ -198,14 +198,14 @@ def test_route_for_consumer_without_that_path() -> None:
 def test_listen_default() -> None:
     listen = parse_config(minimal()).listen
     assert (listen.host, listen.port, listen.is_loopback()) == ("127.0.0.1", 8770, True)
-    assert listen.endpoint_description() == "tcp:8770:interface=127.0.0.1"
+    assert listen.endpoint_description() == "tcp:8770:backlog=1024:interface=127.0.0.1"
 
 
 def test_listen_ipv6() -> None:
     listen = parse_config({**minimal(), "listen": "[::1]:9000"}).listen
     assert (listen.host, listen.port, listen.is_loopback()) == ("::1", 9000, True)
     assert str(listen) == "[::1]:9000"
-    assert listen.endpoint_description() == "tcp:9000:interface=\\:\\:1"
+    assert listen.endpoint_description() == "tcp:9000:backlog=1024:interface=\\:\\:1"
 
 
 def test_listen_everywhere_is_not_loopback() -> None:
