@@ -154,3 +154,28 @@ async def test_sigterm_finishes_running_jobs_and_refuses_queued_ones(tmp_path: P
     finally:
         daemon.stop()
         await port.stopListening()
+
+
+def test_a_non_loopback_listen_address_is_warned_about() -> None:
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        exposed = attrs_evolve_listen(load_config(EXAMPLE), "0.0.0.0", 8770)
+        tap.build(exposed, None, reactor)
+        quiet = load_config(EXAMPLE)
+        tap.build(quiet, None, reactor)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warnings = [e for e in events if "not loopback only" in e.get("log_format", "")]
+    assert len(warnings) == 1
+    assert "interface=0.0.0.0" in warnings[0]["listen"]
+
+
+def attrs_evolve_listen(config: Any, host: str, port: int) -> Any:
+    import attrs
+
+    from mgpumanager.config import Listen
+
+    return attrs.evolve(config, listen=Listen(host=host, port=port))
