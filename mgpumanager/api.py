@@ -59,7 +59,7 @@ def _json(request: Request, document: object, status: int = 200) -> bytes:
 class ManagerApp:
     """
     The Klein application.  Holds no state of its own beyond its
-    collaborators, which :mod:`mgpumanager.tap` builds and hands in.
+    collaborators, which :mod:`mgpumanager.service` builds and hands in.
     """
 
     app = Klein()

@@ -21,7 +21,7 @@ from mgpumanager.config import (
     load_config,
     parse_config,
 )
-from mgpumanager.tap import body_limit_for_path, endpoint_is_loopback
+from mgpumanager.service import body_limit_for_path, endpoint_is_loopback
 
 MiB = 2**20
 TOKEN = "0123456789abcdef-token"
@@ -375,7 +375,7 @@ def test_an_auth_key_typo_gets_a_suggestion() -> None:
     assert "did you mean 'token_file'?" in error(document(auth={"token_fil": "t"})).problem
 
 
-# --- tap.endpoint_is_loopback ----------------------------------------------------
+# --- service.endpoint_is_loopback ----------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -411,7 +411,7 @@ def test_endpoint_is_loopback_with_arguments_after_the_interface(description: st
     assert endpoint_is_loopback(description) is True
 
 
-# --- tap.body_limit_for_path -----------------------------------------------------
+# --- service.body_limit_for_path -----------------------------------------------------
 
 LIMITED = parse_config(document(limits={"max_body_mib": 16}))
 

@@ -22,7 +22,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 
-from mgpumanager import tap
+from mgpumanager import service, tap
 from mgpumanager.config import load_config
 from tests.daemon import REPO, TWISTD, Daemon, free_port
 from tests.upstream import ScriptedUpstream, Tracker, listen
@@ -83,13 +83,13 @@ def test_options_load_the_config_and_take_a_listen_override() -> None:
 @pytest_twisted.ensureDeferred
 async def test_built_service_serves_and_stops() -> None:
     port = free_port()
-    service = tap.build(load_config(EXAMPLE), f"tcp:{port}:interface=127.0.0.1", reactor)
-    service.startService()
+    daemon = service.build(load_config(EXAMPLE), f"tcp:{port}:interface=127.0.0.1", reactor)
+    daemon.startService()
     try:
         response = await treq.get(f"http://127.0.0.1:{port}/healthz")
         assert await response.json() == {"status": "ok"}
     finally:
-        await service.stopService()
+        await daemon.stopService()
     with pytest.raises(ConnectionRefusedError):
         import socket
 
@@ -163,9 +163,9 @@ def test_a_non_loopback_listen_address_is_warned_about() -> None:
     globalLogPublisher.addObserver(events.append)
     try:
         exposed = attrs_evolve_listen(load_config(EXAMPLE), "0.0.0.0", 8770)
-        tap.build(exposed, None, reactor)
+        service.build(exposed, None, reactor)
         quiet = load_config(EXAMPLE)
-        tap.build(quiet, None, reactor)
+        service.build(quiet, None, reactor)
     finally:
         globalLogPublisher.removeObserver(events.append)
     warnings = [e for e in events if "not loopback only" in e.get("log_format", "")]

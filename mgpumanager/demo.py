@@ -1,0 +1,89 @@
+"""
+Stand-ins for running the daemon against the simulated GPU host: ``--simulate``
+runs the host inside the daemon, ``--simulated-card`` reads the card of a host
+run elsewhere (``python -m mgpumanager.simulate``).  Wiring only: the core never
+imports the simulation.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python import usage
+
+from mgpumanager.config import Config
+from mgpumanager.service import StandIns
+
+log = Logger()
+
+
+def simulated_in_process(config: Config, reactor: Any) -> StandIns:
+    """
+    Stand-ins for ``--simulate``: the simulated host runs inside the daemon on
+    the ports of the config's consumers, and the daemon reads its card.
+    """
+    from mgpumanager.simulate.host import PIDS, HostConfig, SimulatedHost
+    from mgpumanager.simulate.nvml import SimulatedNvml
+
+    ports = {}
+    for name in PIDS:
+        consumer = config.consumers.get(name)
+        if consumer is None:
+            raise usage.UsageError(
+                f"--simulate needs consumers named {', '.join(PIDS)} (see config/demo.yaml)"
+            )
+        ports[name] = urlsplit(consumer.url).port or 0
+    host_config = HostConfig()
+    host_config = attrs.evolve(
+        host_config,
+        voice=attrs.evolve(host_config.voice, port=ports["mvoice"]),
+        ollama=attrs.evolve(host_config.ollama, port=ports["ollama"]),
+        comfy=attrs.evolve(host_config.comfy, port=ports["comfyui"]),
+        whisper=attrs.evolve(host_config.whisper, port=ports["whisper"]),
+    )
+    host = SimulatedHost(host_config, clock=reactor)
+    nvml = SimulatedNvml(host.card)
+    return StandIns(
+        load_nvml=lambda: nvml,
+        find_pids=lambda: {name: frozenset({pid}) for name, pid in PIDS.items()},
+        systemctl=_simulated_systemctl(config.consumers["whisper"].url),
+        services=(_SimulatedHostService(host, reactor),),
+    )
+
+
+def simulated_card_file(path: str) -> StandIns:
+    """Stand-ins for ``--simulated-card``: a simulated host runs elsewhere."""
+    from mgpumanager.simulate.host import PIDS
+    from mgpumanager.simulate.nvml import SimulatedNvml
+
+    nvml = SimulatedNvml(path)
+    return StandIns(
+        load_nvml=lambda: nvml,
+        find_pids=lambda: {name: frozenset({pid}) for name, pid in PIDS.items()},
+    )
+
+
+def _simulated_systemctl(whisper_url: str) -> tuple[str, ...]:
+    return (sys.executable, "-m", "mgpumanager.simulate.systemctl", "--url", whisper_url)
+
+
+class _SimulatedHostService(Service):
+    def __init__(self, host: Any, reactor: Any) -> None:
+        self._host = host
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        started = self._host.start(self._reactor)
+        started.addErrback(lambda failure: log.failure("simulated host failed", failure))
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        stopped: Deferred[None] = self._host.stop()
+        return stopped

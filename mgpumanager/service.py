@@ -1,0 +1,296 @@
+"""
+The daemon as a service: every component built and wired to the others.
+
+This is the only place objects are constructed and handed to each other, so
+the rest of the package can take its collaborators (reactor, HTTP client, NVML
+module) as arguments and be tested with stand-ins.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import attrs
+from treq.client import HTTPClient
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThread, deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+
+from mgpumanager.api import ManagerApp
+from mgpumanager.attribution import PidMap, ProcessAttributor, find_consumer_pids
+from mgpumanager.commands import CommandResult, run_command
+from mgpumanager.config import ENDPOINT_KINDS, Config
+from mgpumanager.gpu import GpuReading, GpuSampler
+from mgpumanager.guard import Guard
+from mgpumanager.lifecycle import Lifecycle
+from mgpumanager.probes import HealthProber
+from mgpumanager.proxy import ConsumerProxy, ReusedEndpoints
+from mgpumanager.registry import Registry
+from mgpumanager.scheduler import GpuScheduler
+from mgpumanager.site import ManagerSite
+
+log = Logger()
+
+#: An NVML read that takes longer than this is treated as a hung driver.
+NVML_TIMEOUT_SECONDS = 5.0
+#: How long we wait for a consumer to accept a TCP connection.
+CONNECT_TIMEOUT_SECONDS = 5.0
+
+
+def load_pynvml() -> Any:
+    """Imported in the sampler's thread: a missing library is just a sample error."""
+    import pynvml
+
+    return pynvml
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """One log line per upstream connection is noise, not information."""
+
+    noisy = False
+
+
+class _Loop(Service):
+    """Adapts a component with ``start()``/``stop()`` to a service."""
+
+    def __init__(self, component: Any) -> None:
+        self._component = component
+
+    def startService(self) -> None:
+        super().startService()
+        self._component.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._component.stop()
+
+
+class _ThreadPoolService(Service):
+    def __init__(self, pool: ThreadPool) -> None:
+        self._pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self._pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._pool.stop()
+
+
+class ManagerService(MultiService):
+    """
+    The whole daemon.  Stops gracefully: no new connections, queued jobs
+    answered ``shutting_down``, running jobs given ``grace`` seconds to finish,
+    then everything else.
+    """
+
+    def __init__(
+        self,
+        http: IService,
+        scheduler: GpuScheduler,
+        pool: HTTPConnectionPool,
+        clock: Any,
+        grace: float,
+    ) -> None:
+        super().__init__()
+        self._http = http
+        self._scheduler = scheduler
+        self._pool = pool
+        self._clock = clock
+        self._grace = grace
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        log.info("stopping: no new connections; queued jobs are refused")
+        await self._http.stopService()  # type: ignore[misc]
+        self._scheduler.close()
+        idle = self._scheduler.when_idle()
+        if self._scheduler.in_flight:
+            log.info("waiting up to {grace} s for {n} running job(s)",
+                     grace=self._grace, n=self._scheduler.in_flight)
+            idle.addTimeout(self._grace, self._clock)
+            try:
+                await idle
+            except Exception:
+                log.warn("grace period over: aborting {n} running job(s)",
+                         n=self._scheduler.in_flight)
+                self._scheduler.abort_running()
+        others = [s for s in reversed(list(self)) if s is not self._http]
+        await DeferredList([maybeDeferred(s.stopService) for s in others])
+        Service.stopService(self)
+        await self._pool.closeCachedConnections()
+        # twistd re-raises the signal that stopped it, so a clean stop would
+        # end as "killed by SIGTERM"; a graceful stop is a success: exit 0.
+        if getattr(self._clock, "_exitSignal", None) is not None:
+            self._clock._exitSignal = None
+
+
+@attrs.frozen
+class StandIns:
+    """
+    What replaces the real host's parts when the daemon runs against a
+    simulated one: the NVML module, the consumer-to-process map, the
+    ``systemctl`` command, and services to run alongside (the simulated host).
+    """
+
+    load_nvml: Callable[[], Any]
+    find_pids: Callable[[], PidMap] | None = None
+    systemctl: tuple[str, ...] | None = None
+    services: tuple[IService, ...] = ()
+
+
+def build(
+    config: Config, listen: str | None, reactor: Any, stand_ins: StandIns | None = None
+) -> ManagerService:
+    """Build and wire every component of the daemon."""
+    if stand_ins is not None and stand_ins.systemctl is not None:
+        config = attrs.evolve(
+            config, lifecycle=attrs.evolve(config.lifecycle, systemctl=stand_ins.systemctl)
+        )
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietClientFactory
+    pool.maxPersistentPerHost = 8
+    agents: dict[float, Agent] = {}
+
+    def agent_for_timeout(seconds: float) -> Agent:
+        if seconds not in agents:
+            agents[seconds] = Agent.usingEndpointFactory(
+                reactor, ReusedEndpoints(reactor, seconds), pool=pool
+            )
+        return agents[seconds]
+
+    # Probes and lifecycle calls use treq; each is bounded by its own timeout.
+    http_client = HTTPClient(agent_for_timeout(CONNECT_TIMEOUT_SECONDS))
+
+    registry = Registry(config)
+    nvml_threads = ThreadPool(minthreads=0, maxthreads=1, name="mgpumanager-nvml")
+
+    def run_blocking(call: Any) -> Deferred[GpuReading]:
+        return deferToThreadPool(reactor, nvml_threads, call)
+
+    sampler = GpuSampler(
+        load_nvml=stand_ins.load_nvml if stand_ins else load_pynvml,
+        run_blocking=run_blocking,
+        clock=reactor,
+        interval=config.gpu.poll_interval_seconds,
+        timeout=NVML_TIMEOUT_SECONDS,
+    )
+    prober = HealthProber(
+        registry,
+        http_client,
+        reactor,
+        interval=config.probes.interval_seconds,
+        timeout=config.probes.timeout_seconds,
+    )
+    find_pids: Callable[[], PidMap] = partial(
+        find_consumer_pids, config, config.lifecycle.systemctl
+    )
+    if stand_ins is not None and stand_ins.find_pids is not None:
+        find_pids = stand_ins.find_pids
+    attributor = ProcessAttributor(registry, find_pids, deferToThread, reactor)
+    sampler.subscribe(attributor.on_sample)
+
+    def run(argv: Sequence[str], timeout: float) -> Deferred[CommandResult]:
+        return run_command(reactor, reactor, argv, timeout)
+
+    lifecycle = Lifecycle(
+        config, registry, sampler, http_client, reactor, run, prober.probe, attributor
+    )
+    scheduler = GpuScheduler(
+        reactor,
+        registry,
+        lifecycle.prepare,
+        max_depth=config.queue.max_depth,
+        max_wait=config.queue.max_wait_seconds,
+    )
+    proxy = ConsumerProxy(
+        lambda consumer: agent_for_timeout(consumer.timeouts.connect_seconds),
+        reactor,
+        drop_authorization=config.auth_token is not None,
+    )
+    description = listen or config.listen.endpoint_description()
+    loopback = endpoint_is_loopback(description)
+    guard = Guard(config, loopback)
+    app = ManagerApp(config, registry, scheduler, proxy, sampler, lifecycle, reactor, guard)
+    site = ManagerSite(app.resource(), partial(body_limit_for_path, config))
+    endpoint = serverFromString(reactor, description)
+    http = StreamServerEndpointService(endpoint, site)
+    http._raiseSynchronously = True
+
+    service = ManagerService(http, scheduler, pool, reactor, config.shutdown_grace_seconds)
+    for extra in stand_ins.services if stand_ins else ():
+        extra.setServiceParent(service)
+    _ThreadPoolService(nvml_threads).setServiceParent(service)
+    _Loop(sampler).setServiceParent(service)
+    _Loop(prober).setServiceParent(service)
+    http.setServiceParent(service)
+    if not loopback:
+        log.warn(
+            "listening on {listen}, which is not loopback only: anyone who can reach it "
+            "can use the GPU{hint}",
+            listen=description,
+            hint="" if config.auth_token else " (consider auth.token_file)",
+        )
+    return service
+
+
+def endpoint_is_loopback(description: str) -> bool:
+    """Whether a server endpoint string listens on a loopback interface only."""
+    words = _endpoint_words(description)
+    kind = words[0] if words else ""
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6"):
+        return False
+    interface = ""
+    for word in words[1:]:
+        key, equals, value = word.partition("=")
+        if equals and key == "interface":
+            interface = value
+    if not interface:
+        return False  # every interface
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
+
+
+def _endpoint_words(description: str) -> list[str]:
+    """Split an endpoint string on ':' as Twisted does, honouring '\\:' escapes."""
+    words, word, escaped = [], "", False
+    for character in description:
+        if escaped:
+            word += character
+            escaped = False
+        elif character == "\\":
+            escaped = True
+        elif character == ":":
+            words.append(word)
+            word = ""
+        else:
+            word += character
+    words.append(word)
+    return words
+
+
+def body_limit_for_path(config: Config, path: bytes) -> int:
+    """The body limit for a request path: a job's consumer's, else the global one."""
+    route = path.partition(b"?")[0]
+    kind = None
+    if route.startswith(b"/v1/"):
+        candidate = route[len(b"/v1/"):].decode("ascii", "replace")
+        kind = candidate if candidate in ENDPOINT_KINDS else None
+    return config.body_limit_for(kind)
