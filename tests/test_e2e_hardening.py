@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import attrs
 import pytest
 import pytest_twisted
 import treq
@@ -20,78 +19,42 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.client import ResponseFailed
 
-from tests.daemon import Daemon
 from tests.rawhttp import body_of, closed_after_headers, exchange, status_of
-from tests.upstream import ScriptedUpstream, Tracker, listen
+from tests.stack import ScriptedStack, start_stack
+from tests.upstream import ScriptedUpstream
 
 TOKEN = "s3cret-token-for-tests-0123456789"
 MIB = 1024 * 1024
 
 
-@attrs.define
-class Stack:
-    daemon: Daemon
-    upstreams: dict[str, ScriptedUpstream]
-    ports: dict[str, int]
+Stack = ScriptedStack
 
-    def url(self, path: str) -> str:
-        return self.daemon.url + path
 
-    def auth(self, **headers: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {TOKEN}", **headers}
+def auth(stack: Stack, **headers: str) -> dict[str, str]:
+    return {**stack.headers, **headers}
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: Any) -> Iterator[Stack]:
-    tracker = Tracker()
-    upstreams = {name: ScriptedUpstream(name, tracker) for name in ("voice", "llm", "image")}
-    listening = {name: listen(upstream) for name, upstream in upstreams.items()}
-    ports = {name: port.getHost().port for name, port in listening.items()}
     workdir = tmp_path_factory.mktemp("hardening")
     (workdir / "token").write_text(TOKEN + "\n")
-
-    def consumer(name: str, **extra: Any) -> dict[str, Any]:
-        return {"url": f"http://127.0.0.1:{ports[name]}", "health": {"path": "/health"},
-                **extra}
-
-    config = {
-        "probes": {"interval_seconds": 0.5, "timeout_seconds": 3},
-        "shutdown_grace_seconds": 3,
-        "limits": {"max_body_mib": 1},
-        "queue": {"max_depth": 3, "max_wait_seconds": 1.5},
-        "allowed_origins": ["http://localhost:3000"],
-        "auth": {"token_file": "token"},
-        "routing": {"tts": "voice", "stt": "voice", "llm": "llm", "image": "image"},
-        "audio_proxy": "voice",
-        "consumers": {
-            "voice": consumer("voice", paths={"tts": {"path": "/api/tts"},
-                                              "stt": {"path": "/api/stt"}},
-                              max_body_mib=2),
-            "llm": consumer("llm", paths={"llm": {"path": "/api/generate"}},
-                            timeouts={"idle_seconds": 0.5}),
-            "image": consumer("image", paths={"image": {"path": "/prompt"}},
-                              timeouts={"response_seconds": 0.5}),
+    built = start_stack(
+        workdir,
+        config={
+            "limits": {"max_body_mib": 1},
+            "queue": {"max_depth": 3, "max_wait_seconds": 1.5},
+            "allowed_origins": ["http://localhost:3000"],
+            "auth": {"token_file": "token"},
         },
-    }
-    daemon = Daemon(config, workdir)
-    daemon.start()
-    built = Stack(daemon, upstreams, ports)
-    pytest_twisted.blockon(Deferred.fromCoroutine(healthy(built)))
+        consumers={
+            "voice": {"max_body_mib": 2},
+            "llm": {"timeouts": {"idle_seconds": 0.5}},
+            "image": {"timeouts": {"response_seconds": 0.5}},
+        },
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
     yield built
-    assert daemon.stop() == 0, daemon.log()
-    for port in listening.values():
-        pytest_twisted.blockon(port.stopListening())
-
-
-async def healthy(stack: Stack) -> None:
-    """Every consumer probed healthy: a slow first probe must not fail a test."""
-    for _ in range(200):
-        response = await treq.get(stack.url("/v1/status"), headers=stack.auth())
-        document = await response.json()
-        if all(consumer["healthy"] for consumer in document["consumers"]):
-            return
-        await sleep(0.05)
-    raise AssertionError(f"consumers never became healthy: {document}")
+    assert built.stop() == 0, built.daemon.log()
 
 
 def sleep(seconds: float) -> Deferred[None]:
@@ -101,7 +64,7 @@ def sleep(seconds: float) -> Deferred[None]:
 async def idle(stack: Stack, within: float = 5.0) -> dict[str, Any]:
     deadline = time.monotonic() + within
     while True:
-        response = await treq.get(stack.url("/v1/status"), headers=stack.auth())
+        response = await treq.get(stack.url("/v1/status"), headers=auth(stack))
         document: dict[str, Any] = await response.json()
         scheduler = document["scheduler"]
         if scheduler["in_flight"] == 0 and scheduler["queue_depth"] == 0:
@@ -156,9 +119,9 @@ async def test_a_chunked_body_growing_past_the_limit_is_cut_off(stack: Stack) ->
 @pytest_twisted.ensureDeferred
 async def test_a_consumer_may_take_more_than_the_global_limit(stack: Stack) -> None:
     payload = b"a" * (MIB + MIB // 2)
-    ok = await treq.post(stack.url("/v1/stt"), data=payload, headers=stack.auth())
+    ok = await treq.post(stack.url("/v1/stt"), data=payload, headers=auth(stack))
     assert (await ok.json())["body_length"] == len(payload)
-    refused = await treq.post(stack.url("/v1/image"), data=payload, headers=stack.auth())
+    refused = await treq.post(stack.url("/v1/image"), data=payload, headers=auth(stack))
     assert refused.code == 413
 
 
@@ -169,7 +132,7 @@ async def test_no_response_in_time_is_a_504_and_frees_the_gpu(stack: Stack) -> N
     image = stack.upstreams["image"]
     disconnects = image.disconnects
     started = time.monotonic()
-    response = await treq.post(stack.url("/v1/image?ms=3000"), headers=stack.auth())
+    response = await treq.post(stack.url("/v1/image?ms=3000"), headers=auth(stack))
     assert response.code == 504
     envelope = await response.json()
     assert envelope["error"] == "upstream_timeout"
@@ -180,14 +143,14 @@ async def test_no_response_in_time_is_a_504_and_frees_the_gpu(stack: Stack) -> N
     while image.disconnects == disconnects:
         assert time.monotonic() - started < 2.5, "the upstream request was never cancelled"
         await sleep(0.02)
-    follow_up = await treq.post(stack.url("/v1/tts"), headers=stack.auth())
+    follow_up = await treq.post(stack.url("/v1/tts"), headers=auth(stack))
     assert follow_up.code == 200
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_stream_that_goes_silent_is_cut_without_looking_complete(stack: Stack) -> None:
     response = await treq.post(
-        stack.url("/v1/llm?do=stream&lines=3&interval=3"), headers=stack.auth()
+        stack.url("/v1/llm?do=stream&lines=3&interval=3"), headers=auth(stack)
     )
     assert response.code == 200
     with pytest.raises(ResponseFailed):
@@ -200,11 +163,11 @@ async def test_a_stream_that_goes_silent_is_cut_without_looking_complete(stack: 
 @pytest_twisted.ensureDeferred
 async def test_a_full_queue_refuses_with_retry_after(stack: Stack) -> None:
     await idle(stack)
-    slow = treq.post(stack.url("/v1/tts?ms=1000"), headers=stack.auth())
+    slow = treq.post(stack.url("/v1/tts?ms=1000"), headers=auth(stack))
     await sleep(0.1)
-    queued = [treq.post(stack.url(f"/v1/tts?n={i}"), headers=stack.auth()) for i in range(3)]
+    queued = [treq.post(stack.url(f"/v1/tts?n={i}"), headers=auth(stack)) for i in range(3)]
     await sleep(0.2)
-    refused = await treq.post(stack.url("/v1/tts?n=late"), headers=stack.auth())
+    refused = await treq.post(stack.url("/v1/tts?n=late"), headers=auth(stack))
     assert refused.code == 503
     assert (await refused.json())["error"] == "queue_full"
     assert int(refused.headers.getRawHeaders(b"retry-after")[0]) >= 1
@@ -218,10 +181,10 @@ async def test_a_full_queue_refuses_with_retry_after(stack: Stack) -> None:
 @pytest_twisted.ensureDeferred
 async def test_waiting_too_long_gives_up_with_queue_timeout(stack: Stack) -> None:
     await idle(stack)
-    slow = treq.post(stack.url("/v1/tts?ms=2500"), headers=stack.auth())
+    slow = treq.post(stack.url("/v1/tts?ms=2500"), headers=auth(stack))
     await sleep(0.1)
     started = time.monotonic()
-    waiting = await treq.post(stack.url("/v1/llm"), headers=stack.auth())
+    waiting = await treq.post(stack.url("/v1/llm"), headers=auth(stack))
     assert waiting.code == 503
     envelope = await waiting.json()
     assert envelope["error"] == "queue_timeout"
@@ -239,7 +202,7 @@ async def test_a_post_is_never_sent_twice(stack: Stack) -> None:
     image = stack.upstreams["image"]
     before = [s for s in image.seen if s.query == "do=close"]
     response = await treq.post(stack.url("/v1/image?do=close"), data=b"once",
-                               headers=stack.auth())
+                               headers=auth(stack))
     assert response.code == 502
     assert (await response.json())["error"] == "consumer_unreachable"
     after = [s for s in image.seen if s.query == "do=close"]
@@ -252,11 +215,11 @@ async def test_a_post_is_never_sent_twice(stack: Stack) -> None:
 async def test_foreign_host_names_are_refused_on_loopback(stack: Stack) -> None:
     for host in ("evil.example", "192.168.1.10:8770", "localhost.evil.example"):
         response = await treq.get(stack.url("/v1/status"),
-                                  headers=stack.auth(Host=host))
+                                  headers=auth(stack, Host=host))
         assert response.code == 403, host
         assert (await response.json())["error"] == "forbidden"
     for host in ("localhost", f"127.0.0.1:{stack.daemon.port}", "[::1]:8770"):
-        response = await treq.get(stack.url("/v1/status"), headers=stack.auth(Host=host))
+        response = await treq.get(stack.url("/v1/status"), headers=auth(stack, Host=host))
         assert response.code == 200, host
         await response.content()
 
@@ -275,11 +238,11 @@ async def test_a_request_without_host_is_a_bad_request(stack: Stack) -> None:
 async def test_cross_origin_posts_are_refused(stack: Stack) -> None:
     before = jobs_seen(stack.upstreams["voice"])
     refused = await treq.post(stack.url("/v1/tts"),
-                              headers=stack.auth(Origin="http://evil.example"))
+                              headers=auth(stack, Origin="http://evil.example"))
     assert refused.code == 403
     assert jobs_seen(stack.upstreams["voice"]) == before
     allowed = await treq.post(stack.url("/v1/tts"),
-                              headers=stack.auth(Origin="http://localhost:3000"))
+                              headers=auth(stack, Origin="http://localhost:3000"))
     assert allowed.code == 200
     await allowed.content()
 
@@ -297,7 +260,7 @@ async def test_the_bearer_token_guards_everything_but_healthz(stack: Stack) -> N
     health = await treq.get(stack.url("/healthz"))
     assert health.code == 200
     await health.content()
-    response = await treq.post(stack.url("/v1/tts"), headers=stack.auth())
+    response = await treq.post(stack.url("/v1/tts"), headers=auth(stack))
     assert response.code == 200
     await response.content()
     seen = stack.upstreams["voice"].seen[-1]
@@ -309,7 +272,7 @@ async def test_the_bearer_token_guards_everything_but_healthz(stack: Stack) -> N
 async def test_forwarding_headers_are_set_by_the_daemon(stack: Stack) -> None:
     response = await treq.post(
         stack.url("/v1/tts"),
-        headers=stack.auth(**{"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Host": "evil",
+        headers=auth(stack, **{"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Host": "evil",
                               "X-Forwarded-Proto": "https", "Forwarded": "for=6.6.6.6"}),
     )
     await response.content()

@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import attrs
 import pytest
 import pytest_twisted
 import treq
@@ -25,54 +24,20 @@ from twisted.internet.task import deferLater
 from twisted.web.client import Agent, FileBodyProducer, ResponseFailed
 from twisted.web.http_headers import Headers
 
-from tests.daemon import Daemon
-from tests.upstream import ScriptedUpstream, Tracker, listen
+from tests.stack import ScriptedStack, start_stack
 
-
-@attrs.define
-class Stack:
-    daemon: Daemon
-    upstreams: dict[str, ScriptedUpstream]
-    tracker: Tracker
-    ports: dict[str, int]
-
-    def url(self, path: str) -> str:
-        return self.daemon.url + path
-
-
-def consumer(port: int, **extra: Any) -> dict[str, Any]:
-    return {"url": f"http://127.0.0.1:{port}", "health": {"path": "/health"}, **extra}
+Stack = ScriptedStack
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: Any) -> Iterator[Stack]:
-    tracker = Tracker()
-    upstreams = {name: ScriptedUpstream(name, tracker) for name in ("voice", "llm", "image")}
-    listening = {name: listen(upstream) for name, upstream in upstreams.items()}
-    ports = {name: port.getHost().port for name, port in listening.items()}
-    config = {
-        "gpu": {"total_mib": 24576, "poll_interval_seconds": 0.5},
-        "shutdown_grace_seconds": 3,
-        "probes": {"interval_seconds": 0.5, "timeout_seconds": 3},
-        "routing": {"tts": "voice", "stt": "voice", "llm": "llm", "image": "image"},
-        "audio_proxy": "voice",
-        "consumers": {
-            "voice": consumer(
-                ports["voice"], paths={"tts": {"path": "/api/tts"}, "stt": {"path": "/api/stt"}}
-            ),
-            "llm": consumer(ports["llm"], paths={"llm": {"path": "/api/generate"}},
-                            vram_managed=True),
-            "image": consumer(ports["image"], paths={"image": {"path": "/prompt"}}),
-        },
-    }
-    daemon = Daemon(config, tmp_path_factory.mktemp("e2e"))
-    daemon.start()
-    built = Stack(daemon, upstreams, tracker, ports)
-    pytest_twisted.blockon(Deferred.fromCoroutine(wait_until_healthy(built)))
+    built = start_stack(
+        tmp_path_factory.mktemp("e2e"),
+        config={"gpu": {"total_mib": 24576, "poll_interval_seconds": 0.5}},
+        consumers={"llm": {"vram_managed": True}},
+    )
     yield built
-    assert daemon.stop() in (0, -15), daemon.log()
-    for port in listening.values():
-        pytest_twisted.blockon(port.stopListening())
+    assert built.stop() == 0, built.daemon.log()
 
 
 async def status(stack: Stack) -> dict[str, Any]:
@@ -80,15 +45,6 @@ async def status(stack: Stack) -> dict[str, Any]:
     assert response.code == 200
     document: dict[str, Any] = await response.json()
     return document
-
-
-async def wait_until_healthy(stack: Stack) -> None:
-    for _ in range(100):
-        document = await status(stack)
-        if all(c["healthy"] for c in document["consumers"]):
-            return
-        await sleep(0.05)
-    raise AssertionError(f"consumers never became healthy: {document}")
 
 
 async def wait_until_idle(stack: Stack, within: float = 5.0) -> dict[str, Any]:

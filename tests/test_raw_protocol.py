@@ -24,14 +24,13 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import attrs
 import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from tests.daemon import Daemon
 from tests.rawhttp import exchange, status_of
-from tests.upstream import ScriptedUpstream, Seen, Tracker, listen
+from tests.stack import ScriptedStack, start_stack
+from tests.upstream import Seen
 
 HOST = b"Host: 127.0.0.1\r\n"
 
@@ -44,42 +43,16 @@ SMUGGLED = (
 CHUNKED_HELLO = b"5\r\nhello\r\n0\r\n\r\n"
 
 
-@attrs.define
-class Stack:
-    daemon: Daemon
-    upstreams: dict[str, ScriptedUpstream]
+Stack = ScriptedStack
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: Any) -> Iterator[Stack]:
-    tracker = Tracker()
-    upstreams = {name: ScriptedUpstream(name, tracker) for name in ("voice", "llm", "image")}
-    listening = {name: listen(upstream) for name, upstream in upstreams.items()}
-    ports = {name: port.getHost().port for name, port in listening.items()}
-
-    def consumer(name: str, **extra: Any) -> dict[str, Any]:
-        return {"url": f"http://127.0.0.1:{ports[name]}", "health": {"path": "/health"},
-                **extra}
-
-    config = {
-        "probes": {"interval_seconds": 0.5, "timeout_seconds": 3},
-        "shutdown_grace_seconds": 3,
-        "limits": {"max_body_mib": 1},
-        "routing": {"tts": "voice", "stt": "voice", "llm": "llm", "image": "image"},
-        "audio_proxy": "voice",
-        "consumers": {
-            "voice": consumer("voice", paths={"tts": {"path": "/api/tts"},
-                                              "stt": {"path": "/api/stt"}}),
-            "llm": consumer("llm", paths={"llm": {"path": "/api/generate"}}),
-            "image": consumer("image", paths={"image": {"path": "/prompt"}}),
-        },
-    }
-    daemon = Daemon(config, tmp_path_factory.mktemp("raw-protocol"))
-    daemon.start()
-    yield Stack(daemon, upstreams)
-    assert daemon.stop() == 0, daemon.log()
-    for port in listening.values():
-        pytest_twisted.blockon(port.stopListening())
+    built = start_stack(
+        tmp_path_factory.mktemp("raw-protocol"), config={"limits": {"max_body_mib": 1}}
+    )
+    yield built
+    assert built.stop() == 0, built.daemon.log()
 
 
 # Helpers
