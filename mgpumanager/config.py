@@ -10,7 +10,6 @@ file and key path (``consumers.comfyui.paths.image.path: required``).
 from __future__ import annotations
 
 import difflib
-import ipaddress
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -74,15 +73,6 @@ class Listen:
         """
         interface = self.host.replace(":", "\\:")
         return f"tcp:{self.port}:backlog={LISTEN_BACKLOG}:interface={interface}"
-
-    def is_loopback(self) -> bool:
-        """True when only this host can reach the socket."""
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
 
 
 @attrs.frozen

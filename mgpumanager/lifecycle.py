@@ -345,5 +345,3 @@ def static_pids(pids: dict[str, frozenset[int]]) -> PidLookup:
 
     return _Static()
 
-
-NO_PIDS: PidLookup = static_pids({})

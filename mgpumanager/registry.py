@@ -117,6 +117,8 @@ class ConsumerState:
             "vram_managed": config.vram_managed,
             "active": self.active,
             "total_requests": self.total_requests,
+            "loads": self.load_count,
+            "unloads": self.unload_count,
             "last_used": rfc3339(self.last_used),
             "last_probe": rfc3339(self.last_probe),
             "last_error": self.last_error,
