@@ -74,6 +74,7 @@ class ManagerApp:
         lifecycle: Lifecycle,
         clock: IReactorTime,
         guard: Guard | None = None,
+        listen: str | None = None,
     ) -> None:
         self._config = config
         self._registry = registry
@@ -83,6 +84,8 @@ class ManagerApp:
         self._lifecycle = lifecycle
         self._clock = clock
         self._guard = guard
+        #: What status reports as the listen address: an override wins.
+        self._listen = listen or str(config.listen)
 
     def resource(self) -> Resource:
         return _Front(self)
@@ -123,7 +126,7 @@ class ManagerApp:
     def status_document(self) -> dict[str, Any]:
         config = self._config
         return {
-            "listen": str(config.listen),
+            "listen": self._listen,
             "time": rfc3339(self._clock.seconds()),
             "gpu": self._sampler.latest.as_status(
                 config.gpu.total_mib, config.gpu.reserved_mib

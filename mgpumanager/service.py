@@ -222,7 +222,9 @@ def build(
     description = listen or config.listen.endpoint_description()
     loopback = endpoint_is_loopback(description)
     guard = Guard(config, loopback)
-    app = ManagerApp(config, registry, scheduler, proxy, sampler, lifecycle, reactor, guard)
+    app = ManagerApp(
+        config, registry, scheduler, proxy, sampler, lifecycle, reactor, guard, listen
+    )
     site = ManagerSite(app.resource(), partial(body_limit_for_path, config))
     endpoint = serverFromString(reactor, description)
     http = StreamServerEndpointService(endpoint, site)
