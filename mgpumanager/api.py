@@ -38,7 +38,6 @@ from mgpumanager.errors import (
 )
 from mgpumanager.eviction import simulate_plan
 from mgpumanager.gpu import GpuSampler, rfc3339
-from mgpumanager.guard import Guard
 from mgpumanager.lifecycle import Lifecycle
 from mgpumanager.proxy import ConsumerProxy, UpstreamBroke
 from mgpumanager.registry import Registry
@@ -73,7 +72,6 @@ class ManagerApp:
         sampler: GpuSampler,
         lifecycle: Lifecycle,
         clock: IReactorTime,
-        guard: Guard | None = None,
         listen: str | None = None,
     ) -> None:
         self._config = config
@@ -83,7 +81,6 @@ class ManagerApp:
         self._sampler = sampler
         self._lifecycle = lifecycle
         self._clock = clock
-        self._guard = guard
         #: What status reports as the listen address: an override wins.
         self._listen = listen or str(config.listen)
 
@@ -242,12 +239,6 @@ class _Front(Resource):
         self._jobs = {f"/v1/{kind}".encode(): kind for kind in ENDPOINT_KINDS}
 
     def render(self, request: Request) -> bytes | int:
-        guard = self._manager._guard
-        if guard is not None:
-            try:
-                guard.check(request)
-            except ApiError as refusal:
-                return _serve(request, partial(_refuse, refusal))
         raw_path = request.uri.partition(b"?")[0]
         kind = self._jobs.get(raw_path)
         if kind is not None and request.method == b"POST":
@@ -261,10 +252,6 @@ class _Front(Resource):
             return _serve(request, _not_utf8)
         result: Any = self._klein.render(request)
         return cast(int, result)
-
-
-def _refuse(refusal: ApiError) -> Deferred[None]:
-    raise refusal
 
 
 def _not_utf8() -> Deferred[None]:

@@ -309,11 +309,16 @@ class _Reader:
         allowed = ("method", "path", "body") if with_body else ("method", "path")
         table = self.mapping(value, key_path, allowed)
         method = self.optional(table, "method", key_path, self.text, default_method).upper()
-        if not method.isalpha():
+        if not (method.isascii() and method.isalpha()):
             raise self.fail(_join(key_path, "method"), f"not an HTTP method: {method!r}")
         path = self.required(table, "path", key_path, self.text)
         if not path.startswith("/"):
             raise self.fail(_join(key_path, "path"), f"must start with '/' (got {path!r})")
+        if not path.isascii() or any(c.isspace() or not c.isprintable() for c in path):
+            raise self.fail(
+                _join(key_path, "path"),
+                f"must be plain ASCII without spaces; percent-encode the rest (got {path!r})",
+            )
         body: bytes | None = None
         if "body" in table and table["body"] is not None:
             raw = table["body"]
@@ -627,7 +632,8 @@ def _is_base_url(url: str) -> bool:
     except ValueError:
         return False
     return (
-        parsed.scheme in ("http", "https")
+        url.isascii()
+        and parsed.scheme in ("http", "https")
         and bool(parsed.hostname)
         and bool(port)
         and parsed.path in ("", "/")

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import attrs
 from twisted.internet import error as net_error
+from twisted.internet.defer import CancelledError
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.web import client as web_client
 from twisted.web._newclient import _WrapperException
@@ -89,6 +90,19 @@ class ApiError(Exception):
 
     def __repr__(self) -> str:
         return f"ApiError({self.kind.code!r}, {self.message!r}, consumer={self.consumer!r})"
+
+
+def is_cancellation(error: BaseException) -> bool:
+    """
+    Whether a failed HTTP call was cancelled by us: Twisted's client reports a
+    request cancelled on an open connection as ResponseNeverReceived (or a
+    transmission failure) wrapping the CancelledError.
+    """
+    if isinstance(error, CancelledError):
+        return True
+    if isinstance(error, _WrapperException):
+        return any(reason.check(CancelledError) for reason in error.reasons)
+    return False
 
 
 def describe_connection_error(error: BaseException) -> str:

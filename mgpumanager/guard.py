@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 from mgpumanager.config import Config
@@ -55,35 +56,42 @@ class Guard:
                          for origin in config.allowed_origins}
         self._token = config.auth_token
 
-    @property
-    def token_required(self) -> bool:
-        return self._token is not None
-
     def check(self, request: Request) -> None:
         """Raise the :class:`ApiError` that refuses ``request``, if any."""
-        hosts = request.requestHeaders.getRawHeaders(b"host") or []
+        refusal = self.refusal(request.method, request.path, request.requestHeaders)
+        if refusal is not None:
+            raise refusal
+
+    def refusal(self, method: bytes, path: bytes, headers: Headers) -> ApiError | None:
+        """
+        Why a request with this method, path (no query) and headers is refused,
+        or None.  Needs nothing but the head: the site asks before reading any
+        body, so a refused client cannot make us store its upload first.
+        """
+        hosts = headers.getRawHeaders(b"host") or []
         if len(hosts) != 1 or not hosts[0].strip():
-            raise ApiError(BAD_REQUEST, "exactly one Host header is required")
+            return ApiError(BAD_REQUEST, "exactly one Host header is required")
         if self._loopback and not is_loopback_host(hosts[0]):
-            raise ApiError(
+            return ApiError(
                 FORBIDDEN,
                 "this daemon listens on loopback and answers only loopback host names",
             )
-        if request.method == b"POST":
-            for origin in request.requestHeaders.getRawHeaders(b"origin") or []:
+        if method.upper() == b"POST":
+            for origin in headers.getRawHeaders(b"origin") or []:
                 if origin.rstrip(b"/") not in self._origins:
-                    raise ApiError(FORBIDDEN, "cross-origin requests are not allowed")
-        if self._token is not None and request.path not in OPEN_PATHS:
-            if not self._authorized(request):
-                raise ApiError(
+                    return ApiError(FORBIDDEN, "cross-origin requests are not allowed")
+        if self._token is not None and path not in OPEN_PATHS:
+            if not self._authorized(headers):
+                return ApiError(
                     UNAUTHORIZED,
                     "a valid bearer token is required",
                     headers={"WWW-Authenticate": 'Bearer realm="mgpumanager"'},
                 )
+        return None
 
-    def _authorized(self, request: Request) -> bool:
+    def _authorized(self, headers: Headers) -> bool:
         assert self._token is not None
-        presented = request.requestHeaders.getRawHeaders(b"authorization") or []
+        presented = headers.getRawHeaders(b"authorization") or []
         if len(presented) != 1:
             return False
         scheme, _, credential = presented[0].partition(b" ")

@@ -10,6 +10,7 @@ makes the upstream request, exactly once.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 from twisted.web.http_headers import Headers
@@ -67,8 +68,20 @@ def end_to_end(
 
 #: Set by the daemon from what it saw, never taken from the client.
 FORWARDING = frozenset(
-    {b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"}
+    {
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-forwarded-port",
+        b"x-real-ip",
+        b"client-ip",
+    }
 )
+
+#: A Host value we are willing to repeat to a consumer: a name or address and
+#: an optional port, nothing that could smuggle another parameter in.
+_PLAIN_HOST = re.compile(rb"\A(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?\Z")
 
 
 def upstream_headers(
@@ -89,15 +102,16 @@ def upstream_headers(
     for name, values in end_to_end(inbound, never):
         outbound.setRawHeaders(name, values)
     if client is not None:
-        host = (inbound.getRawHeaders(b"host") or [b""])[0].decode("latin-1")
+        raw_host = (inbound.getRawHeaders(b"host") or [b""])[0]
+        host = raw_host.decode("ascii") if _PLAIN_HOST.match(raw_host) else ""
         node = f'"[{client}]"' if ":" in client else client
         forwarded = f"for={node};proto=http"
         if host:
-            outbound.setRawHeaders(b"x-forwarded-host", [host.encode("latin-1")])
+            outbound.setRawHeaders(b"x-forwarded-host", [host.encode("ascii")])
             forwarded += f';host="{host}"'
         outbound.setRawHeaders(b"x-forwarded-for", [client.encode("ascii")])
         outbound.setRawHeaders(b"x-forwarded-proto", [b"http"])
-        outbound.setRawHeaders(b"forwarded", [forwarded.encode("latin-1")])
+        outbound.setRawHeaders(b"forwarded", [forwarded.encode("ascii")])
     return outbound
 
 

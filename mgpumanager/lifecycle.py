@@ -20,10 +20,17 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from mgpumanager.bodies import read_body
 from mgpumanager.commands import CommandResult
 from mgpumanager.config import Config, Route
 from mgpumanager.deadline import TimedOut, within
-from mgpumanager.errors import LOAD_FAILED, UNLOAD_FAILED, ApiError, describe_connection_error
+from mgpumanager.errors import (
+    LOAD_FAILED,
+    UNLOAD_FAILED,
+    ApiError,
+    describe_connection_error,
+    is_cancellation,
+)
 from mgpumanager.eviction import (
     MAX_EVICTIONS,
     Candidate,
@@ -38,6 +45,8 @@ from mgpumanager.registry import ConsumerState, Registry
 
 log = Logger()
 
+#: The most of a load or unload answer we read (for the error message).
+MAX_ANSWER = 64 * 1024
 #: How many eviction decisions ``/v1/status`` keeps.
 DECISIONS_KEPT = 20
 #: An unload counts as verified once this share of the victim's memory is back...
@@ -199,12 +208,19 @@ class Lifecycle:
                                       self._config.lifecycle.unload_timeout_seconds)
         except _StepFailed as e:
             self._unload_failed(victim, decision, f"unloading {victim.name} failed: {e}")
+        except CancelledError:
+            decision.outcome = "cancelled during the unload"
+            raise
         self.evictions += 1
         victim.unload_count += 1
         victim.mark_loaded(False, self._clock.seconds())
         unloaded = self._clock.seconds()
         decision.unload_ms = round((unloaded - started) * 1000)
-        recovered = await self._await_memory_back(victim, before, pids)
+        try:
+            recovered = await self._await_memory_back(victim, before, pids)
+        except CancelledError:
+            decision.outcome = "unloaded; cancelled while waiting for the memory"
+            raise
         decision.recovery_ms = round((self._clock.seconds() - unloaded) * 1000)
         if recovered is False:
             # Its memory is still on the card: as far as making room goes, it is
@@ -280,11 +296,25 @@ class Lifecycle:
             self.failed_loads += 1
             message = f"loading {state.name} failed: {e}"
             log.error("{message}", message=message)
+            self._assume_loading(state)
             raise ApiError(LOAD_FAILED, message, state.name) from None
+        except CancelledError:
+            self._assume_loading(state)
+            raise
         # With neither route nor unit the consumer cold-starts on the request.
         self.loads += 1
         state.load_count += 1
         state.mark_loaded(True, self._clock.seconds())
+
+    def _assume_loading(self, state: ConsumerState) -> None:
+        """
+        A load that failed or was abandoned may still be going on (systemd
+        keeps starting the unit, a server keeps loading after our request is
+        cut): count the consumer as loaded, so the next job unloads it rather
+        than loads something on top of it.
+        """
+        if state.config.load is not None or state.config.systemd_unit is not None:
+            state.mark_loaded(True, self._clock.seconds())
 
     async def _until_healthy(self, name: str, deadline: float) -> None:
         while not await self._health_check(name):
@@ -300,7 +330,7 @@ class Lifecycle:
             response = await self._client.request(
                 route.method, url, data=route.body, headers=headers, allow_redirects=False
             )
-            return response.code, await response.content()
+            return response.code, await read_body(response, MAX_ANSWER) or b""
 
         try:
             what = f"{route.method} {route.path}"
@@ -310,6 +340,8 @@ class Lifecycle:
         except TimedOut as e:
             raise _StepFailed(str(e)) from None
         except Exception as e:
+            if is_cancellation(e):
+                raise CancelledError() from None
             raise _StepFailed(
                 f"{route.method} {route.path}: {describe_connection_error(e)}"
             ) from None

@@ -19,6 +19,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mgpumanager.bodies import read_body
 from mgpumanager.deadline import TimedOut, within
 from mgpumanager.errors import describe_connection_error
 from mgpumanager.registry import ConsumerState, Registry
@@ -98,10 +99,10 @@ class HealthProber:
             unbuffered=True,
             allow_redirects=False,
         )
-        body = await response.content()
+        body = await read_body(response, MAX_HEALTH_BODY)
         if not 200 <= response.code < 300:
             raise ProbeFailed(f"health {route.path} answered HTTP {response.code}")
-        if len(body) > MAX_HEALTH_BODY:
+        if body is None:
             return None
         try:
             answer = json.loads(body)

@@ -50,6 +50,7 @@ from mgpumanager.errors import (
     UPSTREAM_TIMEOUT,
     ApiError,
     describe_connection_error,
+    is_cancellation,
 )
 from mgpumanager.headers import relay_response_headers, upstream_headers
 
@@ -138,6 +139,8 @@ class ConsumerProxy:
                 BAD_CONSUMER_URL, f"upstream {consumer.name}: {e}", consumer.name
             ) from None
         except Exception as e:
+            if is_cancellation(e):
+                raise CancelledError() from None
             raise ApiError(
                 CONSUMER_UNREACHABLE,
                 f"upstream {consumer.name}: {describe_connection_error(e)}",
@@ -158,7 +161,14 @@ class ConsumerProxy:
             request, finished, consumer.name, self._clock, timeouts.idle_seconds
         )
         response.deliverBody(relay_body)
-        await finished
+        try:
+            await finished
+        except CancelledError:
+            # The consumer's status and headers are already set on the
+            # response: no envelope may follow them (a no-op if the client
+            # is the one who left).
+            _abort_client(request)
+            raise
 
 
 _CONNECTION_DONE = Failure(net_error.ConnectionDone())
@@ -167,9 +177,10 @@ _CONNECTION_DONE = Failure(net_error.ConnectionDone())
 @implementer(IPushProducer)
 class _PausableSource:
     """
-    The consumer's connection as the client's socket sees it: pausing it also
-    stops the idle clock, so a slow client is never mistaken for a stalled
-    consumer.
+    The consumer's connection as the client's socket sees it.  Pausing and
+    resuming restart the idle clock: while paused it times the client (one
+    that stops reading must not hold the GPU lock forever), while flowing it
+    times the consumer; either way the silence is blamed on the right side.
     """
 
     def __init__(self, transport: IPushProducer, relay: _BodyRelay) -> None:
@@ -178,7 +189,7 @@ class _PausableSource:
 
     def pauseProducing(self) -> None:
         self._relay.paused = True
-        self._relay.stop_idle_timer()
+        self._relay.restart_idle_timer()
         self._transport.pauseProducing()
 
     def resumeProducing(self) -> None:
@@ -244,9 +255,10 @@ class _BodyRelay(Protocol):
         self._idle_timer = None
         if self._done:
             return
+        stalled = "the client read" if self.paused else f"upstream {self._consumer} sent"
         log.warn(
-            "upstream {consumer} sent nothing for {idle} s mid-response; aborting both sides",
-            consumer=self._consumer,
+            "{stalled} nothing for {idle} s mid-response; aborting both sides",
+            stalled=stalled,
             idle=self._idle,
         )
         self._done = True
@@ -254,7 +266,7 @@ class _BodyRelay(Protocol):
         if self._producer is not None:
             self._producer.stopProducing()
         _abort_client(self._request)
-        self._finished.errback(UpstreamBroke(f"upstream {self._consumer} went idle"))
+        self._finished.errback(UpstreamBroke(f"{stalled} nothing for {self._idle:g} s"))
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self.stop_idle_timer()

@@ -9,6 +9,7 @@ module) as arguments and be tested with stand-ins.
 from __future__ import annotations
 
 import ipaddress
+import threading
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -74,8 +75,15 @@ class _Loop(Service):
 
 
 class _ThreadPoolService(Service):
+    """
+    The NVML thread.  A read stuck in a wedged driver never returns, and
+    joining its thread would hang the shutdown; the thread is a daemon thread,
+    so it is left behind and dies with the process.
+    """
+
     def __init__(self, pool: ThreadPool) -> None:
         self._pool = pool
+        pool.threadFactory = partial(threading.Thread, daemon=True)  # type: ignore[assignment]
 
     def startService(self) -> None:
         super().startService()
@@ -83,6 +91,9 @@ class _ThreadPoolService(Service):
 
     def stopService(self) -> None:
         super().stopService()
+        if self._pool.working:
+            log.warn("an NVML read is still stuck in the driver; not waiting for it")
+            return
         self._pool.stop()
 
 
@@ -194,7 +205,8 @@ def build(
         timeout=config.probes.timeout_seconds,
     )
     find_pids: Callable[[], PidMap] = partial(
-        find_consumer_pids, config, config.lifecycle.systemctl
+        # "systemctl show" needs no privilege: not the configured (sudo) prefix.
+        find_consumer_pids, config, ("systemctl",)
     )
     if stand_ins is not None and stand_ins.find_pids is not None:
         find_pids = stand_ins.find_pids
@@ -222,10 +234,8 @@ def build(
     description = listen or config.listen.endpoint_description()
     loopback = endpoint_is_loopback(description)
     guard = Guard(config, loopback)
-    app = ManagerApp(
-        config, registry, scheduler, proxy, sampler, lifecycle, reactor, guard, listen
-    )
-    site = ManagerSite(app.resource(), partial(body_limit_for_path, config))
+    app = ManagerApp(config, registry, scheduler, proxy, sampler, lifecycle, reactor, listen)
+    site = ManagerSite(app.resource(), partial(body_limit_for_path, config), guard)
     endpoint = serverFromString(reactor, description)
     http = StreamServerEndpointService(endpoint, site)
     http._raiseSynchronously = True

@@ -11,7 +11,6 @@ its connection is closed, and nothing of it reaches a resource or a consumer.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -19,14 +18,19 @@ from twisted.logger import Logger
 from twisted.web.http import RESPONSES
 from twisted.web.server import Request, Site
 
-from mgpumanager.errors import BODY_TOO_LARGE
+from mgpumanager.errors import BAD_REQUEST, BODY_TOO_LARGE, ApiError
+from mgpumanager.guard import Guard
 
 log = Logger()
 access = Logger(namespace="mgpumanager.access")
 
 
 class LimitedRequest(Request):
-    """A request that refuses a body larger than its site's limit for it."""
+    """
+    A request checked as soon as its head is in: refused by the guard, or
+    with a body larger than its site's limit for it, it is answered and closed
+    before a byte of the body is stored.
+    """
 
     _limit = 0
     _received = 0
@@ -35,19 +39,24 @@ class LimitedRequest(Request):
     def gotLength(self, length: int | None) -> None:
         channel: Any = self.channel
         # The request line is parsed but not yet given to the request: the
-        # channel still holds the method and path.
-        path: bytes = getattr(channel, "_path", b"") or b""
-        site = channel.site
-        self._limit = site.body_limit_for(path)
+        # channel still holds the method and target.
+        method: bytes = getattr(channel, "_command", b"") or b""
+        target: bytes = getattr(channel, "_path", b"") or b""
+        site: ManagerSite = channel.site
+        refusal = site.refusal(method, target.partition(b"?")[0], self.requestHeaders)
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        self._limit = site.body_limit_for(target)
         codings = self.requestHeaders.getRawHeaders(b"transfer-encoding")
         if codings is not None and [c.strip().lower() for c in codings] != [b"chunked"]:
             # twisted.web ignores "identity" (and so reads no body where a
             # front proxy may have seen one: a request-smuggling desync);
             # RFC 9112 section 6.1 says such a request is a 400.
-            self._refuse(400, "bad_request", "unsupported Transfer-Encoding")
+            self._refuse(ApiError(BAD_REQUEST, "unsupported Transfer-Encoding"))
             return
         if length is not None and length > self._limit:
-            self._refuse(413, BODY_TOO_LARGE.code, self._too_large(f"{length} bytes"))
+            self._refuse(ApiError(BODY_TOO_LARGE, self._too_large(f"{length} bytes")))
             return
         super().gotLength(length)
 
@@ -56,7 +65,7 @@ class LimitedRequest(Request):
             return
         self._received += len(data)
         if self._received > self._limit:
-            self._refuse(413, BODY_TOO_LARGE.code, self._too_large())
+            self._refuse(ApiError(BODY_TOO_LARGE, self._too_large()))
             return
         super().handleContentChunk(data)
 
@@ -69,39 +78,54 @@ class LimitedRequest(Request):
         body = f"request body of {size}" if size else "request body"
         return f"{body} exceeds the limit of {self._limit // 2**20} MiB"
 
-    def _refuse(self, status: int, code: str, message: str) -> None:
+    def _refuse(self, error: ApiError) -> None:
         """Answer before the body is read, and close: nothing of it is kept."""
         self._refused = True
-        body = json.dumps({"error": code, "message": message, "retryable": False}).encode()
-        phrase = RESPONSES.get(status, b"Error")
+        body = error.body()
         # Nothing will be read: no "100 Continue" may follow our answer.
         self.requestHeaders.removeHeader(b"expect")
+        extra = b"".join(
+            b"%s: %s\r\n" % (name.encode("ascii"), value.encode("ascii"))
+            for name, value in error.headers.items()
+        )
         transport: Any = self.channel.transport
         transport.write(
             b"HTTP/1.1 %d %s\r\n"
             b"Content-Type: application/json\r\n"
-            b"Content-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (status, phrase, len(body), body)
+            b"Content-Length: %d\r\n%s"
+            b"Connection: close\r\n\r\n%s"
+            % (error.status, RESPONSES.get(error.status, b"Error"), len(body), extra, body)
         )
         transport.loseConnection()
-        log.info("refused a request: {message}", message=message)
+        log.info("refused a request: {message}", message=error.message)
 
 
 class ManagerSite(Site):
     """
-    The daemon's site: no tracebacks to clients, and a body limit per path.
+    The daemon's site: no tracebacks to clients, the guard and a body limit
+    per path applied to every request's head.
 
-    :param body_limit_for: the limit in bytes for a request path.
+    :param body_limit_for: the limit in bytes for a request target.
+    :param guard: who may come in; None lets everyone.
     """
 
     requestFactory = LimitedRequest
     displayTracebacks = False
 
-    def __init__(self, resource: Any, body_limit_for: Callable[[bytes], int]) -> None:
+    def __init__(
+        self,
+        resource: Any,
+        body_limit_for: Callable[[bytes], int],
+        guard: Guard | None = None,
+    ) -> None:
         # A proxy never reads form fields, and twisted.web would otherwise parse
         # a multipart upload (a whisper.cpp /inference call) whole into memory.
         super().__init__(resource, parsePOSTFormSubmission=False)
         self.body_limit_for = body_limit_for
+        self._guard = guard
+
+    def refusal(self, method: bytes, path: bytes, headers: Any) -> ApiError | None:
+        return None if self._guard is None else self._guard.refusal(method, path, headers)
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         """

@@ -51,6 +51,14 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        if self["listen"] is not None:
+            from twisted.internet import reactor
+            from twisted.internet.endpoints import serverFromString
+
+            try:
+                serverFromString(reactor, self["listen"])
+            except (ValueError, TypeError) as e:
+                raise usage.UsageError(f"--listen {self['listen']!r}: {e}") from None
         try:
             self["loaded_config"] = load_config(self["config"])
         except ConfigError as e:

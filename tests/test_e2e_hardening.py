@@ -283,3 +283,15 @@ async def test_forwarding_headers_are_set_by_the_daemon(stack: Stack) -> None:
     assert seen.header("forwarded") == [
         f'for=127.0.0.1;proto=http;host="127.0.0.1:{stack.daemon.port}"'
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_client_cannot_upload_first(stack: Stack) -> None:
+    """The guard answers from the request head: no body is stored for a refusal."""
+    head = (b"POST /v1/image HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Length: 900000\r\nContent-Type: image/png\r\n\r\n")
+    answer, closed = await deferToThread(closed_after_headers, stack.daemon.port, head)
+    assert status_of(answer) == 401
+    assert b"WWW-Authenticate: Bearer" in answer
+    assert json.loads(body_of(answer))["error"] == "unauthorized"
+    assert closed

@@ -207,12 +207,13 @@ def test_a_foreign_origin_is_refused_even_when_not_on_loopback() -> None:
 
 
 def test_without_a_configured_token_no_authorization_is_needed() -> None:
-    assert guard().token_required is False
     guard().check(make_request())
 
 
 def test_with_a_configured_token_it_is_required() -> None:
-    assert guard(WITH_TOKEN).token_required is True
+    with pytest.raises(ApiError) as refused:
+        guard(WITH_TOKEN).check(make_request())
+    assert refused.value.kind.code == "unauthorized"
 
 
 @pytest.mark.parametrize(
