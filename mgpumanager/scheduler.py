@@ -36,7 +36,7 @@ from mgpumanager.errors import (
     ApiError,
 )
 from mgpumanager.gpu import rfc3339
-from mgpumanager.registry import Registry
+from mgpumanager.registry import ConsumerState, Registry
 
 log = Logger()
 
@@ -56,6 +56,7 @@ async def _nothing_to_prepare(consumer: str) -> None:
 class _Waiter:
     consumer: str
     enqueued: float
+    priority: int = 0
     acquiring: Deferred[DeferredLock] | None = None
     refused: ApiError | None = None
 
@@ -119,11 +120,16 @@ class GpuScheduler:
                 f"{len(self._waiters)} jobs are already waiting for the GPU",
                 headers={"Retry-After": str(self._retry_after())},
             )
-        waiter = _Waiter(consumer=consumer, enqueued=self._clock.seconds())
+        waiter = _Waiter(
+            consumer=consumer,
+            enqueued=self._clock.seconds(),
+            priority=self._registry[consumer].config.priority,
+        )
         self._waiters.append(waiter)
         waiter.acquiring = self._lock.acquire()
         timer = None
         if not waiter.acquiring.called:
+            self._queue_by_priority(waiter)
             timer = self._clock.callLater(self._max_wait, self._give_up, waiter)
         try:
             await waiter.acquiring
@@ -144,7 +150,7 @@ class GpuScheduler:
         state = self._registry[consumer]
         state.active += 1
         state.total_requests += 1
-        succeeded = False
+        succeeded = abandoned = False
         try:
             try:
                 await self._hold(ensureDeferred(self._prepare(consumer)))
@@ -161,19 +167,30 @@ class GpuScheduler:
         except CancelledError:
             self.cancelled_jobs += 1
             raise
+        except GeneratorExit:
+            # The coroutine is being garbage-collected, abandoned by everyone
+            # (only ever in tests that drop a scheduler mid-job): releasing
+            # the lock now would resume other coroutines being torn down too.
+            abandoned = True
+            raise
         except BaseException:
             self.failed_jobs += 1
             raise
         finally:
-            finished = self._clock.seconds()
-            self.last_run_ms = round((finished - started) * 1000)
-            state.active -= 1
-            if succeeded:
-                state.last_used = finished
-            self.in_flight -= 1
-            self._lock.release()
-            if self.in_flight == 0 and not self._waiters:
-                self._notify_idle()
+            if not abandoned:
+                self._finish_job(state, started, succeeded)
+
+    def _finish_job(self, state: ConsumerState, started: float, succeeded: bool) -> None:
+        """The job is over: record it and hand the GPU to the next one."""
+        finished = self._clock.seconds()
+        self.last_run_ms = round((finished - started) * 1000)
+        state.active -= 1
+        if succeeded:
+            state.last_used = finished
+        self.in_flight -= 1
+        self._lock.release()
+        if self.in_flight == 0 and not self._waiters:
+            self._notify_idle()
 
     async def _hold(self, step: Deferred[_T]) -> _T:
         """Await a step of a running job, cancellable by :meth:`abort_running`."""
@@ -195,6 +212,23 @@ class GpuScheduler:
                 waiter.acquiring.cancel()
         if self.in_flight == 0:
             self._notify_idle()
+
+    def _queue_by_priority(self, waiter: _Waiter) -> None:
+        """
+        Move a new waiter ahead of every waiter of lower priority: the lock
+        serves its queue in order, first come first served within a priority.
+        """
+        queued = self._lock.waiting
+        assert waiter.acquiring is not None and queued[-1] is waiter.acquiring
+        position = len(self._waiters) - 1
+        while position > 0 and self._waiters[position - 1].priority < waiter.priority:
+            position -= 1
+        if position == len(self._waiters) - 1:
+            return
+        self._waiters.insert(position, self._waiters.pop())
+        # The lock's queue and ours hold the same waiters in the same order.
+        offset = len(queued) - len(self._waiters)
+        queued.insert(offset + position, queued.pop())
 
     def _give_up(self, waiter: _Waiter) -> None:
         self.queue_timeouts += 1
@@ -231,7 +265,7 @@ class GpuScheduler:
             waiter.callback(None)
 
     def as_status(self) -> dict[str, Any]:
-        oldest = self._waiters[0].enqueued if self._waiters else None
+        oldest = min((w.enqueued for w in self._waiters), default=None)
         return {
             "queue_depth": self.queue_depth,
             "in_flight": self.in_flight,
