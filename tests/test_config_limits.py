@@ -22,18 +22,10 @@ from mgpumanager.config import (
     parse_config,
 )
 from mgpumanager.service import body_limit_for_path, endpoint_is_loopback
+from tests.builders import consumer
 
 MiB = 2**20
 TOKEN = "0123456789abcdef-token"
-
-
-def consumer(port: int, *kinds: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "url": f"http://127.0.0.1:{port}",
-        "health": {"path": "/health"},
-        "paths": {kind: {"path": f"/{kind}"} for kind in kinds},
-        **extra,
-    }
 
 
 def document(**top: Any) -> dict[str, Any]:

@@ -27,19 +27,9 @@ from mgpumanager.eviction import (
 )
 from mgpumanager.gpu import GpuReading, GpuSample
 from mgpumanager.registry import ConsumerState, Registry
+from tests.builders import consumer as _consumer
 
 EPOCH = calendar.timegm((2026, 5, 15, 10, 0, 0))
-
-
-def _consumer(port: int, kind: str | None = None, **extra: Any) -> dict[str, Any]:
-    table: dict[str, Any] = {
-        "url": f"http://127.0.0.1:{port}",
-        "health": {"path": "/health"},
-        **extra,
-    }
-    if kind is not None:
-        table["paths"] = {kind: {"path": f"/{kind}"}}
-    return table
 
 
 def _config(gpu: dict[str, Any], consumers: dict[str, Any]) -> Config:

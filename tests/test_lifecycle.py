@@ -36,6 +36,7 @@ from mgpumanager.gpu import MIB, GpuReading, GpuSample, GpuSampler
 from mgpumanager.lifecycle import DECISIONS_KEPT, Lifecycle, static_pids
 from mgpumanager.registry import ConsumerState, Registry
 from mgpumanager.scheduler import GpuScheduler
+from tests.builders import consumer as _consumer
 
 _case = SynchronousTestCase()
 success_result_of = _case.successResultOf
@@ -46,17 +47,6 @@ assert_no_result = _case.assertNoResult
 EPOCH = calendar.timegm((2026, 5, 15, 10, 0, 0))
 BASE = "http://127.0.0.1:8770"
 SYSTEMCTL = ["sudo", "-n", "systemctl"]
-
-
-def _consumer(port: int, kind: str | None = None, **extra: Any) -> dict[str, Any]:
-    table: dict[str, Any] = {
-        "url": f"http://127.0.0.1:{port}",
-        "health": {"path": "/health"},
-        **extra,
-    }
-    if kind is not None:
-        table["paths"] = {kind: {"path": f"/{kind}"}}
-    return table
 
 
 def _config(
@@ -1198,11 +1188,8 @@ def test_only_the_last_twenty_decisions_are_kept() -> None:
 # -- inside the GPU lock -------------------------------------------------------------
 
 
-def test_making_room_and_loading_happen_inside_the_gpu_lock() -> None:
-    world = voice_world()
-    world.client.answers["http://127.0.0.1:9003/api/free"] = HOLD
-    scheduler = GpuScheduler(world.clock, world.registry, world.lifecycle.prepare)
-    ran: list[str] = []
+def recording_job(ran: list[str]) -> Callable[[str], Callable[[], Deferred[None]]]:
+    """Job callables that note their label in ``ran`` when they start."""
 
     def job(label: str) -> Callable[[], Deferred[None]]:
         def run() -> Deferred[None]:
@@ -1210,6 +1197,16 @@ def test_making_room_and_loading_happen_inside_the_gpu_lock() -> None:
             return succeed(None)
 
         return run
+
+    return job
+
+
+def test_making_room_and_loading_happen_inside_the_gpu_lock() -> None:
+    world = voice_world()
+    world.client.answers["http://127.0.0.1:9003/api/free"] = HOLD
+    scheduler = GpuScheduler(world.clock, world.registry, world.lifecycle.prepare)
+    ran: list[str] = []
+    job = recording_job(ran)
 
     first = scheduler.submit("voice", job("voice"))
     second = scheduler.submit("whisper", job("whisper"))
@@ -1231,13 +1228,7 @@ def test_a_failed_unload_fails_the_job_without_running_it_and_frees_the_lock() -
     world.client.answers["http://127.0.0.1:9003/api/free"] = 500
     scheduler = GpuScheduler(world.clock, world.registry, world.lifecycle.prepare)
     ran: list[str] = []
-
-    def job(label: str) -> Callable[[], Deferred[None]]:
-        def run() -> Deferred[None]:
-            ran.append(label)
-            return succeed(None)
-
-        return run
+    job = recording_job(ran)
 
     first = scheduler.submit("voice", job("voice"))
     second = scheduler.submit("whisper", job("whisper"))

@@ -15,27 +15,19 @@ from twisted.trial.unittest import SynchronousTestCase
 from mgpumanager.config import parse_config
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
+from tests.builders import consumer
 
 _case = SynchronousTestCase()
 failure_result_of = _case.failureResultOf
-
-
-def consumer(port: int, kind: str, priority: int) -> dict[str, object]:
-    return {
-        "url": f"http://127.0.0.1:{port}",
-        "health": {"path": "/health"},
-        "paths": {kind: {"path": f"/{kind}"}},
-        "priority": priority,
-    }
 
 
 CONFIG = parse_config(
     {
         "routing": {"tts": "voice", "llm": "llm", "image": "image"},
         "consumers": {
-            "voice": consumer(9001, "tts", 4),
-            "llm": consumer(9002, "llm", 2),
-            "image": consumer(9003, "image", 0),
+            "voice": consumer(9001, "tts", priority=4),
+            "llm": consumer(9002, "llm", priority=2),
+            "image": consumer(9003, "image", priority=0),
         },
     }
 )

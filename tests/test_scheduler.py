@@ -20,6 +20,7 @@ from mgpumanager.config import parse_config
 from mgpumanager.errors import LOAD_FAILED, ApiError
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
+from tests.builders import consumer as _consumer
 
 _case = SynchronousTestCase()
 success_result_of = _case.successResultOf
@@ -28,14 +29,6 @@ assert_no_result = _case.assertNoResult
 
 #: 2026-05-15T10:00:00Z, so status times read like real ones.
 EPOCH = calendar.timegm((2026, 5, 15, 10, 0, 0))
-
-
-def _consumer(port: int, kind: str) -> dict[str, Any]:
-    return {
-        "url": f"http://127.0.0.1:{port}",
-        "health": {"path": "/health"},
-        "paths": {kind: {"path": f"/{kind}"}},
-    }
 
 
 CONFIG = parse_config(
