@@ -45,7 +45,15 @@ from mgpumanager.scheduler import GpuScheduler
 
 log = Logger()
 
-_KIND_RULE = "/v1/<any({}):kind>".format(", ".join(ENDPOINT_KINDS))
+_KIND = "<any({}):kind>".format(", ".join(ENDPOINT_KINDS))
+
+#: The raw paths of GPU jobs: only this spelling is a job.
+_JOB_PATHS = {f"/v1/{kind}".encode(): kind for kind in ENDPOINT_KINDS}
+
+
+def job_kind(path: bytes) -> str | None:
+    """The endpoint kind a raw request path (no query) is a GPU job of, if any."""
+    return _JOB_PATHS.get(path)
 
 
 def _json(request: Request, document: object, status: int = 200) -> bytes:
@@ -87,7 +95,7 @@ class ManagerApp:
     def resource(self) -> Resource:
         return _Front(self)
 
-    @app.route(_KIND_RULE, methods=["POST"])
+    @app.route(f"/v1/{_KIND}", methods=["POST"])
     def gpu_job(self, request: Request, kind: str) -> Deferred[None]:
         """Proxy one GPU job to the consumer routed for ``kind``."""
         if request.path != f"/v1/{kind}".encode():
@@ -133,7 +141,7 @@ class ManagerApp:
             "scheduler": {**self._scheduler.as_status(), **self._lifecycle.as_status()},
         }
 
-    @app.route("/v1/plan/<any({}):kind>".format(", ".join(ENDPOINT_KINDS)), methods=["GET"])
+    @app.route(f"/v1/plan/{_KIND}", methods=["GET"])
     async def plan(self, request: Request, kind: str) -> bytes:
         """
         What a job of ``kind`` would evict and load if it ran now; touches
@@ -236,11 +244,10 @@ class _Front(Resource):
         self._manager = manager
         self._klein = manager.app.resource()
         self._audio_prefix = manager._config.audio_path_prefix.encode("ascii")
-        self._jobs = {f"/v1/{kind}".encode(): kind for kind in ENDPOINT_KINDS}
 
     def render(self, request: Request) -> bytes | int:
         raw_path = request.uri.partition(b"?")[0]
-        kind = self._jobs.get(raw_path)
+        kind = job_kind(raw_path)
         if kind is not None and request.method == b"POST":
             # The hot path: a GPU job needs no URL routing, so Klein is skipped.
             return _serve(request, partial(self._manager.gpu_job, request, kind))

@@ -25,10 +25,10 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
-from mgpumanager.api import ManagerApp
+from mgpumanager.api import ManagerApp, job_kind
 from mgpumanager.attribution import PidMap, ProcessAttributor, find_consumer_pids
 from mgpumanager.commands import CommandResult, run_command
-from mgpumanager.config import ENDPOINT_KINDS, Config
+from mgpumanager.config import Config
 from mgpumanager.gpu import GpuReading, GpuSampler
 from mgpumanager.guard import Guard
 from mgpumanager.lifecycle import Lifecycle
@@ -300,9 +300,4 @@ def _endpoint_words(description: str) -> list[str]:
 
 def body_limit_for_path(config: Config, path: bytes) -> int:
     """The body limit for a request path: a job's consumer's, else the global one."""
-    route = path.partition(b"?")[0]
-    kind = None
-    if route.startswith(b"/v1/"):
-        candidate = route[len(b"/v1/"):].decode("ascii", "replace")
-        kind = candidate if candidate in ENDPOINT_KINDS else None
-    return config.body_limit_for(kind)
+    return config.body_limit_for(job_kind(path.partition(b"?")[0]))
