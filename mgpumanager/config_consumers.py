@@ -132,6 +132,7 @@ def parse_consumer(
         url=url.rstrip("/"),
         health=health,
         paths=MappingProxyType(paths),
+        adapter=adapter,
         **read.values(
             table,
             key_path,
