@@ -45,11 +45,16 @@ class CompletionConfig:
 
 @attrs.frozen
 class ConsumerConfig:
-    """One inference server behind the facade, as the operator declared it."""
+    """
+    One inference server behind the facade, as the operator declared it.
+
+    ``health`` is ``None`` only for a consumer whose adapter supplies its own
+    health route; the generic adapter requires one in the file.
+    """
 
     name: str = attrs.field(metadata={FILE_KEY: None})
     url: str
-    health: Route
+    health: Route | None
     paths: Mapping[str, Route]
     vram_resident_mib: int = 0
     vram_managed: bool = False
@@ -114,7 +119,10 @@ def parse_consumer(
     def query_route(v: object, p: str) -> Route:
         return read.route(v, p, "GET", with_body=False)
 
-    health = read.required(table, "health", key_path, query_route)
+    if adapter == DEFAULT_ADAPTER:
+        health: Route | None = read.required(table, "health", key_path, query_route)
+    else:  # the adapter supplies a default
+        health = read.optional(table, "health", key_path, query_route, None)
     paths_table = read.section(table, "paths", key_path, ENDPOINT_KINDS)
     paths = {
         kind: read.route(route, f"{key_path}.paths.{kind}", "POST", with_body=False)

@@ -305,3 +305,19 @@ def test_bad_openai_settings_are_refused(
 
 def test_scheduling_is_not_yet_a_key() -> None:
     assert_error(document(scheduling={"policy": "fifo"}), "scheduling", "unknown key")
+
+
+def test_with_an_adapter_health_and_paths_may_be_left_out() -> None:
+    doc = document()
+    doc["consumers"]["comfy"] = {"url": "http://127.0.0.1:8188", "adapter": "comfyui"}
+
+    comfy = parse_config(doc).consumers["comfy"]
+
+    assert (comfy.health, dict(comfy.paths)) == (None, {})
+
+
+def test_the_generic_adapter_still_requires_health() -> None:
+    doc = with_consumer("voice", adapter="generic")
+    del doc["consumers"]["voice"]["health"]
+
+    assert_error(doc, "consumers.voice.health", "required")
