@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mgpumanager.config import Config
 from mgpumanager.gpu import GpuSample
@@ -114,7 +114,7 @@ class ProcessAttributor:
         self._refresh_seconds = refresh_seconds
         self._pids: PidMap = {}
         self._found_at: float | None = None
-        self._finding: Deferred[Any] | None = None
+        self._finding: Deferred[None] | None = None
         self._latest: GpuSample | None = None
 
     def pids_of(self, name: str) -> frozenset[int]:
@@ -139,21 +139,20 @@ class ProcessAttributor:
         self._apply(sample)
 
     def _refresh(self) -> None:
-        self._finding = self._run_blocking(self._find_pids)
-
         def found(pids: PidMap) -> None:
             self._pids = pids
             if self._latest is not None:
                 self._apply(self._latest)
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Failure) -> None:
             log.failure("finding consumers' processes failed", failure)
 
         def done(_: object) -> None:
             self._finding = None
             self._found_at = self._clock.seconds()
 
-        self._finding.addCallbacks(found, failed).addBoth(done)
+        self._finding = self._run_blocking(self._find_pids).addCallbacks(found, failed)
+        self._finding.addBoth(done)
 
     def _apply(self, sample: GpuSample) -> None:
         reading = sample.reading

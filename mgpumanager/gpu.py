@@ -11,8 +11,7 @@ carries the error and the scheduler falls back to its budget.
 
 from __future__ import annotations
 
-import datetime
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -21,6 +20,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+# For the modules that still import it from here; new code imports mgpumanager.times.
+from mgpumanager.times import rfc3339 as rfc3339
 
 log = Logger()
 
@@ -63,10 +65,10 @@ class GpuSample:
     def free_mib(self) -> int | None:
         return None if self.reading is None else self.reading.free_mib
 
-    def as_status(self, total_mib: int | None, reserved_mib: int) -> dict[str, Any]:
+    def as_status(self, total_mib: int | None, reserved_mib: int) -> dict[str, object]:
         """The ``gpu`` object of ``/v1/status``."""
         reading = self.reading
-        status: dict[str, Any] = {
+        status: dict[str, object] = {
             "total_mib": total_mib if total_mib is not None else (
                 reading.total_mib if reading else None
             ),
@@ -85,15 +87,47 @@ class GpuSample:
         return status
 
 
-def rfc3339(when: float | None) -> str | None:
-    """POSIX seconds as RFC 3339 UTC; ``None`` stays ``None`` (never year 0001)."""
-    if when is None:
-        return None
-    moment = datetime.datetime.fromtimestamp(when, tz=datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+#: What ``nvmlDeviceGetHandleByIndex`` returns: opaque, and of a different type in
+#: each implementation (a ctypes pointer in pynvml), so the sampler only passes it on.
+NvmlHandle = Any
 
 
-def read_nvml(nvml: Any, device_index: int = 0) -> GpuReading:
+class NvmlMemory(Protocol):
+    """``nvmlDeviceGetMemoryInfo``'s answer, in bytes."""
+
+    @property
+    def total(self) -> int: ...
+    @property
+    def used(self) -> int: ...
+    @property
+    def free(self) -> int: ...
+
+
+class NvmlProcess(Protocol):
+    """One entry of ``nvmlDeviceGetComputeRunningProcesses``."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def usedGpuMemory(self) -> int | None: ...
+
+
+class Nvml(Protocol):
+    """The part of the ``pynvml`` module the sampler calls (or a stand-in for it)."""
+
+    NVMLError: type[Exception]
+
+    def nvmlInit(self) -> None: ...
+    def nvmlShutdown(self) -> None: ...
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> NvmlHandle: ...
+    def nvmlDeviceGetName(self, handle: NvmlHandle) -> str | bytes: ...
+    def nvmlDeviceGetMemoryInfo(self, handle: NvmlHandle) -> NvmlMemory: ...
+    def nvmlDeviceGetComputeRunningProcesses(
+        self, handle: NvmlHandle
+    ) -> Sequence[NvmlProcess]: ...
+
+
+def read_nvml(nvml: Nvml, device_index: int = 0) -> GpuReading:
     """
     One blocking NVML read of a device.  Runs in a thread; raises whatever
     NVML raises (the sampler turns it into ``err``).
@@ -107,9 +141,9 @@ def read_nvml(nvml: Any, device_index: int = 0) -> GpuReading:
             name = name.decode("utf-8", "replace")
         processes: dict[int, int] = {}
         try:
-            running = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                running: Sequence[NvmlProcess] = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
         except nvml.NVMLError:
-            running = []
+            running = ()
         for process in running:
             used = process.usedGpuMemory
             # NVML reports None (or a sentinel) when it may not see a process's usage.
@@ -149,7 +183,7 @@ class GpuSampler:
 
     def __init__(
         self,
-        load_nvml: Callable[[], Any],
+        load_nvml: Callable[[], Nvml],
         run_blocking: BlockingRunner,
         clock: IReactorTime,
         interval: float,
@@ -162,7 +196,7 @@ class GpuSampler:
         self._interval = interval
         self._timeout = timeout
         self._device_index = device_index
-        self._pending: Deferred[Any] | None = None
+        self._pending: Deferred[GpuReading] | None = None
         self._timer: IDelayedCall | None = None
         self._hung = False
         self._sinks: list[SampleSink] = []

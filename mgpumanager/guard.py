@@ -14,7 +14,6 @@ import hmac
 import ipaddress
 
 from twisted.web.http_headers import Headers
-from twisted.web.server import Request
 
 from mgpumanager.config import Config
 from mgpumanager.errors import BAD_REQUEST, FORBIDDEN, UNAUTHORIZED, ApiError
@@ -55,12 +54,6 @@ class Guard:
         self._origins = {origin.rstrip("/").encode("ascii", "replace")
                          for origin in config.allowed_origins}
         self._token = config.auth_token
-
-    def check(self, request: Request) -> None:
-        """Raise the :class:`ApiError` that refuses ``request``, if any."""
-        refusal = self.refusal(request.method, request.path, request.requestHeaders)
-        if refusal is not None:
-            raise refusal
 
     def refusal(self, method: bytes, path: bytes, headers: Headers) -> ApiError | None:
         """

@@ -9,7 +9,9 @@ naming the file and key.
 from __future__ import annotations
 
 import sys
+from typing import cast
 
+from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 
 from mgpumanager.config import Config, ConfigError, load_config
@@ -67,9 +69,17 @@ class Options(usage.Options):
             raise SystemExit(2) from None
 
 
-def makeService(options: Options) -> ManagerService:
-    from twisted.internet import reactor
+def makeService(options: Options, reactor: IReactorCore | None = None) -> ManagerService:
+    """
+    Build the daemon from parsed options.
 
+    :param reactor: the reactor every component runs on (the global one unless a
+        test hands in a fake); it must also provide time, TCP and threads.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = cast(IReactorCore, global_reactor)
     config: Config = options["loaded_config"]
     stand_ins = None
     if options["simulate"]:

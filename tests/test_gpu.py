@@ -273,3 +273,12 @@ def test_status_before_the_first_sample_has_no_time_and_no_error() -> None:
     assert status["last_sample"] is None
     assert status["total_mib"] is None
     assert "err" not in status
+
+
+def test_times_are_rfc3339_utc_with_milliseconds() -> None:
+    from mgpumanager import gpu, times
+
+    assert times.rfc3339(1_700_000_000.25) == "2023-11-14T22:13:20.250Z"
+    assert times.rfc3339(None) is None
+    # The modules that still import it from gpu get the same function.
+    assert gpu.rfc3339 is times.rfc3339

@@ -1,6 +1,6 @@
 """
 Tests for :mod:`mgpumanager.guard`: which ``Host`` names count as loopback, and
-the refusals :meth:`Guard.check` makes before any route runs (a missing or
+the refusals :meth:`Guard.refusal` makes before any route runs (a missing or
 doubled Host, a foreign Host on loopback, a cross-origin POST, a missing or
 wrong bearer token), each the documented :class:`ApiError`.
 """
@@ -49,9 +49,16 @@ def make_request(
     return cast(Request, request)
 
 
+def check(guard: Guard, request: Request) -> None:
+    """Raise the refusal the guard gives a whole request, as the site would."""
+    refused = guard.refusal(request.method, request.path, request.requestHeaders)
+    if refused is not None:
+        raise refused
+
+
 def refusal(guard: Guard, request: Request) -> ApiError:
     with pytest.raises(ApiError) as info:
-        guard.check(request)
+        check(guard, request)
     return info.value
 
 
@@ -138,11 +145,11 @@ def test_a_foreign_host_on_loopback_is_forbidden(host: bytes) -> None:
 
 @pytest.mark.parametrize("host", [b"localhost:8770", b"127.0.0.1:8770", b"[::1]:8770"])
 def test_a_loopback_host_on_loopback_passes(host: bytes) -> None:
-    guard().check(make_request(host=host))
+    check(guard(), make_request(host=host))
 
 
 def test_a_foreign_host_is_allowed_when_not_listening_on_loopback() -> None:
-    guard(loopback=False).check(make_request(host=b"gpu-box.lan:8770"))
+    check(guard(loopback=False), make_request(host=b"gpu-box.lan:8770"))
 
 
 # --- Origin ----------------------------------------------------------------------
@@ -182,17 +189,17 @@ def test_one_foreign_origin_among_allowed_ones_is_forbidden() -> None:
     ],
 )
 def test_a_post_from_an_allowed_origin_passes(origin: bytes) -> None:
-    guard().check(make_request(b"POST", b"/v1/tts", headers={b"origin": [origin]}))
+    check(guard(), make_request(b"POST", b"/v1/tts", headers={b"origin": [origin]}))
 
 
 def test_a_post_without_origin_passes() -> None:
-    guard().check(make_request(b"POST", b"/v1/tts"))
+    check(guard(), make_request(b"POST", b"/v1/tts"))
 
 
 def test_a_get_with_any_origin_passes() -> None:
     request = make_request(b"GET", b"/v1/status", headers={b"origin": [b"https://evil.example"]})
 
-    guard().check(request)
+    check(guard(), request)
 
 
 def test_a_foreign_origin_is_refused_even_when_not_on_loopback() -> None:
@@ -207,12 +214,12 @@ def test_a_foreign_origin_is_refused_even_when_not_on_loopback() -> None:
 
 
 def test_without_a_configured_token_no_authorization_is_needed() -> None:
-    guard().check(make_request())
+    check(guard(), make_request())
 
 
 def test_with_a_configured_token_it_is_required() -> None:
     with pytest.raises(ApiError) as refused:
-        guard(WITH_TOKEN).check(make_request())
+        check(guard(WITH_TOKEN), make_request())
     assert refused.value.kind.code == "unauthorized"
 
 
@@ -260,7 +267,7 @@ def test_a_missing_or_wrong_token_is_unauthorized(authorization: list[bytes] | N
     [b"Bearer " + TOKEN, b"bearer " + TOKEN, b"BEARER " + TOKEN, b"Bearer " + TOKEN + b" "],
 )
 def test_the_right_token_passes(authorization: bytes) -> None:
-    guard(WITH_TOKEN).check(make_request(headers={b"authorization": [authorization]}))
+    check(guard(WITH_TOKEN), make_request(headers={b"authorization": [authorization]}))
 
 
 @pytest.mark.parametrize("method,path", [(b"POST", b"/v1/tts"), (b"GET", b"/v1/status")])
@@ -269,7 +276,7 @@ def test_every_route_but_healthz_needs_the_token(method: bytes, path: bytes) -> 
 
 
 def test_healthz_is_open_without_a_token() -> None:
-    guard(WITH_TOKEN).check(make_request(b"GET", b"/healthz"))
+    check(guard(WITH_TOKEN), make_request(b"GET", b"/healthz"))
 
 
 def test_healthz_still_needs_a_loopback_host() -> None:

@@ -21,6 +21,7 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock
 
 from mgpumanager import service, tap
 from mgpumanager.config import load_config
@@ -179,3 +180,30 @@ def attrs_evolve_listen(config: Any, host: str, port: int) -> Any:
     from mgpumanager.config import Listen
 
     return attrs.evolve(config, listen=Listen(host=host, port=port))
+
+
+class ThreadlessReactor(MemoryReactorClock):
+    """A fake reactor that keeps what worker threads hand back, without running it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.from_threads: list[Any] = []
+
+    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
+        self.from_threads.append(f)
+
+
+def test_make_service_runs_on_the_reactor_it_is_given() -> None:
+    options = tap.Options()
+    options.parseOptions(["--config", str(EXAMPLE)])
+    fake = ThreadlessReactor()
+
+    daemon = tap.makeService(options, reactor=fake)
+    daemon.startService()
+    try:
+        # The facade listens on the fake reactor, at the file's address.
+        assert [(port, interface) for port, _, _, interface in fake.tcpServers] == [
+            (8770, "127.0.0.1")
+        ]
+    finally:
+        daemon.stopService()
