@@ -36,7 +36,7 @@ from mgpumanager.errors import (
     SHUTTING_DOWN,
     ApiError,
 )
-from mgpumanager.eviction import simulate_plan
+from mgpumanager.eviction import dry_run_plan
 from mgpumanager.gpu import GpuSampler, rfc3339
 from mgpumanager.lifecycle import Lifecycle
 from mgpumanager.proxy import ConsumerProxy, UpstreamBroke
@@ -153,7 +153,7 @@ class ManagerApp:
             raise ApiError(NO_CONSUMER, f"no consumer serves {kind}", name)
         consumer, _ = target
         sample = await self._sampler.sample()
-        document = simulate_plan(self._config, self._registry, consumer.name, sample)
+        document = dry_run_plan(self._config, self._registry, consumer.name, sample)
         return _json(request, {"kind": kind, **document})
 
     @app.route("/healthz", methods=["GET"])
