@@ -27,7 +27,7 @@ from mgpumanager.errors import (
     NOT_FOUND,
     ApiError,
 )
-from mgpumanager.eviction import simulate_plan
+from mgpumanager.eviction import dry_run_plan
 from mgpumanager.gpu import GpuSampler, rfc3339
 from mgpumanager.lifecycle import Lifecycle
 from mgpumanager.proxy import ConsumerProxy
@@ -144,7 +144,7 @@ class ManagerApp:
 
         async def dry_run() -> bytes:
             sample = await self._sampler.sample()
-            document = simulate_plan(self._config, self._registry, consumer.name, sample)
+            document = dry_run_plan(self._config, self._registry, consumer.name, sample)
             return json_body(request, {"kind": kind, **document})
 
         return Deferred.fromCoroutine(dry_run())

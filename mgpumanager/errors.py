@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import Literal
 
 import attrs
 from twisted.internet import error as net_error
@@ -17,6 +18,8 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.web import client as web_client
 from twisted.web._newclient import _WrapperException
+
+from mgpumanager.deadline import TimedOut
 
 JSON_CONTENT_TYPE = b"application/json"
 
@@ -103,6 +106,22 @@ def is_cancellation(error: BaseException) -> bool:
     if isinstance(error, _WrapperException):
         return any(reason.check(CancelledError) for reason in error.reasons)
     return False
+
+
+def classify_call_failure(
+    error: BaseException,
+) -> tuple[Literal["cancelled", "timed_out", "connection"], str]:
+    """
+    Why a call to a consumer failed, in the three ways a caller must tell
+    apart: we cancelled it (pass the cancellation on), its time limit ran out
+    (:func:`~mgpumanager.deadline.within`'s message), or the connection failed
+    (a short, path-free description).
+    """
+    if isinstance(error, TimedOut):
+        return "timed_out", str(error)
+    if is_cancellation(error):
+        return "cancelled", "cancelled"
+    return "connection", describe_connection_error(error)
 
 
 def describe_connection_error(error: BaseException) -> str:

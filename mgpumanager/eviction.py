@@ -7,7 +7,7 @@ the latest GPU sample, so that the real scheduler and the dry-run
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import attrs
@@ -63,7 +63,7 @@ class Candidate:
         }
 
 
-def needs_room(target: ConsumerState) -> str | None:
+def why_no_room_needed(target: ConsumerState) -> str | None:
     """Why making room can be skipped for this target, or None if it cannot."""
     config = target.config
     if config.vram_managed:
@@ -181,36 +181,73 @@ def pick_victim(candidates: list[Candidate]) -> Candidate | None:
     return candidates[0] if candidates and candidates[0].eligible else None
 
 
-def simulate_plan(
+@attrs.frozen
+class Step:
+    """
+    One step of making room: the fit test on the evidence at hand, every other
+    consumer ranked as a victim, and the victim to unload next, or why the
+    making of room stops here.
+    """
+
+    fit: Fit
+    candidates: list[Candidate]
+    victim: Candidate | None
+    #: None while there is a victim; else "fits", or why nothing more is unloaded.
+    stop: str | None
+
+    def as_status(self) -> dict[str, Any]:
+        return {
+            "fit": self.fit.as_status(),
+            "candidates": [c.as_status() for c in self.candidates],
+            "victim": self.victim.name if self.victim else None,
+        }
+
+
+def plan_step(
+    config: Config,
+    states: Collection[ConsumerState],
+    target: ConsumerState,
+    sample: GpuSample,
+    already_evicted: Collection[str] = (),
+) -> Step:
+    """
+    The next step of making room for ``target``: the one decision both the
+    scheduler's real loop and the dry run take.  ``already_evicted`` were
+    unloaded in earlier steps of the same run; they count as gone whatever
+    the registry still believes, and at most :data:`MAX_EVICTIONS` are.
+    """
+    resident = [s for s in states if s.resident and s.name not in already_evicted]
+    fit = check_fit(config, target.config, sample, resident)
+    candidates = rank_candidates(config, target.name, states, already_evicted)
+    if fit.fits:
+        return Step(fit, candidates, None, "fits")
+    if len(already_evicted) >= MAX_EVICTIONS:
+        return Step(fit, candidates, None, f"still short after {MAX_EVICTIONS} evictions")
+    victim = pick_victim(candidates)
+    return Step(fit, candidates, victim, None if victim else "nothing can be evicted")
+
+
+def dry_run_plan(
     config: Config, registry: Registry, target: str, sample: GpuSample
 ) -> dict[str, Any]:
     """
-    What making room for ``target`` would do now, touching nothing: the same
-    fit test and victim order the scheduler uses, with each eviction assumed
-    to free the victim's declared (or measured) memory.
+    What making room for ``target`` would do now, touching nothing: the
+    scheduler's own :func:`plan_step`, with each eviction assumed to free the
+    victim's declared (or measured) memory.
     """
     state = registry[target]
-    skip = needs_room(state)
+    skip = why_no_room_needed(state)
+    states = list(registry)
     steps: list[dict[str, Any]] = []
     evict: list[str] = []
-    if skip is None:
-        freed = 0
-        for _ in range(MAX_EVICTIONS + 1):
-            resident = [s for s in registry if s.resident and s.name not in evict]
-            fit = check_fit(config, state.config, _plus_free(sample, freed), resident)
-            candidates = rank_candidates(config, target, registry, evict)
-            victim = None if fit.fits or len(evict) == MAX_EVICTIONS else pick_victim(candidates)
-            steps.append(
-                {
-                    "fit": fit.as_status(),
-                    "candidates": [c.as_status() for c in candidates],
-                    "victim": victim.name if victim else None,
-                }
-            )
-            if victim is None:
-                break
-            evict.append(victim.name)
-            freed += registry[victim.name].gpu_resident_mib
+    freed = 0
+    while skip is None:
+        step = plan_step(config, states, state, _plus_free(sample, freed), evict)
+        steps.append(step.as_status())
+        if step.victim is None:
+            break
+        evict.append(step.victim.name)
+        freed += registry[step.victim.name].gpu_resident_mib
     return {
         "target": target,
         "skip_make_room": skip,

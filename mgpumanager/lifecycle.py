@@ -11,7 +11,6 @@ to load anything on top of memory that never returned.
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -20,45 +19,21 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from mgpumanager.bodies import read_body
-from mgpumanager.commands import CommandResult
-from mgpumanager.config import Config, Route
-from mgpumanager.deadline import TimedOut, within
-from mgpumanager.errors import (
-    LOAD_FAILED,
-    UNLOAD_FAILED,
-    ApiError,
-    describe_connection_error,
-    is_cancellation,
-)
-from mgpumanager.eviction import (
-    MAX_EVICTIONS,
-    Candidate,
-    Fit,
-    check_fit,
-    needs_room,
-    pick_victim,
-    rank_candidates,
-)
+from mgpumanager.config import Config
+from mgpumanager.control import ConsumerControl, ControlFailed
+from mgpumanager.errors import LOAD_FAILED, UNLOAD_FAILED, ApiError
+from mgpumanager.eviction import Candidate, Fit, plan_step, why_no_room_needed
 from mgpumanager.gpu import GpuSample, GpuSampler, rfc3339
 from mgpumanager.registry import ConsumerState, Registry
 
 log = Logger()
 
-#: The most of a load or unload answer we read (for the error message).
-MAX_ANSWER = 64 * 1024
 #: How many eviction decisions ``/v1/status`` keeps.
 DECISIONS_KEPT = 20
 #: An unload counts as verified once this share of the victim's memory is back...
 RECOVERED_SHARE = 0.75
 #: ...or once its own processes hold less than this share of it.
 LEFTOVER_SHARE = 0.05
-
-
-class CommandRunner(Protocol):
-    """Runs an external command with a time limit (``systemctl stop …``)."""
-
-    def __call__(self, argv: Sequence[str], timeout: float) -> Deferred[CommandResult]: ...
 
 
 class HealthCheck(Protocol):
@@ -103,8 +78,8 @@ class Decision:
 
 class Lifecycle:
     """
-    :param client: a treq ``HTTPClient`` for load and unload routes.
-    :param run_command: runs ``systemctl`` for consumers with a systemd unit.
+    :param control: calls load and unload routes, and ``systemctl`` for
+        consumers with a systemd unit.
     :param health_check: probes a consumer (after ``systemctl start``).
     :param pids: maps consumers to their processes, for per-process checks.
     """
@@ -114,18 +89,16 @@ class Lifecycle:
         config: Config,
         registry: Registry,
         sampler: GpuSampler,
-        client: Any,
+        control: ConsumerControl,
         clock: IReactorTime,
-        run_command: CommandRunner,
         health_check: HealthCheck,
         pids: PidLookup,
     ) -> None:
         self._config = config
         self._registry = registry
         self._sampler = sampler
-        self._client = client
+        self._control = control
         self._clock = clock
-        self._run_command = run_command
         self._health_check = health_check
         self._pids = pids
         self.evictions = 0
@@ -137,8 +110,7 @@ class Lifecycle:
     async def prepare(self, name: str) -> None:
         """The scheduler's ``prepare`` step: make room for ``name``, then load it."""
         state = self._registry[name]
-        skip = needs_room(state)
-        if skip is None:
+        if why_no_room_needed(state) is None:
             await self._make_room(state)
         if not state.resident:
             await self._load(state)
@@ -153,60 +125,54 @@ class Lifecycle:
         }
 
     async def _make_room(self, target: ConsumerState) -> None:
-        evicted = 0
+        """Carry out :func:`~mgpumanager.eviction.plan_step` until it stops."""
+        evicted: list[str] = []
+        states = list(self._registry)
         while True:
             sample = await self._sampler.sample()
-            if needs_room(target) is not None:
+            if why_no_room_needed(target) is not None:
                 return  # the fresh sample shows it loaded after all
-            resident = [s for s in self._registry if s.resident]
-            fit = check_fit(self._config, target.config, sample, resident)
-            if fit.fits:
+            step = plan_step(self._config, states, target, sample, evicted)
+            if step.fit.fits:
                 return
-            candidates = rank_candidates(self._config, target.name, self._registry)
-            victim = pick_victim(candidates) if evicted < MAX_EVICTIONS else None
             decision = Decision(
                 time=self._clock.seconds(),
                 target=target.name,
-                fit=fit,
-                candidates=candidates,
-                victim=victim.name if victim else None,
+                fit=step.fit,
+                candidates=step.candidates,
+                victim=step.victim.name if step.victim else None,
             )
             self.decisions.append(decision)
-            if victim is None:
-                decision.outcome = (
-                    f"still short after {MAX_EVICTIONS} evictions; proceeding"
-                    if evicted >= MAX_EVICTIONS
-                    else "nothing can be evicted; proceeding"
-                )
+            if step.victim is None:
+                decision.outcome = f"{step.stop}; proceeding"
                 log.warn(
                     "{target} may not fit ({why}) and {outcome}",
                     target=target.name,
-                    why=fit.why,
+                    why=step.fit.why,
                     outcome=decision.outcome,
                 )
                 return
             log.info(
                 "evicting {victim} for {target}: {why}",
-                victim=victim.name,
+                victim=step.victim.name,
                 target=target.name,
-                why=fit.why,
+                why=step.fit.why,
             )
-            await self._evict(self._registry[victim.name], sample, decision)
-            evicted += 1
+            await self._evict(self._registry[step.victim.name], sample, decision)
+            evicted.append(step.victim.name)
 
     async def _evict(self, victim: ConsumerState, before: GpuSample, decision: Decision) -> None:
         config = victim.config
         started = self._clock.seconds()
         pids = self._pids.pids_of(victim.name)
         try:
+            timeout = self._config.lifecycle.unload_timeout_seconds
             if config.unload is not None:
-                await self._call_route(victim.name, config.unload,
-                                       self._config.lifecycle.unload_timeout_seconds)
+                await self._control.call_route(config, config.unload, timeout)
             else:
                 assert config.systemd_unit is not None
-                await self._systemctl("stop", config.systemd_unit,
-                                      self._config.lifecycle.unload_timeout_seconds)
-        except _StepFailed as e:
+                await self._control.systemctl("stop", config.systemd_unit, timeout)
+        except ControlFailed as e:
             self._unload_failed(victim, decision, f"unloading {victim.name} failed: {e}")
         except CancelledError:
             decision.outcome = "cancelled during the unload"
@@ -285,14 +251,14 @@ class Lifecycle:
         config = state.config
         lifecycle = self._config.lifecycle
         try:
+            timeout = lifecycle.load_timeout_seconds
             if config.load is not None:
-                await self._call_route(state.name, config.load, lifecycle.load_timeout_seconds)
+                await self._control.call_route(config, config.load, timeout)
             elif config.systemd_unit is not None:
-                deadline = self._clock.seconds() + lifecycle.load_timeout_seconds
-                await self._systemctl("start", config.systemd_unit,
-                                      lifecycle.load_timeout_seconds)
+                deadline = self._clock.seconds() + timeout
+                await self._control.systemctl("start", config.systemd_unit, timeout)
                 await self._until_healthy(state.name, deadline)
-        except _StepFailed as e:
+        except ControlFailed as e:
             self.failed_loads += 1
             message = f"loading {state.name} failed: {e}"
             log.error("{message}", message=message)
@@ -319,61 +285,8 @@ class Lifecycle:
     async def _until_healthy(self, name: str, deadline: float) -> None:
         while not await self._health_check(name):
             if self._clock.seconds() >= deadline:
-                raise _StepFailed("started, but never answered its health route")
+                raise ControlFailed("started, but never answered its health route")
             await self._sleep(self._config.lifecycle.verify_interval_seconds)
-
-    async def _call_route(self, name: str, route: Route, timeout: float) -> None:
-        url = self._config.consumers[name].url + route.path
-        headers = {"Content-Type": ["application/json"]} if route.body else None
-
-        async def call() -> tuple[int, bytes]:
-            response = await self._client.request(
-                route.method, url, data=route.body, headers=headers, allow_redirects=False
-            )
-            return response.code, await read_body(response, MAX_ANSWER) or b""
-
-        try:
-            what = f"{route.method} {route.path}"
-            code, body = await within(Deferred.fromCoroutine(call()), timeout, self._clock, what)
-        except CancelledError:
-            raise
-        except TimedOut as e:
-            raise _StepFailed(str(e)) from None
-        except Exception as e:
-            if is_cancellation(e):
-                raise CancelledError() from None
-            raise _StepFailed(
-                f"{route.method} {route.path}: {describe_connection_error(e)}"
-            ) from None
-        if not 200 <= code < 300:
-            said = " ".join(body[:200].decode("utf-8", "replace").split())
-            raise _StepFailed(f"{route.method} {route.path} answered HTTP {code} {said}")
-
-    async def _systemctl(self, action: str, unit: str, timeout: float) -> None:
-        argv = [*self._config.lifecycle.systemctl, action, unit]
-        try:
-            result = await self._run_command(argv, timeout)
-        except CancelledError:
-            raise
-        except Exception as e:
-            raise _StepFailed(str(e)) from None
-        if not result.ok:
-            raise _StepFailed(result.describe())
 
     def _sleep(self, seconds: float) -> Deferred[None]:
         return deferLater(self._clock, seconds, lambda: None)
-
-
-class _StepFailed(Exception):
-    """A lifecycle call failed; the message says which and how."""
-
-
-def static_pids(pids: dict[str, frozenset[int]]) -> PidLookup:
-    """A fixed consumer-to-processes map (tests, stand-ins)."""
-
-    class _Static:
-        def pids_of(self, name: str) -> frozenset[int]:
-            return pids.get(name, frozenset())
-
-    return _Static()
-

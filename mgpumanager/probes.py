@@ -10,18 +10,13 @@ independently: one that hangs its health route delays no one else's probe.
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mgpumanager.bodies import read_body
-from mgpumanager.deadline import TimedOut, within
-from mgpumanager.errors import describe_connection_error
+from mgpumanager.control import ConsumerControl, ControlFailed, JsonObject
 from mgpumanager.registry import ConsumerState, Registry
 
 log = Logger()
@@ -32,20 +27,20 @@ MAX_HEALTH_BODY = 64 * 1024
 
 class HealthProber:
     """
-    :param client: a treq ``HTTPClient`` (or ``StubTreq`` in tests).
-    :param clock: bounds each probe by ``timeout`` seconds and drives the loop.
+    :param control: calls the health routes, each within ``timeout`` seconds.
+    :param clock: drives the loop and dates the probes.
     """
 
     def __init__(
         self,
         registry: Registry,
-        client: Any,
+        control: ConsumerControl,
         clock: IReactorTime,
         interval: float,
         timeout: float,
     ) -> None:
         self._registry = registry
-        self._client = client
+        self._control = control
         self._clock = clock
         self._interval = interval
         self._timeout = timeout
@@ -82,39 +77,32 @@ class HealthProber:
         self._in_flight[name] = [joined]
         state = self._registry[name]
         started = state.lifecycle_changes, state.total_requests, state.active
-        pending = within(
-            Deferred.fromCoroutine(self._probe(state)), self._timeout, self._clock, "health probe"
-        )
+        pending = Deferred.fromCoroutine(self._probe(state))
         pending.addCallbacks(
             lambda answer: self._record(state, started, answer, None),
             lambda failure: self._record(state, started, None, failure),
         )
         return joined
 
-    async def _probe(self, state: ConsumerState) -> dict[str, Any] | None:
+    async def _probe(self, state: ConsumerState) -> JsonObject | None:
         route = state.config.health
-        response = await self._client.request(
-            route.method,
-            state.config.url + route.path,
-            unbuffered=True,
-            allow_redirects=False,
-        )
-        body = await read_body(response, MAX_HEALTH_BODY)
-        if not 200 <= response.code < 300:
-            raise ProbeFailed(f"health {route.path} answered HTTP {response.code}")
-        if body is None:
-            return None
         try:
-            answer = json.loads(body)
-        except ValueError:
-            return None
-        return answer if isinstance(answer, dict) else None
+            code, answer = await self._control.get_json(
+                state.config, route.method, route.path, self._timeout, MAX_HEALTH_BODY
+            )
+        except ControlFailed as e:
+            if e.timed_out:
+                raise ProbeFailed(f"health probe timed out after {self._timeout:g} s") from None
+            raise ProbeFailed(e.cause) from None
+        if not 200 <= code < 300:
+            raise ProbeFailed(f"health {route.path} answered HTTP {code}")
+        return answer
 
     def _record(
         self,
         state: ConsumerState,
         started: tuple[int, int, int],
-        answer: dict[str, Any] | None,
+        answer: JsonObject | None,
         failure: Failure | None,
     ) -> None:
         state.last_probe = self._clock.seconds()
@@ -130,7 +118,7 @@ class HealthProber:
             if answer is not None and started == quiet and state.active == 0:
                 _apply_report(state, answer)
         else:
-            error = _describe_failure(failure.value)
+            error = str(failure.value)
             if state.restartable:
                 error = f"unit stopped to free the GPU ({error})"
             elif state.healthy is not False:
@@ -146,10 +134,10 @@ class HealthProber:
 
 
 class ProbeFailed(Exception):
-    """The consumer answered its health route, but not with success."""
+    """The health probe failed; the message says how, without naming the call."""
 
 
-def _apply_report(state: ConsumerState, answer: dict[str, Any]) -> None:
+def _apply_report(state: ConsumerState, answer: JsonObject) -> None:
     loaded = answer.get("loaded")
     if isinstance(loaded, bool):
         state.reported_loaded = loaded
@@ -157,9 +145,3 @@ def _apply_report(state: ConsumerState, answer: dict[str, Any]) -> None:
     if isinstance(resident, int) and not isinstance(resident, bool) and resident >= 0:
         state.reported_resident_mib = resident
         state.note_resident_mib(resident)
-
-
-def _describe_failure(error: BaseException | None) -> str:
-    if isinstance(error, TimedOut):
-        return str(error)
-    return describe_connection_error(error or Exception("unknown"))

@@ -32,11 +32,13 @@ class ConsumerState:
     """
 
     config: ConsumerConfig
-    loaded: bool
+    #: Our own bookkeeping: loaded at start, or by us since, and not unloaded by us.
+    believed_loaded: bool
     healthy: bool | None = None
     last_probe: float | None = None
     last_error: str = ""
-    #: What the consumer's own health answer said, when it says.
+    #: What the consumer's own health answer said, when it says (cleared by
+    #: our own loads and unloads, which it may not have seen yet).
     reported_loaded: bool | None = None
     reported_resident_mib: int | None = None
     #: What NVML attributes to the consumer's processes, when we can tell.
@@ -60,7 +62,7 @@ class ConsumerState:
     @property
     def resident(self) -> bool:
         """
-        Whether the model is on the card.  The card itself is the best witness:
+        The verdict on whether the model is on the card.  The card itself is the best witness:
         when NVML attributes memory to the consumer's processes, holding at
         least half its declared size means loaded, whatever anyone says.  Next
         comes the consumer's own report, then our bookkeeping, which can only
@@ -74,7 +76,7 @@ class ConsumerState:
             return measured >= RESIDENT_SHARE * declared
         if self.reported_loaded is not None:
             return self.reported_loaded
-        return self.loaded
+        return self.believed_loaded
 
     @property
     def gpu_resident_mib(self) -> int:
@@ -95,7 +97,7 @@ class ConsumerState:
 
     def mark_loaded(self, loaded: bool, now: float) -> None:
         """Record our own load/unload; a stale report must not contradict it."""
-        self.loaded = loaded
+        self.believed_loaded = loaded
         self.lifecycle_changed_at = now
         self.lifecycle_changes += 1
         self.reported_loaded = None
@@ -143,7 +145,7 @@ class Registry:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._states = {
-            name: ConsumerState(config=consumer, loaded=consumer.initially_resident())
+            name: ConsumerState(config=consumer, believed_loaded=consumer.initially_resident())
             for name, consumer in config.consumers.items()
         }
 

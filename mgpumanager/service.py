@@ -29,6 +29,7 @@ from mgpumanager.api import ManagerApp, job_kind
 from mgpumanager.attribution import PidMap, ProcessAttributor, find_consumer_pids
 from mgpumanager.commands import CommandResult, run_command
 from mgpumanager.config import Config
+from mgpumanager.control import ConsumerControl
 from mgpumanager.gpu import GpuReading, GpuSampler
 from mgpumanager.guard import Guard
 from mgpumanager.lifecycle import Lifecycle
@@ -197,9 +198,13 @@ def build(
         interval=config.gpu.poll_interval_seconds,
         timeout=NVML_TIMEOUT_SECONDS,
     )
+    def run(argv: Sequence[str], timeout: float) -> Deferred[CommandResult]:
+        return run_command(reactor, reactor, argv, timeout)
+
+    control = ConsumerControl(http_client, reactor, run, config.lifecycle.systemctl)
     prober = HealthProber(
         registry,
-        http_client,
+        control,
         reactor,
         interval=config.probes.interval_seconds,
         timeout=config.probes.timeout_seconds,
@@ -213,12 +218,7 @@ def build(
     attributor = ProcessAttributor(registry, find_pids, deferToThread, reactor)
     sampler.subscribe(attributor.on_sample)
 
-    def run(argv: Sequence[str], timeout: float) -> Deferred[CommandResult]:
-        return run_command(reactor, reactor, argv, timeout)
-
-    lifecycle = Lifecycle(
-        config, registry, sampler, http_client, reactor, run, prober.probe, attributor
-    )
+    lifecycle = Lifecycle(config, registry, sampler, control, reactor, prober.probe, attributor)
     scheduler = GpuScheduler(
         reactor,
         registry,

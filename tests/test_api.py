@@ -111,9 +111,8 @@ class World:
             config=CONFIG,
             registry=self.registry,
             sampler=self.sampler,
-            client=None,
+            control=None,  # type: ignore[arg-type]
             clock=self.clock,
-            run_command=None,  # type: ignore[arg-type]
             health_check=None,  # type: ignore[arg-type]
             pids=None,  # type: ignore[arg-type]
         )

@@ -20,10 +20,10 @@ from mgpumanager.eviction import (
     MAX_EVICTIONS,
     Candidate,
     check_fit,
-    needs_room,
+    dry_run_plan,
     pick_victim,
     rank_candidates,
-    simulate_plan,
+    why_no_room_needed,
 )
 from mgpumanager.gpu import GpuReading, GpuSample
 from mgpumanager.registry import ConsumerState, Registry
@@ -108,7 +108,7 @@ NO_NVML = GpuSample(time=EPOCH, err="NVML Shared Library Not Found")
 def registry(config: Config = CONFIG, **loaded: bool) -> Registry:
     reg = Registry(config)
     for name, value in loaded.items():
-        reg[name].loaded = value
+        reg[name].believed_loaded = value
     return reg
 
 
@@ -116,7 +116,7 @@ def all_loaded(config: Config, *unloaded: str) -> Registry:
     """Every consumer believed on the card except ``unloaded``."""
     reg = Registry(config)
     for state in reg:
-        state.loaded = state.name not in unloaded
+        state.believed_loaded = state.name not in unloaded
     return reg
 
 
@@ -160,33 +160,33 @@ def test_the_probe_report_overrides_believed_residency_both_ways() -> None:
     assert reg["image"].resident is False
 
 
-# -- needs_room --------------------------------------------------------------
+# -- why_no_room_needed --------------------------------------------------------------
 
 
-def test_needs_room_skips_a_target_that_manages_its_own_vram() -> None:
+def test_why_no_room_needed_skips_a_target_that_manages_its_own_vram() -> None:
     reg = registry(llm=False)
 
-    assert needs_room(reg["llm"]) == "target manages its own VRAM"
+    assert why_no_room_needed(reg["llm"]) == "target manages its own VRAM"
 
 
-def test_needs_room_skips_a_target_without_a_declared_size() -> None:
+def test_why_no_room_needed_skips_a_target_without_a_declared_size() -> None:
     config = _config({}, {"tiny": _consumer(9010, load={"path": "/l"}, unload={"path": "/u"})})
     reg = registry(config, tiny=False)
 
-    assert needs_room(reg["tiny"]) == "target declares no VRAM size"
+    assert why_no_room_needed(reg["tiny"]) == "target declares no VRAM size"
 
 
-def test_needs_room_skips_a_target_already_resident_also_by_report() -> None:
+def test_why_no_room_needed_skips_a_target_already_resident_also_by_report() -> None:
     reg = registry()
-    assert needs_room(reg["voice"]) == "target is already resident"
+    assert why_no_room_needed(reg["voice"]) == "target is already resident"
     reg["image"].reported_loaded = True
-    assert needs_room(reg["image"]) == "target is already resident"
+    assert why_no_room_needed(reg["image"]) == "target is already resident"
 
 
-def test_needs_room_is_none_for_an_unloaded_target_with_a_size() -> None:
+def test_why_no_room_needed_is_none_for_an_unloaded_target_with_a_size() -> None:
     reg = registry()
 
-    assert needs_room(reg["image"]) is None
+    assert why_no_room_needed(reg["image"]) is None
 
 
 # -- check_fit: NVML ---------------------------------------------------------
@@ -307,7 +307,7 @@ def test_by_budget_coexisting_residents_are_not_billed() -> None:
 
 def test_by_budget_the_target_itself_is_never_billed() -> None:
     reg = registry()
-    reg["image"].loaded = True
+    reg["image"].believed_loaded = True
 
     fit = check_fit(CONFIG, CONFIG.consumers["image"], NO_NVML, residents(reg))
 
@@ -482,7 +482,7 @@ def test_candidate_status_shows_last_use_as_rfc3339() -> None:
     assert Candidate("a", True, "eligible").as_status()["last_used"] is None
 
 
-# -- simulate_plan ------------------------------------------------------------
+# -- dry_run_plan ------------------------------------------------------------
 
 
 def _snapshot(reg: Registry) -> list[ConsumerState]:
@@ -496,7 +496,7 @@ def test_the_plan_lists_victims_in_order_until_the_target_fits_by_nvml() -> None
     before = _snapshot(reg)
 
     # 9000 free; image needs 13256: whisper (1500) then voice (3000) -> 13500.
-    plan = simulate_plan(CONFIG, reg, "image", nvml(9000))
+    plan = dry_run_plan(CONFIG, reg, "image", nvml(9000))
 
     assert plan["target"] == "image"
     assert plan["skip_make_room"] is None
@@ -518,7 +518,7 @@ def test_the_plan_frees_measured_memory_when_known() -> None:
     reg = registry()
     reg["voice"].measured_resident_mib = 4500  # grew past its declared 3000
 
-    plan = simulate_plan(CONFIG, reg, "image", nvml(8800))
+    plan = dry_run_plan(CONFIG, reg, "image", nvml(8800))
 
     assert plan["would_evict"] == ["voice"]
     assert plan["steps"][-1]["fit"]["available_mib"] == 13300
@@ -527,7 +527,7 @@ def test_the_plan_frees_measured_memory_when_known() -> None:
 def test_the_plan_by_budget() -> None:
     reg = registry()
 
-    plan = simulate_plan(CONFIG, reg, "image", NO_NVML)
+    plan = dry_run_plan(CONFIG, reg, "image", NO_NVML)
 
     # 10360 with voice, 13360 without it.
     assert plan["would_evict"] == ["voice"]
@@ -538,7 +538,7 @@ def test_the_plan_by_budget() -> None:
 def test_the_plan_stops_at_the_eviction_cap() -> None:
     reg = all_loaded(SMALL, "big")
 
-    plan = simulate_plan(SMALL, reg, "big", nvml(692, total_mib=8192))
+    plan = dry_run_plan(SMALL, reg, "big", nvml(692, total_mib=8192))
 
     assert MAX_EVICTIONS == 5
     assert plan["would_evict"] == ["s1", "s2", "s3", "s4", "s5"]
@@ -551,9 +551,9 @@ def test_the_plan_stops_at_the_eviction_cap() -> None:
 
 def test_the_plan_says_when_nothing_can_be_evicted() -> None:
     reg = registry(whisper=False, image=False)
-    reg["voice"].loaded = False
+    reg["voice"].believed_loaded = False
 
-    plan = simulate_plan(CONFIG, reg, "voice", nvml(100))
+    plan = dry_run_plan(CONFIG, reg, "voice", nvml(100))
 
     assert plan["would_evict"] == []
     assert len(plan["steps"]) == 1
@@ -564,7 +564,7 @@ def test_the_plan_says_when_nothing_can_be_evicted() -> None:
 def test_the_plan_for_a_resident_target_does_nothing() -> None:
     reg = registry()
 
-    plan = simulate_plan(CONFIG, reg, "voice", nvml(0))
+    plan = dry_run_plan(CONFIG, reg, "voice", nvml(0))
 
     assert plan == {
         "target": "voice",
@@ -579,7 +579,7 @@ def test_the_plan_for_a_resident_target_does_nothing() -> None:
 def test_the_plan_for_an_unloaded_systemd_target_starts_the_unit() -> None:
     reg = registry(whisper=False)
 
-    plan = simulate_plan(CONFIG, reg, "whisper", nvml(12000))
+    plan = dry_run_plan(CONFIG, reg, "whisper", nvml(12000))
 
     assert plan["would_evict"] == []
     assert plan["load_by"] == "systemctl start whisper.service"
@@ -592,7 +592,7 @@ def test_the_plan_never_changes_anything(free: int) -> None:
     reg["voice"].last_used = EPOCH
     before = _snapshot(reg)
 
-    simulate_plan(CONFIG, reg, "image", nvml(free))
-    simulate_plan(CONFIG, reg, "image", NO_NVML)
+    dry_run_plan(CONFIG, reg, "image", nvml(free))
+    dry_run_plan(CONFIG, reg, "image", NO_NVML)
 
     assert _snapshot(reg) == before

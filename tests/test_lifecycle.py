@@ -31,12 +31,14 @@ from twisted.web.client import ResponseDone
 from mgpumanager.api import ManagerApp
 from mgpumanager.commands import CommandResult, CommandTimedOut
 from mgpumanager.config import Config, parse_config
+from mgpumanager.control import ConsumerControl
 from mgpumanager.errors import ApiError
 from mgpumanager.gpu import MIB, GpuReading, GpuSample, GpuSampler
-from mgpumanager.lifecycle import DECISIONS_KEPT, Lifecycle, static_pids
+from mgpumanager.lifecycle import DECISIONS_KEPT, Lifecycle
 from mgpumanager.registry import ConsumerState, Registry
 from mgpumanager.scheduler import GpuScheduler
 from tests.builders import consumer as _consumer
+from tests.fakes import static_pids
 
 _case = SynchronousTestCase()
 success_result_of = _case.successResultOf
@@ -231,6 +233,7 @@ class FakeClient:
         data: bytes | None = None,
         headers: Any = None,
         allow_redirects: bool = False,
+        unbuffered: bool = False,
     ) -> Deferred[Response]:
         self.calls.append(Call(method, url, data, headers, allow_redirects))
         answer = self.answers.get(url, 200)
@@ -316,7 +319,7 @@ class World:
         self.registry = Registry(config)
         initially = {"ocr": False} if "ocr" in config.consumers else {}
         for name, value in {**initially, **(loaded or {})}.items():
-            self.registry[name].loaded = value
+            self.registry[name].believed_loaded = value
         self.card = Card(config.gpu.total_mib or 16384)
         self.card.other_mib = other_mib
         for state in self.registry:
@@ -340,9 +343,10 @@ class World:
             config=config,
             registry=self.registry,
             sampler=self.sampler,
-            client=self.client,
+            control=ConsumerControl(
+                self.client, self.clock, self.commands, config.lifecycle.systemctl
+            ),
             clock=self.clock,
-            run_command=self.commands,
             health_check=self.health,
             pids=static_pids({name: frozenset({pid}) for name, pid in PIDS.items()}),
         )
@@ -469,7 +473,7 @@ def test_evicts_least_recently_used_first_until_the_target_fits() -> None:
 def test_never_used_counts_as_oldest_and_equal_use_is_broken_by_name() -> None:
     world = World(SMALL, other_mib=1500, loaded={f"s{i}": True for i in range(1, 7)})
     # big: 7000 + 256 needed; 8192 - 6000 - 1500 = 692 free.
-    world.registry["big"].loaded = False
+    world.registry["big"].believed_loaded = False
     world.card.held.pop("big")
     world.registry["s1"].last_used = EPOCH - 5
     world.registry["s2"].last_used = EPOCH - 5
@@ -1000,7 +1004,7 @@ def test_with_nothing_evictable_the_job_proceeds_and_the_decision_says_so(
 
 def test_at_most_five_evictions_per_job_then_it_proceeds(warnings_logged: list[str]) -> None:
     world = World(SMALL, other_mib=1500, loaded={f"s{i}": True for i in range(1, 7)})
-    world.registry["big"].loaded = False
+    world.registry["big"].believed_loaded = False
     world.card.held.pop("big")
     for i in range(1, 7):
         world.registry[f"s{i}"].last_used = EPOCH - 100 + i
@@ -1171,7 +1175,7 @@ def test_only_the_last_twenty_decisions_are_kept() -> None:
     world = World(loaded={"voice": False, "whisper": False}, other_mib=13000)
 
     for _ in range(25):
-        world.registry["voice"].loaded = False
+        world.registry["voice"].believed_loaded = False
         world.card.held.pop("voice", None)
         success_result_of(world.prepare("voice"))
         world.clock.advance(1)

@@ -20,6 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mgpumanager.config import parse_config
+from mgpumanager.control import ConsumerControl
 from mgpumanager.probes import HealthProber
 from mgpumanager.registry import Registry
 
@@ -101,8 +102,9 @@ class World:
         self.clock = Clock()
         self.clock.advance(1000)
         self.registry = Registry(CONFIG)
+        control = ConsumerControl(self.client, self.clock, run_command=None)  # type: ignore[arg-type]
         self.prober = HealthProber(
-            self.registry, self.client, self.clock, interval=INTERVAL, timeout=TIMEOUT
+            self.registry, control, self.clock, interval=INTERVAL, timeout=TIMEOUT
         )
 
     def probe(self, name: str) -> bool | None:
