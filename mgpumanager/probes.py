@@ -86,6 +86,8 @@ class HealthProber:
 
     async def _probe(self, state: ConsumerState) -> JsonObject | None:
         route = state.config.health
+        # Adapter defaults are applied at start-up: every consumer has one.
+        assert route is not None, f"{state.name} has no health route"
         try:
             code, answer = await self._control.get_json(
                 state.config, route.method, route.path, self._timeout, MAX_HEALTH_BODY

@@ -14,7 +14,8 @@ from typing import cast
 from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 
-from mgpumanager.config import Config, ConfigError, load_config
+from mgpumanager.adapters import load_resolved_config
+from mgpumanager.config import Config, ConfigError
 from mgpumanager.service import ManagerService, build
 
 
@@ -62,7 +63,7 @@ class Options(usage.Options):
             except (ValueError, TypeError) as e:
                 raise usage.UsageError(f"--listen {self['listen']!r}: {e}") from None
         try:
-            self["loaded_config"] = load_config(self["config"])
+            self["loaded_config"] = load_resolved_config(self["config"])
         except ConfigError as e:
             # One clear line and a non-zero exit; the usage text would bury it.
             print(f"mgpumanager: {e}", file=sys.stderr)

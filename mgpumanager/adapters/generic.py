@@ -1,0 +1,60 @@
+"""A plain HTTP inference server: its GPU work ends with its answer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from mgpumanager.adapters.base import AdapterDefaults, IConsumerAdapter
+from mgpumanager.config import ConsumerConfig
+from mgpumanager.paths import under
+
+#: The kind of a GPU job that matches none of the consumer's endpoint kinds.
+OTHER_KIND = "other"
+
+
+@implementer(IPlugin, IConsumerAdapter)
+class GenericAdapter:
+    """
+    Part 1's behaviour.  Through the passthrough, a request is a GPU job when
+    it matches one of ``gpu_routes`` (every ``POST`` when there are none).
+    """
+
+    name = "generic"
+
+    def defaults(self) -> AdapterDefaults:
+        return AdapterDefaults()
+
+    def wants_body(self, method: str, path: str) -> bool:
+        return False
+
+    def gpu_kind(
+        self,
+        consumer: ConsumerConfig,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+    ) -> str | None:
+        routes = consumer.gpu_routes
+        if routes:
+            if not any(r.method == method and under(path, r.path) for r in routes):
+                return None
+        elif method != "POST":
+            return None
+        return kind_of_path(consumer, path)
+
+
+def kind_of_path(consumer: ConsumerConfig, path: str) -> str:
+    """
+    The endpoint kind whose route ``path`` is (or is under); else the
+    consumer's only kind; else ``other``.
+    """
+    for kind, route in consumer.paths.items():
+        if under(path, route.path):
+            return kind
+    if len(consumer.paths) == 1:
+        return next(iter(consumer.paths))
+    return OTHER_KIND

@@ -1,0 +1,62 @@
+"""
+Ollama: loads models on demand and keeps them for ``keep_alive`` afterwards.
+
+Its answer ends the GPU work, but not the residency: the model stays on the
+card for ``keep_alive`` (five minutes by default), so the daemon reads
+``/api/ps`` to know what is loaded and unloads with ``keep_alive: 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from mgpumanager.adapters.base import AdapterDefaults, IConsumerAdapter
+from mgpumanager.config import ConsumerConfig, Route
+from mgpumanager.paths import under
+
+#: Routes whose POSTs run a model.
+MODEL_PATHS = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings")
+#: Ollama's OpenAI-compatible API: every POST under it runs a model.
+OPENAI_PREFIX = "/v1"
+
+
+@implementer(IPlugin, IConsumerAdapter)
+class OllamaAdapter:
+    name = "ollama"
+
+    def defaults(self) -> AdapterDefaults:
+        return AdapterDefaults(
+            health=Route("GET", "/api/version"),
+            paths=MappingProxyType({"llm": Route("POST", "/api/generate")}),
+        )
+
+    def wants_body(self, method: str, path: str) -> bool:
+        return method == "POST" and path in ("/api/generate", "/api/chat")
+
+    def gpu_kind(
+        self,
+        consumer: ConsumerConfig,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+    ) -> str | None:
+        if method != "POST":
+            return None
+        if path in MODEL_PATHS or under(path, OPENAI_PREFIX):
+            return None if body is not None and is_unload_request(body) else "llm"
+        return None
+
+
+def is_unload_request(body: Mapping[str, Any]) -> bool:
+    """
+    ``keep_alive: 0`` without a prompt or messages (what ``ollama stop``
+    sends) only unloads a model: no GPU work, so it never waits for the GPU.
+    """
+    keep_alive = body.get("keep_alive")
+    unloads = keep_alive in (0, "0", "0s", "0m") and not isinstance(keep_alive, bool)
+    return unloads and not body.get("prompt") and not body.get("messages")
