@@ -223,8 +223,7 @@ def build(
         reactor,
         registry,
         lifecycle.prepare,
-        max_depth=config.queue.max_depth,
-        max_wait=config.queue.max_wait_seconds,
+        queue=config.queue,
     )
     proxy = ConsumerProxy(
         lambda consumer: agent_for_timeout(consumer.timeouts.connect_seconds),
