@@ -17,7 +17,8 @@ from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.web import client as web_client
-from twisted.web._newclient import _WrapperException
+
+from mgpumanager.twisted_private import WrapperException
 
 from mgpumanager.deadline import TimedOut
 
@@ -103,7 +104,7 @@ def is_cancellation(error: BaseException) -> bool:
     """
     if isinstance(error, CancelledError):
         return True
-    if isinstance(error, _WrapperException):
+    if isinstance(error, WrapperException):
         return any(reason.check(CancelledError) for reason in error.reasons)
     return False
 
@@ -138,7 +139,7 @@ def describe_connection_error(error: BaseException) -> str:
         return "connection closed before any response"
     if isinstance(error, web_client.RequestTransmissionFailed):
         return "connection failed while sending the request"
-    if isinstance(error, web_client.ResponseFailed | _WrapperException):
+    if isinstance(error, web_client.ResponseFailed | WrapperException):
         inner = [describe_connection_error(f.value) for f in error.reasons]
         return "; ".join(dict.fromkeys(inner)) or "response failed"
     if isinstance(error, net_error.ConnectionLost | net_error.ConnectionDone):

@@ -53,6 +53,7 @@ from mgpumanager.errors import (
     is_cancellation,
 )
 from mgpumanager.headers import relay_response_headers, upstream_headers
+from mgpumanager.twisted_private import response_connection_header as _connection_header
 
 log = Logger()
 
@@ -345,22 +346,6 @@ class ReusedEndpoints:
                 "https consumers need TLS support (pip install 'twisted[tls]')"
             ) from None
         return wrapClientTLS(optionsForClientTLS(uri.host.decode("ascii")), tcp)
-
-
-def _connection_header(response: IResponse) -> list[bytes]:
-    """
-    The response's own ``Connection`` header.  Twisted's client files it with
-    the framing headers, out of ``response.headers``, yet the proxy must drop
-    every header it names; only the protocol's parser still holds it.
-    """
-    try:
-        protocol: Any = response._transport._producer.protocol  # type: ignore[attr-defined]
-        # Endpoint-made connections wrap the HTTP protocol once.
-        protocol = getattr(protocol, "_wrappedProtocol", protocol)
-        values: list[bytes] = protocol._parser.connHeaders.getRawHeaders(b"connection", [])
-    except AttributeError:
-        return []
-    return values
 
 
 def _abort_client(request: Request) -> None:

@@ -7,6 +7,11 @@ the whole exchange: until the response body has been relayed to the client or th
 exchange failed.  Making room (unloading other consumers) and loading the target
 happen *inside* the held lock, so nothing is ever unloaded under a running job.
 
+Waiting jobs sit in the scheduler's own queue, not in the lock's: whenever the
+GPU frees, a :class:`Chooser` picks which waiter gets the lock next, so a
+scheduling policy is one object handed in, never a reordering of Twisted's
+internals.
+
 The scheduler knows nothing of HTTP: it runs a job callable and keeps the numbers
 ``/v1/status`` shows.
 """
@@ -14,8 +19,8 @@ The scheduler knows nothing of HTTP: it runs a job callable and keeps the number
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Protocol, TypeVar
 
 import attrs
 from twisted.internet.defer import (
@@ -23,18 +28,15 @@ from twisted.internet.defer import (
     Deferred,
     DeferredLock,
     ensureDeferred,
+    fail,
     succeed,
 )
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from mgpumanager.errors import (
-    QUEUE_FULL,
-    QUEUE_TIMEOUT,
-    SCHEDULER_ERROR,
-    SHUTTING_DOWN,
-    ApiError,
-)
+from mgpumanager.config import QueueConfig
+from mgpumanager.errors import QUEUE_FULL, QUEUE_TIMEOUT, SCHEDULER_ERROR, SHUTTING_DOWN, ApiError
 from mgpumanager.gpu import rfc3339
 from mgpumanager.registry import ConsumerState, Registry
 
@@ -52,22 +54,77 @@ async def _nothing_to_prepare(consumer: str) -> None:
     return None
 
 
+@attrs.frozen
+class QueuedJob:
+    """
+    What a :class:`Chooser` may know of a waiting job: a read-only view, so
+    that a policy can rank the queue but never change it.
+
+    :ivar id: unique and increasing: a larger id arrived later, even when two
+        jobs share an arrival time.
+    :ivar arrived: the clock's time when the job was submitted.
+    :ivar bypassed: how many jobs that arrived after this one started before it.
+    """
+
+    id: int
+    consumer: str
+    priority: int
+    arrived: float
+    bypassed: int = 0
+
+
+class Chooser(Protocol):
+    """
+    Decides which waiting job gets the GPU when it frees.  ``waiting`` is
+    never empty and is in arrival order; every method should be O(n) or
+    O(n log n), as it runs at every release with up to ``max_depth`` waiters.
+    """
+
+    def pick(self, waiting: Sequence[QueuedJob], now: float) -> QueuedJob | None:
+        """The job to start now, or ``None`` to leave the GPU idle for now."""
+
+    def recheck_at(self, waiting: Sequence[QueuedJob], now: float) -> float | None:
+        """After :meth:`pick` chose nothing: when to ask again if no job arrives,
+        leaves or ends before then (``None``: not before such an event)."""
+
+    def run_order(self, waiting: Sequence[QueuedJob], now: float) -> list[QueuedJob]:
+        """Every waiting job, in the order they would start if the GPU freed now."""
+
+
+def _priority_then_arrival(job: QueuedJob) -> tuple[int, int]:
+    return (-job.priority, job.id)
+
+
+class PriorityThenArrival:
+    """Highest consumer priority first, first come first served within a priority."""
+
+    def pick(self, waiting: Sequence[QueuedJob], now: float) -> QueuedJob | None:
+        return min(waiting, key=_priority_then_arrival)
+
+    def recheck_at(self, waiting: Sequence[QueuedJob], now: float) -> float | None:
+        return None
+
+    def run_order(self, waiting: Sequence[QueuedJob], now: float) -> list[QueuedJob]:
+        return sorted(waiting, key=_priority_then_arrival)
+
+
 @attrs.define
 class _Waiter:
-    consumer: str
-    enqueued: float
-    priority: int = 0
-    acquiring: Deferred[DeferredLock] | None = None
-    refused: ApiError | None = None
+    """A queued job: its public view, the Deferred it starts on, its timeout."""
+
+    view: QueuedJob
+    granted: Deferred[None]
+    timer: IDelayedCall | None = None
 
 
 class GpuScheduler:
     """
-    :param clock: for wait and run timings.
+    :param clock: for wait and run timings, timeouts and the chooser's rechecks.
     :param registry: per-consumer counters (active, total requests, last used).
     :param prepare: the make-room-and-load step, run under the lock before each job.
-    :param max_depth: jobs allowed to wait; one more is refused with ``queue_full``.
-    :param max_wait: seconds a job may wait before it gives up with ``queue_timeout``.
+    :param queue: ``max_depth`` jobs may wait (one more is refused with
+        ``queue_full``), each for at most ``max_wait_seconds`` (then ``queue_timeout``).
+    :param chooser: which waiting job runs next.
     """
 
     def __init__(
@@ -75,16 +132,23 @@ class GpuScheduler:
         clock: IReactorTime,
         registry: Registry,
         prepare: Preparer = _nothing_to_prepare,
-        max_depth: int = 512,
-        max_wait: float = 600.0,
+        *,
+        queue: QueueConfig,
+        chooser: Chooser | None = None,
     ) -> None:
         self._clock = clock
-        self._max_depth = max_depth
-        self._max_wait = max_wait
+        self._max_depth = queue.max_depth
+        self._max_wait = queue.max_wait_seconds
         self._registry = registry
         self._prepare = prepare
+        self._chooser: Chooser = chooser or PriorityThenArrival()
         self._lock = DeferredLock()
-        self._waiters: list[_Waiter] = []
+        #: By id, so in arrival order.
+        self._waiting: dict[int, _Waiter] = {}
+        self._next_id = 0
+        self._recheck: IDelayedCall | None = None
+        self._dispatching = False
+        self._dispatch_again = False
         self._closed: ApiError | None = None
         self._idle_waiters: list[Deferred[None]] = []
         self._running: set[Deferred[Any]] = set()
@@ -99,98 +163,144 @@ class GpuScheduler:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiters)
+        return len(self._waiting)
+
+    def queued_in_run_order(self) -> list[QueuedJob]:
+        """The waiting jobs, in the order they would start if the GPU freed now."""
+        if not self._waiting:
+            return []
+        return self._chooser.run_order(self._views(), self._clock.seconds())
 
     def submit(self, consumer: str, job: Callable[[], Deferred[_T]]) -> Deferred[_T]:
         """
-        Run ``job`` for ``consumer`` when the GPU is free and the consumer is
-        ready.  Cancelling the result while queued leaves the queue at once;
-        cancelling it while running cancels the job.  Either way the lock is
-        released.
+        Run ``job`` for ``consumer`` when the chooser gives it the GPU and the
+        consumer is ready.  Cancelling the result while queued leaves the queue
+        at once; cancelling it while running cancels the job.  Either way the
+        lock is released.
         """
-        return Deferred.fromCoroutine(self._run(consumer, job))
-
-    async def _run(self, consumer: str, job: Callable[[], Deferred[_T]]) -> _T:
         if self._closed is not None:
-            raise self._closed
-        if self._lock.locked and len(self._waiters) >= self._max_depth:
+            return fail(self._closed)
+        must_wait = self._lock.locked or bool(self._waiting)
+        if must_wait and len(self._waiting) >= self._max_depth:
             self.refused_queue_full += 1
-            raise ApiError(
-                QUEUE_FULL,
-                f"{len(self._waiters)} jobs are already waiting for the GPU",
-                headers={"Retry-After": str(self._retry_after())},
-            )
-        waiter = _Waiter(
-            consumer=consumer,
-            enqueued=self._clock.seconds(),
-            priority=self._registry[consumer].config.priority,
-        )
-        self._waiters.append(waiter)
-        waiter.acquiring = self._lock.acquire()
-        timer = None
-        if not waiter.acquiring.called:
-            self._queue_by_priority(waiter)
-            timer = self._clock.callLater(self._max_wait, self._give_up, waiter)
-        try:
-            await waiter.acquiring
-        except CancelledError:
-            if waiter.refused is not None:
-                raise waiter.refused from None
-            self.cancelled_jobs += 1
-            raise
-        finally:
-            self._waiters.remove(waiter)
-            if timer is not None and timer.active():
-                timer.cancel()
+            waiting = f"{len(self._waiting)} jobs are already waiting for the GPU"
+            retry = {"Retry-After": str(self._retry_after())}
+            return fail(ApiError(QUEUE_FULL, waiting, headers=retry))
+        self._next_id += 1
+        priority = self._registry[consumer].config.priority
+        view = QueuedJob(self._next_id, consumer, priority, self._clock.seconds())
+        waiter = _Waiter(view, Deferred(lambda _: self._cancelled(waiter)))
+        self._waiting[view.id] = waiter
+        self._dispatch()
+        if not waiter.granted.called:
+            waiter.timer = self._clock.callLater(self._max_wait, self._give_up, waiter)
+        return waiter.granted.addCallback(lambda _: self._start(view, job))
 
+    def _views(self) -> list[QueuedJob]:
+        return [waiter.view for waiter in self._waiting.values()]
+
+    def _dispatch(self) -> None:
+        """
+        Give the GPU to the chooser's pick if it is free.  A job that ends at
+        once starts the next from here: the loop, not recursion, serves it, so a
+        long queue of jobs failing synchronously cannot exhaust the stack.
+        """
+        if self._dispatching:
+            self._dispatch_again = True
+            return
+        self._dispatching = self._dispatch_again = True
+        try:
+            while self._dispatch_again:
+                self._dispatch_again = False
+                self._dispatch_once()
+        finally:
+            self._dispatching = False
+
+    def _dispatch_once(self) -> None:
+        if self._recheck is not None and self._recheck.active():
+            self._recheck.cancel()
+        self._recheck = None
+        if self._lock.locked or not self._waiting or self._closed is not None:
+            return
+        waiting, now = self._views(), self._clock.seconds()
+        chosen = self._chooser.pick(waiting, now)
+        if chosen is None:
+            at = self._chooser.recheck_at(waiting, now)
+            if at is not None:
+                self._recheck = self._clock.callLater(max(0.0, at - now), self._dispatch)
+            return
+        waiter = self._leave(chosen.id)
+        for other in self._waiting.values():
+            if other.view.id < chosen.id:
+                other.view = attrs.evolve(other.view, bypassed=other.view.bypassed + 1)
+        acquired = self._lock.acquire()
+        assert acquired.called, "the GPU lock is only ever taken here, when it is free"
+        waiter.granted.callback(None)
+
+    def _leave(self, job_id: int) -> _Waiter:
+        """Take a waiter out of the queue, with its timeout."""
+        waiter = self._waiting.pop(job_id)
+        if waiter.timer is not None and waiter.timer.active():
+            waiter.timer.cancel()
+        return waiter
+
+    def _cancelled(self, waiter: _Waiter) -> None:
+        """The caller gave up waiting (its client went away)."""
+        self.cancelled_jobs += 1
+        self._refuse(waiter, None)
+
+    def _refuse(self, waiter: _Waiter, refusal: ApiError | None) -> None:
+        """Take a waiter out of the queue; an idle chooser may now decide otherwise."""
+        self._leave(waiter.view.id)
+        if refusal is not None:
+            waiter.granted.errback(refusal)
+        self._dispatch()
+        self._notify_if_idle()
+
+    def _start(self, view: QueuedJob, job: Callable[[], Deferred[_T]]) -> Deferred[_T]:
+        """The job holds the GPU lock: count it, prepare its consumer, run it."""
         started = self._clock.seconds()
-        self.last_wait_ms = round((started - waiter.enqueued) * 1000)
+        self.last_wait_ms = round((started - view.arrived) * 1000)
         self.in_flight += 1
         self.total_jobs += 1
-        state = self._registry[consumer]
+        state = self._registry[view.consumer]
         state.active += 1
         state.total_requests += 1
-        succeeded = abandoned = False
-        try:
-            try:
-                await self._hold(ensureDeferred(self._prepare(consumer)))
-            except (ApiError, CancelledError):
-                raise
-            except Exception as e:
-                log.failure("preparing {consumer} failed", consumer=consumer)
-                raise ApiError(
-                    SCHEDULER_ERROR, f"scheduler failed to prepare {consumer}: {e}", consumer
-                ) from e
-            result = await self._hold(job())
-            succeeded = True
-            return result
-        except CancelledError:
-            self.cancelled_jobs += 1
-            raise
-        except GeneratorExit:
-            # The coroutine is being garbage-collected, abandoned by everyone
-            # (only ever in tests that drop a scheduler mid-job): releasing
-            # the lock now would resume other coroutines being torn down too.
-            abandoned = True
-            raise
-        except BaseException:
-            self.failed_jobs += 1
-            raise
-        finally:
-            if not abandoned:
-                self._finish_job(state, started, succeeded)
+        # The bookkeeping rides on the Deferred, not in the coroutine: a
+        # coroutine garbage-collected mid-job (abandoned by everyone) runs its
+        # ``finally`` blocks but never fires its Deferred, so it cannot release
+        # the lock into other coroutines being torn down.
+        running = Deferred.fromCoroutine(self._prepare_and_run(view.consumer, job))
+        return running.addBoth(self._finish, state, started)
 
-    def _finish_job(self, state: ConsumerState, started: float, succeeded: bool) -> None:
+    async def _prepare_and_run(self, consumer: str, job: Callable[[], Deferred[_T]]) -> _T:
+        try:
+            await self._hold(ensureDeferred(self._prepare(consumer)))
+        except (ApiError, CancelledError):
+            raise
+        except Exception as e:
+            log.failure("preparing {consumer} failed", consumer=consumer)
+            raise ApiError(
+                SCHEDULER_ERROR, f"scheduler failed to prepare {consumer}: {e}", consumer
+            ) from e
+        return await self._hold(job())
+
+    def _finish(self, result: _T | Failure, state: ConsumerState, started: float) -> _T | Failure:
         """The job is over: record it and hand the GPU to the next one."""
         finished = self._clock.seconds()
         self.last_run_ms = round((finished - started) * 1000)
         state.active -= 1
-        if succeeded:
+        if not isinstance(result, Failure):
             state.last_used = finished
+        elif result.check(CancelledError):
+            self.cancelled_jobs += 1
+        else:
+            self.failed_jobs += 1
         self.in_flight -= 1
         self._lock.release()
-        if self.in_flight == 0 and not self._waiters:
-            self._notify_idle()
+        self._dispatch()
+        self._notify_if_idle()
+        return result
 
     async def _hold(self, step: Deferred[_T]) -> _T:
         """Await a step of a running job, cancellable by :meth:`abort_running`."""
@@ -206,45 +316,27 @@ class GpuScheduler:
         ``shutting_down`` error; jobs already running carry on.
         """
         self._closed = ApiError(SHUTTING_DOWN, reason)
-        for waiter in list(self._waiters):
-            waiter.refused = self._closed
-            if waiter.acquiring is not None:
-                waiter.acquiring.cancel()
-        if self.in_flight == 0:
-            self._notify_idle()
-
-    def _queue_by_priority(self, waiter: _Waiter) -> None:
-        """
-        Move a new waiter ahead of every waiter of lower priority: the lock
-        serves its queue in order, first come first served within a priority.
-        """
-        queued = self._lock.waiting
-        assert waiter.acquiring is not None and queued[-1] is waiter.acquiring
-        position = len(self._waiters) - 1
-        while position > 0 and self._waiters[position - 1].priority < waiter.priority:
-            position -= 1
-        if position == len(self._waiters) - 1:
-            return
-        self._waiters.insert(position, self._waiters.pop())
-        # The lock's queue and ours hold the same waiters in the same order.
-        offset = len(queued) - len(self._waiters)
-        queued.insert(offset + position, queued.pop())
+        for waiter in list(self._waiting.values()):
+            self._refuse(waiter, self._closed)
+        self._notify_if_idle()
 
     def _give_up(self, waiter: _Waiter) -> None:
         self.queue_timeouts += 1
-        waiter.refused = ApiError(
-            QUEUE_TIMEOUT,
-            f"waited {self._max_wait:g} s for the GPU without getting it",
-            waiter.consumer,
-            headers={"Retry-After": str(self._retry_after())},
+        waiter.timer = None
+        self._refuse(
+            waiter,
+            ApiError(
+                QUEUE_TIMEOUT,
+                f"waited {self._max_wait:g} s for the GPU without getting it",
+                waiter.view.consumer,
+                headers={"Retry-After": str(self._retry_after())},
+            ),
         )
-        assert waiter.acquiring is not None
-        waiter.acquiring.cancel()
 
     def _retry_after(self) -> int:
         """Seconds until a retry might find room: the queue at the last job's pace."""
         per_job = (self.last_run_ms or 1000) / 1000
-        return max(1, min(600, math.ceil(per_job * (len(self._waiters) + 1))))
+        return max(1, min(600, math.ceil(per_job * (len(self._waiting) + 1))))
 
     def abort_running(self) -> None:
         """Cancel every running job, preparing or relaying (the shutdown grace is over)."""
@@ -253,19 +345,21 @@ class GpuScheduler:
 
     def when_idle(self) -> Deferred[None]:
         """Fires once no job runs and none waits."""
-        if self.in_flight == 0 and not self._waiters:
+        if self.in_flight == 0 and not self._waiting:
             return succeed(None)
         waiter: Deferred[None] = Deferred()
         self._idle_waiters.append(waiter)
         return waiter
 
-    def _notify_idle(self) -> None:
+    def _notify_if_idle(self) -> None:
+        if self.in_flight or self._waiting:
+            return
         waiters, self._idle_waiters = self._idle_waiters, []
         for waiter in waiters:
             waiter.callback(None)
 
     def as_status(self) -> dict[str, Any]:
-        oldest = min((w.enqueued for w in self._waiters), default=None)
+        oldest = min((w.view.arrived for w in self._waiting.values()), default=None)
         return {
             "queue_depth": self.queue_depth,
             "in_flight": self.in_flight,

@@ -23,7 +23,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from mgpumanager.api import ManagerApp, job_kind
 from mgpumanager.attribution import PidMap, ProcessAttributor, find_consumer_pids
@@ -38,6 +38,11 @@ from mgpumanager.proxy import ConsumerProxy, ReusedEndpoints
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
 from mgpumanager.site import ManagerSite
+from mgpumanager.twisted_private import (
+    fail_start_on_listen_error,
+    forget_exit_signal,
+    quiet_connections,
+)
 
 log = Logger()
 
@@ -52,12 +57,6 @@ def load_pynvml() -> Any:
     import pynvml
 
     return pynvml
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """One log line per upstream connection is noise, not information."""
-
-    noisy = False
 
 
 class _Loop(Service):
@@ -142,10 +141,8 @@ class ManagerService(MultiService):
         await DeferredList([maybeDeferred(s.stopService) for s in others])
         Service.stopService(self)
         await self._pool.closeCachedConnections()
-        # twistd re-raises the signal that stopped it, so a clean stop would
-        # end as "killed by SIGTERM"; a graceful stop is a success: exit 0.
-        if getattr(self._clock, "_exitSignal", None) is not None:
-            self._clock._exitSignal = None
+        # A graceful stop is a success: exit 0, not "killed by SIGTERM".
+        forget_exit_signal(self._clock)
 
 
 @attrs.frozen
@@ -171,7 +168,7 @@ def build(
             config, lifecycle=attrs.evolve(config.lifecycle, systemctl=stand_ins.systemctl)
         )
     pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = _QuietClientFactory
+    quiet_connections(pool)
     pool.maxPersistentPerHost = 8
     agents: dict[float, Agent] = {}
 
@@ -223,8 +220,7 @@ def build(
         reactor,
         registry,
         lifecycle.prepare,
-        max_depth=config.queue.max_depth,
-        max_wait=config.queue.max_wait_seconds,
+        queue=config.queue,
     )
     proxy = ConsumerProxy(
         lambda consumer: agent_for_timeout(consumer.timeouts.connect_seconds),
@@ -238,7 +234,7 @@ def build(
     site = ManagerSite(app.resource(), partial(body_limit_for_path, config), guard)
     endpoint = serverFromString(reactor, description)
     http = StreamServerEndpointService(endpoint, site)
-    http._raiseSynchronously = True
+    fail_start_on_listen_error(http)
 
     service = ManagerService(http, scheduler, pool, reactor, config.shutdown_grace_seconds)
     for extra in stand_ins.services if stand_ins else ():

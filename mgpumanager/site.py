@@ -20,6 +20,7 @@ from twisted.web.server import Request, Site
 
 from mgpumanager.errors import BAD_REQUEST, BODY_TOO_LARGE, ApiError
 from mgpumanager.guard import Guard
+from mgpumanager.twisted_private import request_line
 
 log = Logger()
 access = Logger(namespace="mgpumanager.access")
@@ -38,10 +39,8 @@ class LimitedRequest(Request):
 
     def gotLength(self, length: int | None) -> None:
         channel: Any = self.channel
-        # The request line is parsed but not yet given to the request: the
-        # channel still holds the method and target.
-        method: bytes = getattr(channel, "_command", b"") or b""
-        target: bytes = getattr(channel, "_path", b"") or b""
+        # The request line is parsed but not yet given to the request.
+        method, target = request_line(channel)
         site: ManagerSite = channel.site
         refusal = site.refusal(method, target.partition(b"?")[0], self.requestHeaders)
         if refusal is not None:

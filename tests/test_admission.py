@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -74,8 +75,9 @@ def jobs() -> Jobs:
     return Jobs()
 
 
-def scheduler_with(clock: Clock, max_depth: int = 512, max_wait: float = 600.0) -> GpuScheduler:
-    return GpuScheduler(clock, Registry(CONFIG), max_depth=max_depth, max_wait=max_wait)
+def scheduler_with(clock: Clock, **queue: Any) -> GpuScheduler:
+    """A scheduler whose queue settings differ from the defaults as given."""
+    return GpuScheduler(clock, Registry(CONFIG), queue=attrs.evolve(CONFIG.queue, **queue))
 
 
 def refusal(d: Deferred[Any]) -> ApiError:
@@ -181,7 +183,7 @@ def test_an_idle_scheduler_accepts_a_job_even_with_max_depth_one(
 
 
 def test_a_queued_job_gives_up_after_max_wait(clock: Clock, jobs: Jobs) -> None:
-    scheduler = scheduler_with(clock, max_wait=30)
+    scheduler = scheduler_with(clock, max_wait_seconds=30)
     running = scheduler.submit("voice", jobs.job("running"))
     waiting = scheduler.submit("llm", jobs.job("waiting"))
     assert scheduler.queue_depth == 1
@@ -218,7 +220,7 @@ def test_a_queued_job_gives_up_after_max_wait(clock: Clock, jobs: Jobs) -> None:
 
 
 def test_only_the_jobs_that_waited_too_long_give_up(clock: Clock, jobs: Jobs) -> None:
-    scheduler = scheduler_with(clock, max_wait=10)
+    scheduler = scheduler_with(clock, max_wait_seconds=10)
     scheduler.submit("voice", jobs.job("running"))
     early = scheduler.submit("llm", jobs.job("early"))
     clock.advance(6)
@@ -240,7 +242,7 @@ def test_only_the_jobs_that_waited_too_long_give_up(clock: Clock, jobs: Jobs) ->
 def test_a_job_that_gets_the_gpu_before_max_wait_cancels_its_timer(
     clock: Clock, jobs: Jobs
 ) -> None:
-    scheduler = scheduler_with(clock, max_wait=30)
+    scheduler = scheduler_with(clock, max_wait_seconds=30)
     scheduler.submit("voice", jobs.job("running"))
     waiting = scheduler.submit("llm", jobs.job("waiting"))
     assert len(clock.getDelayedCalls()) == 1
@@ -259,7 +261,7 @@ def test_a_job_that_gets_the_gpu_before_max_wait_cancels_its_timer(
 
 
 def test_a_job_that_gets_the_gpu_at_once_sets_no_timer(clock: Clock, jobs: Jobs) -> None:
-    scheduler = scheduler_with(clock, max_wait=30)
+    scheduler = scheduler_with(clock, max_wait_seconds=30)
 
     running = scheduler.submit("voice", jobs.job("running"))
 
@@ -271,7 +273,7 @@ def test_a_job_that_gets_the_gpu_at_once_sets_no_timer(clock: Clock, jobs: Jobs)
 
 
 def test_a_job_cancelled_while_queued_cancels_its_timer(clock: Clock, jobs: Jobs) -> None:
-    scheduler = scheduler_with(clock, max_wait=30)
+    scheduler = scheduler_with(clock, max_wait_seconds=30)
     scheduler.submit("voice", jobs.job("running"))
     waiting = scheduler.submit("llm", jobs.job("waiting"))
 

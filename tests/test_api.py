@@ -98,7 +98,7 @@ class World:
         self.clock = Clock()
         self.clock.advance(EPOCH)
         self.registry = Registry(CONFIG)
-        self.scheduler = GpuScheduler(self.clock, self.registry)
+        self.scheduler = GpuScheduler(self.clock, self.registry, queue=CONFIG.queue)
         self.sampler = GpuSampler(
             load_nvml=lambda: None,
             run_blocking=lambda call: Deferred(),

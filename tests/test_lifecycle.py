@@ -1208,7 +1208,9 @@ def recording_job(ran: list[str]) -> Callable[[str], Callable[[], Deferred[None]
 def test_making_room_and_loading_happen_inside_the_gpu_lock() -> None:
     world = voice_world()
     world.client.answers["http://127.0.0.1:9003/api/free"] = HOLD
-    scheduler = GpuScheduler(world.clock, world.registry, world.lifecycle.prepare)
+    scheduler = GpuScheduler(
+        world.clock, world.registry, world.lifecycle.prepare, queue=world.config.queue
+    )
     ran: list[str] = []
     job = recording_job(ran)
 
@@ -1230,7 +1232,9 @@ def test_making_room_and_loading_happen_inside_the_gpu_lock() -> None:
 def test_a_failed_unload_fails_the_job_without_running_it_and_frees_the_lock() -> None:
     world = voice_world()
     world.client.answers["http://127.0.0.1:9003/api/free"] = 500
-    scheduler = GpuScheduler(world.clock, world.registry, world.lifecycle.prepare)
+    scheduler = GpuScheduler(
+        world.clock, world.registry, world.lifecycle.prepare, queue=world.config.queue
+    )
     ran: list[str] = []
     job = recording_job(ran)
 
@@ -1276,7 +1280,9 @@ class PlanApi:
         app = ManagerApp(
             config=world.config,
             registry=world.registry,
-            scheduler=GpuScheduler(world.clock, world.registry, world.lifecycle.prepare),
+            scheduler=GpuScheduler(
+                world.clock, world.registry, world.lifecycle.prepare, queue=world.config.queue
+            ),
             proxy=None,  # type: ignore[arg-type]
             sampler=world.sampler,
             lifecycle=world.lifecycle,

@@ -74,7 +74,7 @@ def registry() -> Registry:
 
 @pytest.fixture
 def scheduler(clock: Clock, registry: Registry) -> GpuScheduler:
-    return GpuScheduler(clock, registry)
+    return GpuScheduler(clock, registry, queue=CONFIG.queue)
 
 
 @pytest.fixture
@@ -259,7 +259,7 @@ class Preparer:
 def test_prepare_runs_under_the_lock_before_the_job(clock: Clock, registry: Registry) -> None:
     jobs = Jobs()
     prepare = Preparer(jobs)
-    scheduler = GpuScheduler(clock, registry, prepare)
+    scheduler = GpuScheduler(clock, registry, prepare, queue=CONFIG.queue)
 
     first = scheduler.submit("voice", jobs.job("voice"))
     second = scheduler.submit("llm", jobs.job("llm"))
@@ -288,7 +288,7 @@ def test_an_api_error_from_prepare_fails_the_job_without_running_it(
     def prepare(consumer: str) -> Deferred[None]:
         return fail(refusal) if consumer == "voice" else succeed(None)
 
-    scheduler = GpuScheduler(clock, registry, prepare)
+    scheduler = GpuScheduler(clock, registry, prepare, queue=CONFIG.queue)
     refused = scheduler.submit("voice", jobs.job("voice"))
     after = scheduler.submit("llm", jobs.job("llm"))
 
@@ -310,7 +310,7 @@ def test_an_unexpected_prepare_error_becomes_a_scheduler_error(
         if consumer == "voice":
             raise KeyError("oops")
 
-    scheduler = GpuScheduler(clock, registry, prepare)
+    scheduler = GpuScheduler(clock, registry, prepare, queue=CONFIG.queue)
     refused = scheduler.submit("voice", jobs.job("voice"))
     after = scheduler.submit("llm", jobs.job("llm"))
 
@@ -401,7 +401,7 @@ def test_abort_running_also_stops_a_job_that_is_still_preparing(
 ) -> None:
     jobs = Jobs()
     prepare = Preparer(jobs)
-    scheduler = GpuScheduler(clock, registry, prepare)
+    scheduler = GpuScheduler(clock, registry, prepare, queue=CONFIG.queue)
     preparing = scheduler.submit("voice", jobs.job("voice"))
     assert scheduler.in_flight == 1
 

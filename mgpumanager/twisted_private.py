@@ -1,0 +1,101 @@
+"""
+Every use of a private Twisted API, in one place.
+
+Each function here reaches past Twisted's public API because that API lacks
+something the daemon needs; its docstring says what and why.  Nothing else in
+the package may touch a private Twisted name.  ``tests/test_twisted_private.py``
+checks each use against the installed Twisted, so an upgrade that changes one
+fails there, naming the attribute, instead of quietly changing what a client
+sees or how the daemon exits.  setup.cfg bounds Twisted's version for the same
+reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.web._newclient import _WrapperException
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.iweb import IResponse
+
+#: Twisted's base of the client errors that carry a list of underlying
+#: failures in ``reasons`` (``ResponseFailed``, ``RequestGenerationFailed``,
+#: ``ResponseNeverReceived``...).  It is not exported, yet a cancelled request
+#: and a refused connection can only be told apart through those reasons.
+WrapperException = _WrapperException
+
+
+def response_connection_header(response: IResponse) -> list[bytes]:
+    """
+    The raw values of an upstream answer's own ``Connection`` header.
+
+    Twisted's client files ``Connection`` with the framing headers, out of
+    ``response.headers``, and no public API returns it; yet a proxy must drop
+    every header that ``Connection`` names.  Only the client protocol's parser
+    still holds it: ``response._transport`` (a ``TransportProxyProducer``)
+    ``._producer`` (the TCP transport) ``.protocol`` (the
+    ``HTTP11ClientProtocol``, wrapped once by an endpoint's
+    ``_WrappingProtocol``) ``._parser.connHeaders``.  An answer reached any
+    other way has no such chain: then there is nothing to drop.
+    """
+    try:
+        protocol: Any = response._transport._producer.protocol  # type: ignore[attr-defined]
+        protocol = getattr(protocol, "_wrappedProtocol", protocol)
+        values: list[bytes] = protocol._parser.connHeaders.getRawHeaders(b"connection", [])
+    except AttributeError:
+        return []
+    return values
+
+
+def request_line(channel: Any) -> tuple[bytes, bytes]:
+    """
+    The method and target of the request an ``HTTPChannel`` is reading.
+
+    ``Request.gotLength`` runs once the headers are parsed, before the body,
+    and is the last moment to refuse a body unread; but Twisted gives the
+    request its method and path only after the body, in ``requestReceived``.
+    Until then the channel keeps them in ``_command`` and ``_path``.
+    """
+    method: bytes = getattr(channel, "_command", b"") or b""
+    target: bytes = getattr(channel, "_path", b"") or b""
+    return method, target
+
+
+class QuietClientFactory(_HTTP11ClientFactory):
+    """
+    The pool's connection factory without its "Starting factory" and
+    "Stopping factory" log lines: one pair per upstream connection is noise.
+    The factory is private, and ``HTTPConnectionPool`` offers no public way to
+    choose it.
+    """
+
+    noisy = False
+
+
+def quiet_connections(pool: HTTPConnectionPool) -> None:
+    """Make ``pool`` open its connections with :class:`QuietClientFactory`."""
+    pool._factory = QuietClientFactory
+
+
+def fail_start_on_listen_error(service: StreamServerEndpointService) -> None:
+    """
+    Make the service's start raise when its port cannot be opened (in use,
+    no permission), so ``twistd`` reports it and exits instead of running a
+    daemon that serves nothing.  ``strports.service`` sets the same private
+    flag; a service built from an endpoint has no public switch for it.
+    """
+    service._raiseSynchronously = True
+
+
+def forget_exit_signal(reactor: Any) -> None:
+    """
+    Make a stop caused by SIGTERM or SIGINT end the process with status 0.
+
+    The reactor records the signal that stopped it in ``_exitSignal`` and
+    ``twistd`` re-raises it on the way out, so a graceful shutdown reads as
+    "killed by SIGTERM" to systemd.  There is no public way to say that the
+    stop was orderly, so the record is cleared once shutdown has completed.
+    """
+    if getattr(reactor, "_exitSignal", None) is not None:
+        reactor._exitSignal = None
