@@ -18,9 +18,8 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.web import client as web_client
 
-from mgpumanager.twisted_private import WrapperException
-
 from mgpumanager.deadline import TimedOut
+from mgpumanager.twisted_private import WrapperException
 
 JSON_CONTENT_TYPE = b"application/json"
 
