@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     check = commands.add_parser("check", help="validate a configuration file and summarise it")
     check.add_argument("config", metavar="CONFIG")
-    for name, helptext in (("status", "the daemon's live state"), ("plan", "a dry run for one kind")):
+    for name, helptext in (("status", "the daemon's live state"), ("plan", "a dry run")):
         command = commands.add_parser(name, help=helptext)
         if name == "plan":
             command.add_argument("kind", metavar="KIND", help="tts, stt, llm or image")
@@ -203,14 +203,16 @@ def render_plan(plan: dict[str, Any]) -> str:
         lines.append(f"no room to make: {plan['skip_make_room']}")
     for n, step in enumerate(plan.get("steps") or [], 1):
         fit = step.get("fit") or {}
-        verdict = "fits" if fit.get("fits") else f"does not fit; evict {step.get('victim') or 'nobody'}"
+        victim = step.get("victim") or "nobody"
+        verdict = "fits" if fit.get("fits") else f"does not fit; evict {victim}"
         lines.append(f"step {n}: {fit.get('why')} -> {verdict}")
         for candidate in step.get("candidates") or []:
             lines.append(f"    {candidate.get('name')}: {candidate.get('reason')}")
     evict = plan.get("would_evict") or []
     lines.append(f"would evict: {', '.join(evict) if evict else 'nothing'}")
     if plan.get("would_load"):
-        lines.append(f"would load: {plan.get('target')} ({plan.get('load_by') or 'on its first request'})")
+        load_by = plan.get("load_by") or "on its first request"
+        lines.append(f"would load: {plan.get('target')} ({load_by})")
     else:
         lines.append("would load: nothing (already resident)")
     return "\n".join(lines)

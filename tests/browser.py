@@ -105,9 +105,10 @@ class Browser:
     async def errors(self, include_network: bool = True) -> list[str]:
         """
         The console's errors since the last call (reading them empties
-        Chromium's buffer, so one test never sees another's).  Without ``include_network`` only the page's own
-        (script errors, console.error): a refused connection is logged by the
-        browser itself when a test refuses one on purpose.
+        Chromium's buffer, so one test never sees another's).  Without
+        ``include_network`` only the page's own (script errors,
+        console.error): the browser itself logs a refused connection when a
+        test refuses one on purpose.
         """
         return [
             entry["message"]

@@ -143,7 +143,9 @@ async def test_status_prints_the_card_consumers_running_job_and_queue(
 async def test_plan_prints_what_would_be_evicted_and_why(
     daemon_url: str, token_file: str
 ) -> None:
-    code, out = await run_in_thread("plan", "image", "--url", daemon_url, "--token-file", token_file)
+    code, out = await run_in_thread(
+        "plan", "image", "--url", daemon_url, "--token-file", token_file
+    )
     assert code == 0
     assert "would evict: mvoice" in out
     assert "NVML free 3884 MiB vs 9000 + 256 MiB cushion -> does not fit; evict mvoice" in out
