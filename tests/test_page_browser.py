@@ -1,0 +1,289 @@
+"""
+The status page in a real browser, fed by a loopback server that answers like
+the daemon (``/``, ``/v1/status``, ``/v1/events``) with documents each test
+chooses.  The ``daemon`` fixture is the seam where the real daemon goes once
+it serves the page itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from mgpumanager.page import status_page
+from tests.browser import LAPTOP, PHONE, Browser, browser_fixture  # noqa: F401
+
+TOKEN = "page-token-0123456789"
+
+
+def status_document() -> dict[str, Any]:
+    """A busy card as the daemon reports it: three resident consumers, one not."""
+
+    def consumer(name: str, loaded: bool, measured: int, declared: int, **more: Any) -> Any:
+        return {
+            "name": name, "url": "http://127.0.0.1:9", "healthy": True, "loaded": loaded,
+            "gpu_resident_mib": measured, "peak_resident_mib": measured,
+            "vram_budget_mib": declared, "vram_managed": False, "active": 0,
+            "total_requests": 3, "loads": 1, "unloads": 0, "last_used": None,
+            "last_probe": "2026-12-01T10:00:00.000Z", "last_error": "", "priority": 0,
+            "can_coexist_with": [], **more,
+        }
+
+    return {
+        "listen": "127.0.0.1:8770",
+        "time": "2026-12-01T10:00:00.000Z",
+        "gpu": {"total_mib": 16384, "used_mib": 12500, "free_mib": 3884, "reserved_mib": 1024,
+                "last_sample": "2026-12-01T10:00:00.000Z", "name": "Stand-in GPU"},
+        "routing": {"tts": "mvoice", "stt": "whisper", "llm": "ollama", "image": "comfyui"},
+        "consumers": [
+            consumer("comfyui", False, 0, 9000),
+            consumer("mvoice", True, 0, 3000, priority=2),
+            consumer("ollama", True, 6000, 0, adapter="ollama", models=[
+                {"name": "llama3.2:3b", "size_vram_mib": 6000, "expires_at": None}]),
+            consumer("whisper", False, 0, 1500, healthy=False, last_error="connection refused"),
+        ],
+        "scheduler": {"queue_depth": 0, "in_flight": 0, "total_jobs": 12, "last_wait_ms": 4,
+                      "last_run_ms": 670, "oldest_queued": None, "evictions": 0,
+                      "decisions": []},
+    }
+
+
+def with_image_job(document: dict[str, Any]) -> dict[str, Any]:
+    """The card after ComfyUI evicted mvoice and started a prompt; a TTS job waits."""
+    changed = copy.deepcopy(document)
+    changed["time"] = "2026-12-01T10:00:05.000Z"
+    for entry in changed["consumers"]:
+        if entry["name"] == "mvoice":
+            entry.update(loaded=False, unloads=1)
+        if entry["name"] == "comfyui":
+            entry.update(loaded=True, gpu_resident_mib=9000, active=1)
+    scheduler = changed["scheduler"]
+    scheduler.update(policy="interactive-first", evictions=1, queue_depth=1, running={
+        "id": "job-7", "consumer": "comfyui", "kind": "image", "class": "batch",
+        "priority": 0, "phase": "completing", "prompt_id": "p-1",
+        "started": "2026-12-01T10:00:02.000Z"})
+    scheduler["queue"] = [{"id": "job-8", "consumer": "mvoice", "kind": "tts",
+                           "class": "interactive", "priority": 2, "waited_ms": 1800,
+                           "bypassed": 0, "needs_swap": True, "eta_seconds": 41}]
+    scheduler["decisions"] = [{
+        "type": "evict", "time": "2026-12-01T10:00:01.000Z", "target": "comfyui",
+        "victim": "mvoice", "why": "NVML free 3884 MiB vs 9000 + 256 MiB cushion",
+        "outcome": "unloaded", "unload_ms": 369, "candidates": [
+            {"name": "mvoice", "eligible": True, "reason": "eligible"},
+            {"name": "ollama", "eligible": False, "reason": "manages its own VRAM"}]}]
+    return changed
+
+
+class StandInDaemon(Resource):
+    """
+    The daemon's page-facing routes over a real socket: the current document
+    on ``/v1/status`` and pushed to every ``/v1/events`` stream on
+    :meth:`publish`.  It can refuse the stream, and stop and start again on
+    the same port like a restarted daemon.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.document = status_document()
+        self.refuse_events = False
+        self.paths: list[bytes] = []
+        self.streams: list[Request] = []
+        #: Every connection that made a request: a dying daemon drops them all.
+        self.channels: set[Any] = set()
+        self.port_number = 0
+        self.port: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port_number}/"
+
+    def start(self) -> None:
+        site = Site(self)
+        site.log = lambda request: None  # type: ignore[method-assign]
+        self.port = reactor.listenTCP(self.port_number, site, interface="127.0.0.1")
+        self.port_number = self.port.getHost().port
+
+    async def stop(self) -> None:
+        """Stop listening and cut every connection, as a dying process does."""
+        if self.port is None:
+            return
+        port, self.port = self.port, None
+        await port.stopListening()
+        for channel in self.channels:
+            if channel.transport is not None:
+                channel.transport.abortConnection()
+        self.channels.clear()
+        self.streams.clear()
+
+    def publish(self, document: dict[str, Any]) -> None:
+        self.document = document
+        for stream in self.streams:
+            stream.write(self._event())
+
+    def _event(self) -> bytes:
+        return b"data: " + json.dumps(self.document).encode() + b"\n\n"
+
+    def render_GET(self, request: Request) -> bytes | int:
+        self.paths.append(request.uri)
+        self.channels.add(request.channel)
+        if request.path == b"/":
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            return status_page()
+        if request.path == b"/v1/status":
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps(self.document).encode()
+        if request.path == b"/v1/events" and not self.refuse_events:
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.setHeader(b"cache-control", b"no-store")
+            request.write(b"retry: 1000\n\n" + self._event())
+            self.streams.append(request)
+            request.notifyFinish().addBoth(lambda _: self._forget(request))
+            return NOT_DONE_YET
+        request.setResponseCode(503 if request.path == b"/v1/events" else 404)
+        request.setHeader(b"content-type", b"application/json")
+        return b'{"error": "unavailable", "message": "refused", "retryable": true}'
+
+    def _forget(self, request: Request) -> None:
+        if request in self.streams:
+            self.streams.remove(request)
+
+
+@pytest_twisted.async_yield_fixture
+async def daemon() -> AsyncIterator[StandInDaemon]:
+    server = StandInDaemon()
+    server.start()
+    yield server
+    await server.stop()
+
+
+def state_of(driver: Any) -> str:
+    return str(driver.find_element("id", "conn").get_attribute("data-state"))
+
+
+def text_of(driver: Any, element_id: str) -> str:
+    return str(driver.find_element("id", element_id).text)
+
+
+async def open_live(browser: Browser, url: str) -> None:
+    await browser.open(url)
+    await browser.wait_until(lambda d: state_of(d) == "live", 3.0, "the event stream is live")
+
+
+@pytest_twisted.ensureDeferred
+async def test_shows_every_consumer_and_the_card_without_console_errors(
+    browser: Browser, daemon: StandInDaemon, tmp_path: Path
+) -> None:
+    await open_live(browser, daemon.url)
+    names = await browser.script(
+        "return [...document.querySelectorAll('.consumer')].map(e => e.dataset.consumer)"
+    )
+    assert names == [c["name"] for c in daemon.document["consumers"]]
+    segments = await browser.script(
+        "return [...document.querySelectorAll('.seg[data-consumer]')]"
+        ".map(e => [e.dataset.consumer, +e.dataset.mib, e.classList.contains('declared')])"
+    )
+    # Measured memory where the consumer reports it, else its declared budget, marked.
+    assert segments == [["mvoice", 3000, True], ["ollama", 6000, False]]
+    assert await browser.call(lambda d: text_of(d, "card-total")) == "16.0 GiB"
+    card = await browser.call(lambda d: text_of(d, "card"))
+    assert "free 3.8 GiB" in card and "reserved 1.0 GiB" in card
+    consumers = await browser.call(lambda d: text_of(d, "consumers"))
+    assert "llama3.2:3b" in consumers and "connection refused" in consumers
+    await browser.screenshot(tmp_path / "status-laptop.png")
+    assert await browser.errors() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pushed_job_and_eviction_show_without_a_reload(
+    browser: Browser, daemon: StandInDaemon, tmp_path: Path
+) -> None:
+    await open_live(browser, daemon.url)
+    await browser.script("window.notReloaded = true")
+    daemon.publish(with_image_job(daemon.document))
+    running = await browser.wait_until(
+        lambda d: "comfyui" in text_of(d, "running") and text_of(d, "running"),
+        2.0, "the running job appears",
+    )
+    assert "completing" in running
+    decisions = await browser.call(lambda d: text_of(d, "decisions"))
+    assert "mvoice → comfyui" in decisions
+    assert "NVML free 3884 MiB vs 9000 + 256 MiB cushion" in decisions
+    queue = await browser.call(lambda d: text_of(d, "queue"))
+    assert "mvoice" in queue and "in 41 s" in queue
+    residents = await browser.script(
+        "return [...document.querySelectorAll('.seg[data-consumer]')].map(e => e.dataset.consumer)"
+    )
+    assert residents == ["comfyui", "ollama"]
+    assert await browser.script("return window.notReloaded") is True
+    await browser.screenshot(tmp_path / "status-busy.png")
+    assert await browser.errors() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_falls_back_to_polling_when_the_event_stream_is_refused(
+    browser: Browser, daemon: StandInDaemon
+) -> None:
+    daemon.refuse_events = True
+    await browser.open(daemon.url)
+    await browser.wait_until(lambda d: state_of(d) == "polling", 3.0, "polling")
+    daemon.publish(with_image_job(daemon.document))
+    await browser.wait_until(
+        lambda d: "comfyui" in text_of(d, "running"), 3.0, "a poll shows the new job"
+    )
+    assert b"/v1/events" in daemon.paths
+    assert await browser.errors(include_network=False) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnects_after_the_daemon_restarts_on_the_same_port(
+    browser: Browser, daemon: StandInDaemon
+) -> None:
+    await open_live(browser, daemon.url)
+    await daemon.stop()
+    await browser.wait_until(lambda d: state_of(d) == "reconnecting", 3.0, "reconnecting")
+    daemon.start()
+    await browser.wait_until(lambda d: state_of(d) == "live", 3.0, "live again")
+    daemon.publish(with_image_job(daemon.document))
+    await browser.wait_until(
+        lambda d: "comfyui" in text_of(d, "running"), 2.0, "the restarted stream's news"
+    )
+    assert await browser.errors(include_network=False) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_in_the_address_stays_out_of_later_requests(
+    browser: Browser, daemon: StandInDaemon
+) -> None:
+    await open_live(browser, daemon.url + "?token=" + TOKEN)
+    assert daemon.paths[0] == b"/?token=" + TOKEN.encode()
+    assert daemon.paths[1:] and all(TOKEN.encode() not in path for path in daemon.paths[1:])
+    assert TOKEN not in await browser.call(lambda d: d.current_url)
+
+
+@pytest_twisted.ensureDeferred
+async def test_fits_a_phone_screen(
+    browser: Browser, daemon: StandInDaemon, tmp_path: Path
+) -> None:
+    daemon.publish(with_image_job(daemon.document))
+    await browser.resize(PHONE)
+    try:
+        await open_live(browser, daemon.url)
+        overflow = await browser.script(
+            "return document.documentElement.scrollWidth - window.innerWidth"
+        )
+        assert overflow <= 0
+        await browser.screenshot(tmp_path / "status-phone.png")
+    finally:
+        await browser.resize(LAPTOP)
+    assert await browser.errors() == []
+
