@@ -28,11 +28,12 @@ from mgpumanager.errors import (
     ApiError,
 )
 from mgpumanager.eviction import dry_run_plan
-from mgpumanager.gpu import GpuSampler, rfc3339
+from mgpumanager.gpu import GpuSampler
 from mgpumanager.lifecycle import Lifecycle
 from mgpumanager.proxy import ConsumerProxy
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
+from mgpumanager.status import plan_document, status_document
 
 log = Logger()
 
@@ -115,17 +116,15 @@ class ManagerApp:
         return json_body(request, self.status_document())
 
     def status_document(self) -> dict[str, Any]:
-        config = self._config
-        return {
-            "listen": self._listen,
-            "time": rfc3339(self._clock.seconds()),
-            "gpu": self._sampler.latest.as_status(
-                config.gpu.total_mib, config.gpu.reserved_mib
-            ),
-            "routing": dict(config.routing),
-            "consumers": self._registry.as_status(),
-            "scheduler": {**self._scheduler.as_status(), **self._lifecycle.as_status()},
-        }
+        return status_document(
+            listen=self._listen,
+            now=self._clock.seconds(),
+            config=self._config,
+            sample=self._sampler.latest,
+            registry=self._registry,
+            scheduler=self._scheduler,
+            lifecycle=self._lifecycle,
+        )
 
     def plan(self, request: Request, rest: bytes) -> Deferred[bytes]:
         """
@@ -144,8 +143,8 @@ class ManagerApp:
 
         async def dry_run() -> bytes:
             sample = await self._sampler.sample()
-            document = dry_run_plan(self._config, self._registry, consumer.name, sample)
-            return json_body(request, {"kind": kind, **document})
+            plan = dry_run_plan(self._config, self._registry, consumer.name, sample)
+            return json_body(request, {"kind": kind, **plan_document(plan)})
 
         return Deferred.fromCoroutine(dry_run())
 

@@ -8,12 +8,11 @@ the latest GPU sample, so that the real scheduler and the dry-run
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
-from typing import Any
 
 import attrs
 
 from mgpumanager.config import Config, ConsumerConfig
-from mgpumanager.gpu import GpuSample, rfc3339
+from mgpumanager.gpu import GpuSample
 from mgpumanager.registry import ConsumerState, Registry
 
 #: Free memory we insist on beyond the target's declared size when NVML
@@ -35,16 +34,6 @@ class Fit:
     available_mib: int | None
     why: str
 
-    def as_status(self) -> dict[str, Any]:
-        return {
-            "fits": self.fits,
-            "basis": self.basis,
-            "needed_mib": self.needed_mib,
-            "available_mib": self.available_mib,
-            "why": self.why,
-        }
-
-
 @attrs.frozen
 class Candidate:
     """One consumer considered as a victim, and why it was or was not chosen."""
@@ -53,15 +42,6 @@ class Candidate:
     eligible: bool
     reason: str
     last_used: float | None = None
-
-    def as_status(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "eligible": self.eligible,
-            "reason": self.reason,
-            "last_used": rfc3339(self.last_used),
-        }
-
 
 def why_no_room_needed(target: ConsumerState) -> str | None:
     """Why making room can be skipped for this target, or None if it cannot."""
@@ -195,14 +175,6 @@ class Step:
     #: None while there is a victim; else "fits", or why nothing more is unloaded.
     stop: str | None
 
-    def as_status(self) -> dict[str, Any]:
-        return {
-            "fit": self.fit.as_status(),
-            "candidates": [c.as_status() for c in self.candidates],
-            "victim": self.victim.name if self.victim else None,
-        }
-
-
 def plan_step(
     config: Config,
     states: Collection[ConsumerState],
@@ -227,9 +199,26 @@ def plan_step(
     return Step(fit, candidates, victim, None if victim else "nothing can be evicted")
 
 
-def dry_run_plan(
-    config: Config, registry: Registry, target: str, sample: GpuSample
-) -> dict[str, Any]:
+@attrs.frozen
+class Plan:
+    """What making room for a target would do now: the dry run's answer."""
+
+    target: str
+    #: Why making room is skipped altogether, if it is.
+    skip_make_room: str | None
+    steps: tuple[Step, ...]
+    would_evict: tuple[str, ...]
+    would_load: bool
+    #: How it would be loaded, when it would be.
+    load_by: str | None
+
+    @property
+    def needs_swap(self) -> bool:
+        """Whether the job would unload or load anything before it runs."""
+        return bool(self.would_evict) or self.would_load
+
+
+def dry_run_plan(config: Config, registry: Registry, target: str, sample: GpuSample) -> Plan:
     """
     What making room for ``target`` would do now, touching nothing: the
     scheduler's own :func:`plan_step`, with each eviction assumed to free the
@@ -238,24 +227,24 @@ def dry_run_plan(
     state = registry[target]
     skip = why_no_room_needed(state)
     states = list(registry)
-    steps: list[dict[str, Any]] = []
+    steps: list[Step] = []
     evict: list[str] = []
     freed = 0
     while skip is None:
         step = plan_step(config, states, state, _plus_free(sample, freed), evict)
-        steps.append(step.as_status())
+        steps.append(step)
         if step.victim is None:
             break
         evict.append(step.victim.name)
         freed += registry[step.victim.name].gpu_resident_mib
-    return {
-        "target": target,
-        "skip_make_room": skip,
-        "would_evict": evict,
-        "would_load": not state.resident,
-        "load_by": _load_method(state.config) if not state.resident else None,
-        "steps": steps,
-    }
+    return Plan(
+        target=target,
+        skip_make_room=skip,
+        steps=tuple(steps),
+        would_evict=tuple(evict),
+        would_load=not state.resident,
+        load_by=_load_method(state.config) if not state.resident else None,
+    )
 
 
 def _plus_free(sample: GpuSample, freed: int) -> GpuSample:

@@ -21,9 +21,6 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-# For the modules that still import it from here; new code imports mgpumanager.times.
-from mgpumanager.times import rfc3339 as rfc3339
-
 log = Logger()
 
 MIB = 1024 * 1024
@@ -64,28 +61,6 @@ class GpuSample:
     @property
     def free_mib(self) -> int | None:
         return None if self.reading is None else self.reading.free_mib
-
-    def as_status(self, total_mib: int | None, reserved_mib: int) -> dict[str, object]:
-        """The ``gpu`` object of ``/v1/status``."""
-        reading = self.reading
-        status: dict[str, object] = {
-            "total_mib": total_mib if total_mib is not None else (
-                reading.total_mib if reading else None
-            ),
-            "used_mib": reading.used_mib if reading else None,
-            "free_mib": reading.free_mib if reading else None,
-            "reserved_mib": reserved_mib,
-            "last_sample": rfc3339(self.time),
-        }
-        if reading is not None:
-            status["name"] = reading.name
-            status["processes"] = [
-                {"pid": pid, "used_mib": mib} for pid, mib in sorted(reading.processes.items())
-            ]
-        if self.err:
-            status["err"] = self.err
-        return status
-
 
 #: What ``nvmlDeviceGetHandleByIndex`` returns: opaque, and of a different type in
 #: each implementation (a ctypes pointer in pynvml), so the sampler only passes it on.

@@ -11,7 +11,7 @@ to load anything on top of memory that never returned.
 from __future__ import annotations
 
 import collections
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
@@ -23,7 +23,7 @@ from mgpumanager.config import Config
 from mgpumanager.control import ConsumerControl, ControlFailed
 from mgpumanager.errors import LOAD_FAILED, UNLOAD_FAILED, ApiError
 from mgpumanager.eviction import Candidate, Fit, plan_step, why_no_room_needed
-from mgpumanager.gpu import GpuSample, GpuSampler, rfc3339
+from mgpumanager.gpu import GpuSample, GpuSampler
 from mgpumanager.registry import ConsumerState, Registry
 
 log = Logger()
@@ -61,20 +61,6 @@ class Decision:
     unload_ms: int | None = None
     recovery_ms: int | None = None
     recovered_mib: int | None = None
-
-    def as_status(self) -> dict[str, Any]:
-        return {
-            "time": rfc3339(self.time),
-            "target": self.target,
-            **self.fit.as_status(),
-            "candidates": [c.as_status() for c in self.candidates],
-            "victim": self.victim,
-            "outcome": self.outcome,
-            "unload_ms": self.unload_ms,
-            "recovery_ms": self.recovery_ms,
-            "recovered_mib": self.recovered_mib,
-        }
-
 
 class Lifecycle:
     """
@@ -114,15 +100,6 @@ class Lifecycle:
             await self._make_room(state)
         if not state.resident:
             await self._load(state)
-
-    def as_status(self) -> dict[str, Any]:
-        return {
-            "evictions": self.evictions,
-            "failed_unloads": self.failed_unloads,
-            "loads": self.loads,
-            "failed_loads": self.failed_loads,
-            "decisions": [d.as_status() for d in self.decisions],
-        }
 
     async def _make_room(self, target: ConsumerState) -> None:
         """Carry out :func:`~mgpumanager.eviction.plan_step` until it stops."""

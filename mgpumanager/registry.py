@@ -10,12 +10,10 @@ scheduler's decisions and ``/v1/status`` both read this one place.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import attrs
 
 from mgpumanager.config import Config, ConsumerConfig
-from mgpumanager.gpu import rfc3339
 
 #: Share of its declared VRAM a consumer's processes must hold to count as loaded.
 RESIDENT_SHARE = 0.5
@@ -106,39 +104,6 @@ class ConsumerState:
     def note_resident_mib(self, mib: int) -> None:
         self.peak_resident_mib = max(self.peak_resident_mib, mib)
 
-    def as_status(self) -> dict[str, Any]:
-        config = self.config
-        status: dict[str, Any] = {
-            "name": config.name,
-            "url": config.url,
-            "healthy": self.healthy,
-            "loaded": self.resident,
-            "gpu_resident_mib": self.gpu_resident_mib,
-            "peak_resident_mib": self.peak_resident_mib,
-            "vram_budget_mib": config.vram_resident_mib,
-            "vram_managed": config.vram_managed,
-            "active": self.active,
-            "total_requests": self.total_requests,
-            "loads": self.load_count,
-            "unloads": self.unload_count,
-            "last_used": rfc3339(self.last_used),
-            "last_probe": rfc3339(self.last_probe),
-            "last_error": self.last_error,
-            "priority": config.priority,
-            "can_coexist_with": sorted(config.can_coexist_with),
-        }
-        if (
-            config.vram_resident_mib
-            and self.measured_resident_mib is not None
-            and self.measured_resident_mib > config.vram_resident_mib
-        ):
-            status["warning"] = (
-                f"measured {self.measured_resident_mib} MiB exceeds declared "
-                f"vram_resident_mib {config.vram_resident_mib}"
-            )
-        return status
-
-
 class Registry:
     """All consumers' states, by name, in name order."""
 
@@ -155,5 +120,3 @@ class Registry:
     def __iter__(self) -> Iterator[ConsumerState]:
         return iter(self._states.values())
 
-    def as_status(self) -> list[dict[str, Any]]:
-        return [state.as_status() for state in self]

@@ -37,7 +37,6 @@ from twisted.python.failure import Failure
 
 from mgpumanager.config import QueueConfig
 from mgpumanager.errors import QUEUE_FULL, QUEUE_TIMEOUT, SCHEDULER_ERROR, SHUTTING_DOWN, ApiError
-from mgpumanager.gpu import rfc3339
 from mgpumanager.registry import ConsumerState, Registry
 
 log = Logger()
@@ -338,6 +337,14 @@ class GpuScheduler:
         per_job = (self.last_run_ms or 1000) / 1000
         return max(1, min(600, math.ceil(per_job * (len(self._waiting) + 1))))
 
+    @property
+    def max_depth(self) -> int:
+        return self._max_depth
+
+    def oldest_arrival(self) -> float | None:
+        """When the longest-waiting job arrived, or None when none waits."""
+        return min((w.view.arrived for w in self._waiting.values()), default=None)
+
     def abort_running(self) -> None:
         """Cancel every running job, preparing or relaying (the shutdown grace is over)."""
         for running in list(self._running):
@@ -358,18 +365,3 @@ class GpuScheduler:
         for waiter in waiters:
             waiter.callback(None)
 
-    def as_status(self) -> dict[str, Any]:
-        oldest = min((w.view.arrived for w in self._waiting.values()), default=None)
-        return {
-            "queue_depth": self.queue_depth,
-            "in_flight": self.in_flight,
-            "total_jobs": self.total_jobs,
-            "failed_jobs": self.failed_jobs,
-            "cancelled_jobs": self.cancelled_jobs,
-            "last_wait_ms": self.last_wait_ms,
-            "last_run_ms": self.last_run_ms,
-            "oldest_queued": rfc3339(oldest),
-            "max_depth": self._max_depth,
-            "refused_queue_full": self.refused_queue_full,
-            "queue_timeouts": self.queue_timeouts,
-        }

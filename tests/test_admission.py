@@ -20,6 +20,7 @@ from mgpumanager.config import parse_config
 from mgpumanager.errors import ApiError
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
+from mgpumanager.status import scheduler_status
 
 _case = SynchronousTestCase()
 success_result_of = _case.successResultOf
@@ -104,8 +105,8 @@ def test_one_job_more_than_max_depth_waiting_is_refused_with_queue_full(
     assert error.kind.retryable is True
     assert int(error.headers["Retry-After"]) >= 1
     assert scheduler.refused_queue_full == 1
-    assert scheduler.as_status()["refused_queue_full"] == 1
-    assert scheduler.as_status()["max_depth"] == 2
+    assert scheduler_status(scheduler)["refused_queue_full"] == 1
+    assert scheduler_status(scheduler)["max_depth"] == 2
     # The refusal changed nothing for the others.
     assert scheduler.queue_depth == 2
     assert jobs.started == ["running"]
@@ -202,8 +203,8 @@ def test_a_queued_job_gives_up_after_max_wait(clock: Clock, jobs: Jobs) -> None:
     assert int(error.headers["Retry-After"]) >= 1
     assert scheduler.queue_depth == 0
     assert scheduler.queue_timeouts == 1
-    assert scheduler.as_status()["queue_timeouts"] == 1
-    assert scheduler.as_status()["queue_depth"] == 0
+    assert scheduler_status(scheduler)["queue_timeouts"] == 1
+    assert scheduler_status(scheduler)["queue_depth"] == 0
     assert scheduler.cancelled_jobs == 0
 
     # The running job is untouched, the one that gave up never runs, and the

@@ -27,10 +27,16 @@ from mgpumanager.eviction import (
 )
 from mgpumanager.gpu import GpuReading, GpuSample
 from mgpumanager.registry import ConsumerState, Registry
+from mgpumanager.status import candidate_status, plan_document
 from tests.builders import consumer as _consumer
 
 EPOCH = calendar.timegm((2026, 5, 15, 10, 0, 0))
 
+
+
+def plan_of(*args: Any) -> dict[str, Any]:
+    """The dry run as ``GET /v1/plan/<kind>`` shows it."""
+    return plan_document(dry_run_plan(*args))
 
 def _config(gpu: dict[str, Any], consumers: dict[str, Any]) -> Config:
     return parse_config({"gpu": gpu, "consumers": consumers})
@@ -473,13 +479,13 @@ def test_pick_victim_is_none_when_nothing_is_eligible_or_nothing_is_listed() -> 
 
 
 def test_candidate_status_shows_last_use_as_rfc3339() -> None:
-    assert Candidate("a", True, "eligible", EPOCH).as_status() == {
+    assert candidate_status(Candidate("a", True, "eligible", EPOCH)) == {
         "name": "a",
         "eligible": True,
         "reason": "eligible",
         "last_used": "2026-05-15T10:00:00.000Z",
     }
-    assert Candidate("a", True, "eligible").as_status()["last_used"] is None
+    assert candidate_status(Candidate("a", True, "eligible"))["last_used"] is None
 
 
 # -- dry_run_plan ------------------------------------------------------------
@@ -496,7 +502,7 @@ def test_the_plan_lists_victims_in_order_until_the_target_fits_by_nvml() -> None
     before = _snapshot(reg)
 
     # 9000 free; image needs 13256: whisper (1500) then voice (3000) -> 13500.
-    plan = dry_run_plan(CONFIG, reg, "image", nvml(9000))
+    plan = plan_of(CONFIG, reg, "image", nvml(9000))
 
     assert plan["target"] == "image"
     assert plan["skip_make_room"] is None
@@ -518,7 +524,7 @@ def test_the_plan_frees_measured_memory_when_known() -> None:
     reg = registry()
     reg["voice"].measured_resident_mib = 4500  # grew past its declared 3000
 
-    plan = dry_run_plan(CONFIG, reg, "image", nvml(8800))
+    plan = plan_of(CONFIG, reg, "image", nvml(8800))
 
     assert plan["would_evict"] == ["voice"]
     assert plan["steps"][-1]["fit"]["available_mib"] == 13300
@@ -527,7 +533,7 @@ def test_the_plan_frees_measured_memory_when_known() -> None:
 def test_the_plan_by_budget() -> None:
     reg = registry()
 
-    plan = dry_run_plan(CONFIG, reg, "image", NO_NVML)
+    plan = plan_of(CONFIG, reg, "image", NO_NVML)
 
     # 10360 with voice, 13360 without it.
     assert plan["would_evict"] == ["voice"]
@@ -538,7 +544,7 @@ def test_the_plan_by_budget() -> None:
 def test_the_plan_stops_at_the_eviction_cap() -> None:
     reg = all_loaded(SMALL, "big")
 
-    plan = dry_run_plan(SMALL, reg, "big", nvml(692, total_mib=8192))
+    plan = plan_of(SMALL, reg, "big", nvml(692, total_mib=8192))
 
     assert MAX_EVICTIONS == 5
     assert plan["would_evict"] == ["s1", "s2", "s3", "s4", "s5"]
@@ -553,7 +559,7 @@ def test_the_plan_says_when_nothing_can_be_evicted() -> None:
     reg = registry(whisper=False, image=False)
     reg["voice"].believed_loaded = False
 
-    plan = dry_run_plan(CONFIG, reg, "voice", nvml(100))
+    plan = plan_of(CONFIG, reg, "voice", nvml(100))
 
     assert plan["would_evict"] == []
     assert len(plan["steps"]) == 1
@@ -564,7 +570,7 @@ def test_the_plan_says_when_nothing_can_be_evicted() -> None:
 def test_the_plan_for_a_resident_target_does_nothing() -> None:
     reg = registry()
 
-    plan = dry_run_plan(CONFIG, reg, "voice", nvml(0))
+    plan = plan_of(CONFIG, reg, "voice", nvml(0))
 
     assert plan == {
         "target": "voice",
@@ -579,7 +585,7 @@ def test_the_plan_for_a_resident_target_does_nothing() -> None:
 def test_the_plan_for_an_unloaded_systemd_target_starts_the_unit() -> None:
     reg = registry(whisper=False)
 
-    plan = dry_run_plan(CONFIG, reg, "whisper", nvml(12000))
+    plan = plan_of(CONFIG, reg, "whisper", nvml(12000))
 
     assert plan["would_evict"] == []
     assert plan["load_by"] == "systemctl start whisper.service"
@@ -592,7 +598,7 @@ def test_the_plan_never_changes_anything(free: int) -> None:
     reg["voice"].last_used = EPOCH
     before = _snapshot(reg)
 
-    dry_run_plan(CONFIG, reg, "image", nvml(free))
-    dry_run_plan(CONFIG, reg, "image", NO_NVML)
+    plan_of(CONFIG, reg, "image", nvml(free))
+    plan_of(CONFIG, reg, "image", NO_NVML)
 
     assert _snapshot(reg) == before

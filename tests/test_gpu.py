@@ -1,7 +1,7 @@
 """
 Tests for :mod:`mgpumanager.gpu`: what NVML says becomes MiB and a per-process map;
 no NVML, an NVML error or a hung driver becomes the sample's ``err`` and never stops
-the loop; subscribers see every sample; ``as_status`` is the ``gpu`` object of
+the loop; subscribers see every sample; ``gpu_status`` is the ``gpu`` object of
 ``/v1/status``.
 """
 
@@ -18,6 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mgpumanager.gpu import MIB, GpuReading, GpuSample, GpuSampler
+from mgpumanager.status import gpu_status
 
 _case = SynchronousTestCase()
 success_result_of = _case.successResultOf
@@ -243,7 +244,7 @@ READING = GpuReading(name="NVIDIA GeForce RTX 4090", total_mib=24564, used_mib=8
 
 
 def test_status_prefers_the_configured_total() -> None:
-    status = GpuSample(time=EPOCH + 0.25, reading=READING).as_status(24576, 1024)
+    status = gpu_status(GpuSample(time=EPOCH + 0.25, reading=READING), 24576, 1024)
 
     assert status["total_mib"] == 24576
     assert (status["used_mib"], status["free_mib"]) == (8963, 15601)
@@ -253,13 +254,13 @@ def test_status_prefers_the_configured_total() -> None:
 
 
 def test_status_falls_back_to_nvmls_total() -> None:
-    status = GpuSample(time=EPOCH, reading=READING).as_status(None, 512)
+    status = gpu_status(GpuSample(time=EPOCH, reading=READING), None, 512)
     assert status["total_mib"] == 24564
     assert status["reserved_mib"] == 512
 
 
 def test_status_of_a_failed_sample_carries_the_error() -> None:
-    status = GpuSample(time=EPOCH, err="NVML Shared Library Not Found").as_status(24576, 1024)
+    status = gpu_status(GpuSample(time=EPOCH, err="NVML Shared Library Not Found"), 24576, 1024)
 
     assert status["err"] == "NVML Shared Library Not Found"
     assert status["total_mib"] == 24576
@@ -269,16 +270,14 @@ def test_status_of_a_failed_sample_carries_the_error() -> None:
 
 
 def test_status_before_the_first_sample_has_no_time_and_no_error() -> None:
-    status = GpuSample().as_status(None, 1024)
+    status = gpu_status(GpuSample(), None, 1024)
     assert status["last_sample"] is None
     assert status["total_mib"] is None
     assert "err" not in status
 
 
 def test_times_are_rfc3339_utc_with_milliseconds() -> None:
-    from mgpumanager import gpu, times
+    from mgpumanager import times
 
     assert times.rfc3339(1_700_000_000.25) == "2023-11-14T22:13:20.250Z"
     assert times.rfc3339(None) is None
-    # The modules that still import it from gpu get the same function.
-    assert gpu.rfc3339 is times.rfc3339

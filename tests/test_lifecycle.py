@@ -37,6 +37,7 @@ from mgpumanager.gpu import MIB, GpuReading, GpuSample, GpuSampler
 from mgpumanager.lifecycle import DECISIONS_KEPT, Lifecycle
 from mgpumanager.registry import ConsumerState, Registry
 from mgpumanager.scheduler import GpuScheduler
+from mgpumanager.status import lifecycle_status
 from tests.builders import consumer as _consumer
 from tests.fakes import static_pids
 
@@ -1135,7 +1136,7 @@ def test_decisions_show_in_status_with_every_candidate_and_reason() -> None:
 
     success_result_of(world.prepare("voice"))
 
-    status = world.lifecycle.as_status()
+    status = lifecycle_status(world.lifecycle)
     assert {k: status[k] for k in ("evictions", "failed_unloads", "loads", "failed_loads")} == {
         "evictions": 1,
         "failed_unloads": 0,
@@ -1186,7 +1187,7 @@ def test_only_the_last_twenty_decisions_are_kept() -> None:
     assert decisions[0].time == EPOCH + 5
     assert decisions[-1].time == EPOCH + 24
     assert world.lifecycle.loads == 25
-    assert len(world.lifecycle.as_status()["decisions"]) == 20
+    assert len(lifecycle_status(world.lifecycle)["decisions"]) == 20
 
 
 # -- inside the GPU lock -------------------------------------------------------------

@@ -31,12 +31,18 @@ from mgpumanager.eviction import dry_run_plan
 from mgpumanager.gpu import GpuReading, GpuSample, GpuSampler
 from mgpumanager.lifecycle import Lifecycle
 from mgpumanager.registry import Registry
+from mgpumanager.status import plan_document
 from tests.builders import consumer as _consumer
 from tests.fakes import static_pids
 
 CARD_MIB = 24576
 #: 2026-05-15T10:00:00Z.
 EPOCH = 1778839200.0
+
+
+def plan_of(*args: Any) -> dict[str, Any]:
+    """The dry run as ``GET /v1/plan/<kind>`` shows it."""
+    return plan_document(dry_run_plan(*args))
 
 
 @st.composite
@@ -192,7 +198,7 @@ def test_the_dry_run_names_the_victims_the_real_loop_unloads(
     plan_sample: list[GpuSample] = []
     sample.addCallback(plan_sample.append)
 
-    plan = dry_run_plan(config, build_registry(config, states), target, plan_sample[0])
+    plan = plan_of(config, build_registry(config, states), target, plan_sample[0])
     unloaded = run_real_loop(config, build_registry(config, states), target, free)
 
     event(f"{len(unloaded)} unloaded, {'NVML' if free is not None else 'no NVML'}")

@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mgpumanager.config import parse_config
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import Chooser, GpuScheduler, QueuedJob
+from mgpumanager.status import scheduler_status
 from tests.builders import consumer
 
 _case = SynchronousTestCase()
@@ -102,7 +103,7 @@ def test_oldest_queued_is_the_longest_waiter_whatever_its_place() -> None:
     clock.advance(5)
     scheduler.submit("voice", jobs.job("voice-1"))  # first in line, since t=1005
 
-    assert scheduler.as_status()["oldest_queued"] == "1970-01-01T00:16:40.000Z"
+    assert scheduler_status(scheduler)["oldest_queued"] == "1970-01-01T00:16:40.000Z"
 
 
 def scheduler_for(clock: Clock, chooser: Chooser | None = None) -> GpuScheduler:
@@ -208,7 +209,7 @@ def test_a_chooser_that_picks_nothing_is_asked_again_at_the_time_it_named() -> N
     clock.advance(0.5)
     assert jobs.order == ["held"]
     assert chooser.asked == [0, 10]
-    assert scheduler.as_status()["last_wait_ms"] == 10_000
+    assert scheduler_status(scheduler)["last_wait_ms"] == 10_000
     jobs.finish()
     success_result_of(held)
     success_result_of(idle)

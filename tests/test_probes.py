@@ -23,6 +23,7 @@ from mgpumanager.config import parse_config
 from mgpumanager.control import ConsumerControl
 from mgpumanager.probes import HealthProber
 from mgpumanager.registry import Registry
+from mgpumanager.status import consumer_status
 
 _case = SynchronousTestCase()
 success_result_of = _case.successResultOf
@@ -181,7 +182,7 @@ def test_the_consumers_report_overrides_bookkeeping(world: World) -> None:
     assert voice.gpu_resident_mib == 0
     assert image.resident is True
     assert image.gpu_resident_mib == 9000
-    assert image.as_status()["loaded"] is True
+    assert consumer_status(image)["loaded"] is True
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from mgpumanager.config import parse_config
 from mgpumanager.errors import LOAD_FAILED, ApiError
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
+from mgpumanager.status import consumer_status, scheduler_status
 from tests.builders import consumer as _consumer
 
 _case = SynchronousTestCase()
@@ -119,20 +120,20 @@ def test_queued_jobs_run_in_arrival_order(scheduler: GpuScheduler, jobs: Jobs) -
 def test_stats_follow_the_queue_and_time_waits_and_runs_with_the_clock(
     scheduler: GpuScheduler, jobs: Jobs, clock: Clock
 ) -> None:
-    idle = scheduler.as_status()
+    idle = scheduler_status(scheduler)
     assert idle["queue_depth"] == 0
     assert idle["in_flight"] == 0
     assert idle["total_jobs"] == 0
     assert idle["oldest_queued"] is None
 
     scheduler.submit("voice", jobs.job("first"))
-    assert scheduler.as_status()["last_wait_ms"] == 0
+    assert scheduler_status(scheduler)["last_wait_ms"] == 0
     clock.advance(2)
     scheduler.submit("llm", jobs.job("second"))
     clock.advance(1.5)
     scheduler.submit("voice", jobs.job("third"))
 
-    busy = scheduler.as_status()
+    busy = scheduler_status(scheduler)
     assert busy["queue_depth"] == 2
     assert busy["in_flight"] == 1
     assert busy["total_jobs"] == 1
@@ -140,7 +141,7 @@ def test_stats_follow_the_queue_and_time_waits_and_runs_with_the_clock(
 
     clock.advance(1.5)
     jobs.finish("first")
-    after_first = scheduler.as_status()
+    after_first = scheduler_status(scheduler)
     assert after_first["last_run_ms"] == 5000
     assert after_first["last_wait_ms"] == 3000
     assert after_first["queue_depth"] == 1
@@ -152,7 +153,7 @@ def test_stats_follow_the_queue_and_time_waits_and_runs_with_the_clock(
     jobs.finish("second")
     clock.advance(0.125)
     jobs.finish("third")
-    done = scheduler.as_status()
+    done = scheduler_status(scheduler)
     assert done["last_run_ms"] == 125
     assert done["last_wait_ms"] == 1750
     assert done["queue_depth"] == 0
@@ -172,7 +173,7 @@ def test_cancelling_a_queued_job_leaves_the_queue_at_once_and_never_runs_it(
 
     failure_result_of(queued, CancelledError)
     assert scheduler.queue_depth == 0
-    assert scheduler.as_status()["oldest_queued"] is None
+    assert scheduler_status(scheduler)["oldest_queued"] is None
     assert scheduler.cancelled_jobs == 1
 
     jobs.finish("running")
@@ -232,7 +233,7 @@ def test_registry_counts_active_and_total_and_records_last_used_on_success(
     success_result_of(done)
     assert (state.active, state.total_requests) == (0, 1)
     assert state.last_used == EPOCH + 3
-    assert state.as_status()["last_used"] == "2026-05-15T10:00:03.000Z"
+    assert consumer_status(state)["last_used"] == "2026-05-15T10:00:03.000Z"
 
     clock.advance(3)
     failed = scheduler.submit("voice", lambda: fail(RuntimeError("boom")))

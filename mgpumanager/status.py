@@ -1,0 +1,178 @@
+"""
+The JSON shapes of ``/v1/status`` and ``/v1/plan/<kind>``, assembled here and
+nowhere else.
+
+The lower layers keep plain values (samples, states, decisions, counters);
+only this module knows how a client sees them, so a field is renamed or added
+in one place, and the same figures feed every reader (the status document,
+the events stream, the metrics).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mgpumanager.config import Config
+from mgpumanager.eviction import Candidate, Fit, Plan, Step
+from mgpumanager.gpu import GpuSample
+from mgpumanager.lifecycle import Decision, Lifecycle
+from mgpumanager.registry import ConsumerState, Registry
+from mgpumanager.scheduler import GpuScheduler
+from mgpumanager.times import rfc3339
+
+JsonObject = dict[str, Any]
+
+
+def status_document(
+    *,
+    listen: str,
+    now: float,
+    config: Config,
+    sample: GpuSample,
+    registry: Registry,
+    scheduler: GpuScheduler,
+    lifecycle: Lifecycle,
+) -> JsonObject:
+    """The whole ``/v1/status`` document."""
+    return {
+        "listen": listen,
+        "time": rfc3339(now),
+        "gpu": gpu_status(sample, config.gpu.total_mib, config.gpu.reserved_mib),
+        "routing": dict(config.routing),
+        "consumers": [consumer_status(state) for state in registry],
+        "scheduler": {**scheduler_status(scheduler), **lifecycle_status(lifecycle)},
+    }
+
+
+def gpu_status(sample: GpuSample, total_mib: int | None, reserved_mib: int) -> JsonObject:
+    """The ``gpu`` object: the configured size wins over NVML's."""
+    reading = sample.reading
+    status: JsonObject = {
+        "total_mib": total_mib if total_mib is not None else (
+            reading.total_mib if reading else None
+        ),
+        "used_mib": reading.used_mib if reading else None,
+        "free_mib": reading.free_mib if reading else None,
+        "reserved_mib": reserved_mib,
+        "last_sample": rfc3339(sample.time),
+    }
+    if reading is not None:
+        status["name"] = reading.name
+        status["processes"] = [
+            {"pid": pid, "used_mib": mib} for pid, mib in sorted(reading.processes.items())
+        ]
+    if sample.err:
+        status["err"] = sample.err
+    return status
+
+
+def consumer_status(state: ConsumerState) -> JsonObject:
+    """One entry of ``consumers``."""
+    config = state.config
+    status: JsonObject = {
+        "name": config.name,
+        "url": config.url,
+        "healthy": state.healthy,
+        "loaded": state.resident,
+        "gpu_resident_mib": state.gpu_resident_mib,
+        "peak_resident_mib": state.peak_resident_mib,
+        "vram_budget_mib": config.vram_resident_mib,
+        "vram_managed": config.vram_managed,
+        "active": state.active,
+        "total_requests": state.total_requests,
+        "loads": state.load_count,
+        "unloads": state.unload_count,
+        "last_used": rfc3339(state.last_used),
+        "last_probe": rfc3339(state.last_probe),
+        "last_error": state.last_error,
+        "priority": config.priority,
+        "can_coexist_with": sorted(config.can_coexist_with),
+    }
+    measured = state.measured_resident_mib
+    if config.vram_resident_mib and measured is not None and measured > config.vram_resident_mib:
+        status["warning"] = (
+            f"measured {measured} MiB exceeds declared "
+            f"vram_resident_mib {config.vram_resident_mib}"
+        )
+    return status
+
+
+def scheduler_status(scheduler: GpuScheduler) -> JsonObject:
+    """The queue's and the jobs' counters."""
+    return {
+        "queue_depth": scheduler.queue_depth,
+        "in_flight": scheduler.in_flight,
+        "total_jobs": scheduler.total_jobs,
+        "failed_jobs": scheduler.failed_jobs,
+        "cancelled_jobs": scheduler.cancelled_jobs,
+        "last_wait_ms": scheduler.last_wait_ms,
+        "last_run_ms": scheduler.last_run_ms,
+        "oldest_queued": rfc3339(scheduler.oldest_arrival()),
+        "max_depth": scheduler.max_depth,
+        "refused_queue_full": scheduler.refused_queue_full,
+        "queue_timeouts": scheduler.queue_timeouts,
+    }
+
+
+def lifecycle_status(lifecycle: Lifecycle) -> JsonObject:
+    """Evictions, loads and the recent decisions, oldest first."""
+    return {
+        "evictions": lifecycle.evictions,
+        "failed_unloads": lifecycle.failed_unloads,
+        "loads": lifecycle.loads,
+        "failed_loads": lifecycle.failed_loads,
+        "decisions": [decision_status(d) for d in lifecycle.decisions],
+    }
+
+
+def decision_status(decision: Decision) -> JsonObject:
+    return {
+        "time": rfc3339(decision.time),
+        "target": decision.target,
+        **fit_status(decision.fit),
+        "candidates": [candidate_status(c) for c in decision.candidates],
+        "victim": decision.victim,
+        "outcome": decision.outcome,
+        "unload_ms": decision.unload_ms,
+        "recovery_ms": decision.recovery_ms,
+        "recovered_mib": decision.recovered_mib,
+    }
+
+
+def fit_status(fit: Fit) -> JsonObject:
+    return {
+        "fits": fit.fits,
+        "basis": fit.basis,
+        "needed_mib": fit.needed_mib,
+        "available_mib": fit.available_mib,
+        "why": fit.why,
+    }
+
+
+def candidate_status(candidate: Candidate) -> JsonObject:
+    return {
+        "name": candidate.name,
+        "eligible": candidate.eligible,
+        "reason": candidate.reason,
+        "last_used": rfc3339(candidate.last_used),
+    }
+
+
+def step_status(step: Step) -> JsonObject:
+    return {
+        "fit": fit_status(step.fit),
+        "candidates": [candidate_status(c) for c in step.candidates],
+        "victim": step.victim.name if step.victim else None,
+    }
+
+
+def plan_document(plan: Plan) -> JsonObject:
+    """The ``/v1/plan/<kind>`` document (less its kind): a dry run of making room."""
+    return {
+        "target": plan.target,
+        "skip_make_room": plan.skip_make_room,
+        "would_evict": list(plan.would_evict),
+        "would_load": plan.would_load,
+        "load_by": plan.load_by,
+        "steps": [step_status(step) for step in plan.steps],
+    }
