@@ -22,13 +22,13 @@ from mgpumanager.config import ENDPOINT_KINDS, Config
 from mgpumanager.dispatch import Dispatcher, json_body
 from mgpumanager.errors import (
     BAD_REQUEST,
-    CONSUMER_DOWN,
     NO_CONSUMER,
     NOT_FOUND,
     ApiError,
 )
 from mgpumanager.eviction import dry_run_plan
 from mgpumanager.gpu import GpuSampler
+from mgpumanager.jobs import GpuJobs
 from mgpumanager.lifecycle import Lifecycle
 from mgpumanager.proxy import ConsumerProxy
 from mgpumanager.registry import Registry
@@ -71,6 +71,7 @@ class ManagerApp:
         self._sampler = sampler
         self._lifecycle = lifecycle
         self._clock = clock
+        self._jobs = GpuJobs(registry, scheduler, proxy)
         #: What status reports as the listen address: an override wins.
         self._listen = listen or str(config.listen)
 
@@ -100,17 +101,7 @@ class ManagerApp:
             )
             raise ApiError(NO_CONSUMER, why, name)
         consumer, route = target
-        state = self._registry[consumer.name]
-        if state.healthy is False and not state.restartable:
-            raise ApiError(
-                CONSUMER_DOWN,
-                f"upstream {consumer.name}: last health probe failed: {state.last_error}",
-                consumer.name,
-            )
-        return self._scheduler.submit(
-            consumer.name,
-            lambda: self._proxy.relay(request, consumer, route.method, route.path),
-        )
+        return self._jobs.run(request, consumer, route.method, route.path, kind)
 
     def status(self, request: Request, rest: bytes) -> bytes:
         return json_body(request, self.status_document())
