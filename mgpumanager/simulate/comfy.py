@@ -86,6 +86,11 @@ class SimComfy(SimServer):
     def prompts(self) -> int:
         return self.queue.count
 
+    @property
+    def websocket_clients(self) -> int:
+        """Open ``/ws`` connections."""
+        return sum(len(connections) for connections in self._sockets.values())
+
     def close(self) -> None:
         self.queue.clear()
         if self._step is not None:
@@ -231,6 +236,8 @@ class SimComfy(SimServer):
             while (prompt := self.queue.take()) is not None:
                 self._broadcast_status()
                 await self._execute(prompt)
+                # ComfyUI's order: the queue update, then "executing" with no node.
+                self._broadcast_status()
                 self._finished(prompt)
         finally:
             self._worker = None
@@ -292,7 +299,6 @@ class SimComfy(SimServer):
             self.frees += 1
             log.info("{name}: freeing memory on request", name=self.name)
             self.model.unload()
-        self._broadcast_status()
 
     # -- messages --------------------------------------------------------------------
 
