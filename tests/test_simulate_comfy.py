@@ -6,6 +6,7 @@ the queue and the progress WebSocket (read with the ``websocket-client`` library
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 import zlib
@@ -20,6 +21,7 @@ import websocket
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 
+from mgpumanager.simulate.comfy_queue import tiny_png
 from mgpumanager.simulate.host import HostConfig, SimulatedHost
 from mgpumanager.simulate.websocket import (
     OP_PING,
@@ -115,6 +117,23 @@ async def test_every_route_is_also_under_api(comfy_host: SimulatedHost) -> None:
     assert stats["devices"][0]["vram_total"] == 16384 * 1024 * 1024
     info = await body_json(await treq.get(url + "/api/object_info"))
     assert info["SaveImage"]["output_node"] is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_uploaded_image_can_be_viewed(comfy_host: SimulatedHost) -> None:
+    url = comfy_host.urls()["comfyui"]
+    picture = tiny_png(3)
+    response = await treq.post(
+        url + "/api/upload/image",
+        data={"type": "input"},
+        files={"image": ("mask.png", "image/png", io.BytesIO(picture))},
+    )
+    assert await body_json(response) == {"name": "mask.png", "subfolder": "", "type": "input"}
+    view = await treq.get(url + "/view", params={"filename": "mask.png", "type": "input"})
+    assert await view.content() == picture
+    refused = await treq.post(url + "/upload/image", json={"image": "not a form"})
+    assert refused.code == 400
+    await refused.content()
 
 
 @pytest_twisted.ensureDeferred

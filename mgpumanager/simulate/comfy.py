@@ -21,9 +21,9 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request
 
 from mgpumanager.simulate.card import CudaOutOfMemory, SimulatedCard
+from mgpumanager.simulate.comfy_feed import ProgressFeed
 from mgpumanager.simulate.comfy_queue import PromptQueue, QueuedPrompt, tiny_png
 from mgpumanager.simulate.server import Refusal, SimServer, number_field
-from mgpumanager.simulate.websocket import WebSocketConnection, WebSocketResource
 
 log = Logger()
 
@@ -77,7 +77,7 @@ class SimComfy(SimServer):
         self.frees = 0
         self._free_requested = False
         self._images: dict[str, bytes] = {}
-        self._sockets: dict[str, list[WebSocketConnection]] = {}
+        self.feed = ProgressFeed(lambda: self.queue.remaining, self.clock)
         self._worker: Deferred[None] | None = None
         self._step: Deferred[Any] | None = None
         self._waiters: dict[str, list[Deferred[QueuedPrompt]]] = {}
@@ -89,16 +89,13 @@ class SimComfy(SimServer):
     @property
     def websocket_clients(self) -> int:
         """Open ``/ws`` connections."""
-        return sum(len(connections) for connections in self._sockets.values())
+        return self.feed.clients
 
     def close(self) -> None:
         self.queue.clear()
         if self._step is not None:
             self._step.cancel()
-        for connections in list(self._sockets.values()):
-            for connection in connections:
-                if connection.transport is not None:
-                    connection.transport.loseConnection()
+        self.feed.close()
         super().close()
 
     # -- routes ----------------------------------------------------------------------
@@ -135,7 +132,7 @@ class SimComfy(SimServer):
         client_id = body.get("client_id")
         prompt_id = str(body.get("prompt_id") or uuid.uuid4())
         queued = self.queue.add(prompt_id, graph, str(client_id) if client_id else None, work)
-        self._broadcast_status()
+        self.feed.queue_changed()
         if self.answer_when_done:
             done: Deferred[QueuedPrompt] = Deferred()
             self._waiters.setdefault(prompt_id, []).append(done)
@@ -160,7 +157,7 @@ class SimComfy(SimServer):
         delete = body.get("delete")
         if isinstance(delete, list):
             self.queue.delete([str(i) for i in delete])
-        self._broadcast_status()
+        self.feed.queue_changed()
         return self._empty_ok(request)
 
     @comfy_route("/interrupt", ["POST"])
@@ -201,6 +198,24 @@ class SimComfy(SimServer):
         request.setHeader(b"Content-Type", b"image/png")
         return image
 
+    @comfy_route("/upload/image", ["POST"])
+    def upload_image(self, request: Request) -> bytes:
+        try:
+            form = self.form_body(request)
+        except Refusal as e:
+            return self.error(request, e.status, e.message)
+        try:
+            upload = form.files.get("image")
+            if upload is None:
+                request.setResponseCode(400)
+                return b""
+            self._images[upload.filename] = upload.data.read()
+        finally:
+            form.close()
+        folder = form.fields.get("subfolder", "")
+        kind = form.fields.get("type", "input")
+        return self.json(request, {"name": upload.filename, "subfolder": folder, "type": kind})
+
     @comfy_route("/object_info", ["GET"])
     def object_info(self, request: Request) -> bytes:
         nodes = {
@@ -215,15 +230,8 @@ class SimComfy(SimServer):
 
     @comfy_route("/ws", ["GET"])
     def ws(self, request: Request) -> IResource:
-        client_ids = request.args.get(b"clientId") or [uuid.uuid4().hex.encode()]
-        client_id = client_ids[0].decode("utf-8", "replace")
-        connection = WebSocketConnection(
-            on_text=lambda text: None, on_close=lambda: self._forget(client_id, connection)
-        )
-        self._sockets.setdefault(client_id, []).append(connection)
-        # Sent as soon as the 101 is out: the greeting every ComfyUI client waits for.
-        self.clock.callLater(0, self._greet, client_id, connection)
-        return WebSocketResource(connection)
+        client_ids = request.args.get(b"clientId") or [b""]
+        return self.feed.accept(client_ids[0].decode("utf-8", "replace"))
 
     # -- the worker ------------------------------------------------------------------
 
@@ -234,10 +242,10 @@ class SimComfy(SimServer):
     async def _work_through_queue(self) -> None:
         try:
             while (prompt := self.queue.take()) is not None:
-                self._broadcast_status()
+                self.feed.queue_changed()
                 await self._execute(prompt)
                 # ComfyUI's order: the queue update, then "executing" with no node.
-                self._broadcast_status()
+                self.feed.queue_changed()
                 self._finished(prompt)
         finally:
             self._worker = None
@@ -309,31 +317,7 @@ class SimComfy(SimServer):
         if record:
             data["timestamp"] = int(time.time() * 1000)
             prompt.messages.append([kind, data])
-        if prompt.client_id is not None:
-            for connection in self._sockets.get(prompt.client_id, []):
-                connection.send_json({"type": kind, "data": data})
-
-    def _status(self, sid: str | None = None) -> dict[str, Any]:
-        data: dict[str, Any] = {"status": {"exec_info": {"queue_remaining": self.queue.remaining}}}
-        if sid is not None:
-            data["sid"] = sid
-        return {"type": "status", "data": data}
-
-    def _broadcast_status(self) -> None:
-        message = self._status()
-        for connections in self._sockets.values():
-            for connection in connections:
-                connection.send_json(message)
-
-    def _greet(self, client_id: str, connection: WebSocketConnection) -> None:
-        connection.send_json(self._status(sid=client_id))
-
-    def _forget(self, client_id: str, connection: WebSocketConnection) -> None:
-        connections = self._sockets.get(client_id, [])
-        if connection in connections:
-            connections.remove(connection)
-        if not connections:
-            self._sockets.pop(client_id, None)
+        self.feed.send(prompt.client_id, kind, data)
 
     def _body_or_empty(self, request: Request) -> dict[str, Any]:
         try:

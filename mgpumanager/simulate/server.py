@@ -24,6 +24,7 @@ from twisted.web.server import Request, Site
 
 from mgpumanager.simulate.card import CudaOutOfMemory, SimulatedCard
 from mgpumanager.simulate.model import GpuModel
+from mgpumanager.simulate.multipart import FormData, MultipartError, boundary_of, parse_form
 from mgpumanager.simulate.recording import ActivityMeter, RecordedRequest, record_request
 
 log = Logger()
@@ -219,6 +220,21 @@ class SimServer:
         if not isinstance(document, dict):
             raise Refusal(400, "body must be a JSON object")
         return document
+
+    @staticmethod
+    def form_body(request: Request) -> FormData:
+        """
+        The request's ``multipart/form-data``, read as a stream; close it after use.
+
+        :raises Refusal: 400 for any other body.
+        """
+        content = request.content
+        try:
+            if content is None:
+                raise MultipartError("the body must be multipart/form-data")
+            return parse_form(content, boundary_of(request.getHeader("content-type")))
+        except MultipartError as e:
+            raise Refusal(400, str(e)) from None
 
     def _client_gone(self, reason: Failure) -> None:
         self.disconnects += 1

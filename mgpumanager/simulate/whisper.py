@@ -14,7 +14,6 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from mgpumanager.simulate.card import CudaOutOfMemory, SimulatedCard
-from mgpumanager.simulate.multipart import FormData, MultipartError, boundary_of, parse_form
 from mgpumanager.simulate.server import Refusal, SimServer
 from mgpumanager.simulate.voice import body_size, transcript
 
@@ -102,7 +101,7 @@ class SimWhisper(SimServer):
         async def job() -> bytes:
             if not self.running:
                 raise Refusal(503, f"{self.unit} is stopped")
-            form = _read_form(request)
+            form = self.form_body(request)
             try:
                 upload = form.files.get("file")
                 if upload is None or "model" not in form.fields:
@@ -128,16 +127,6 @@ class SimWhisper(SimServer):
         except CudaOutOfMemory as e:
             return self.error(request, 500, str(e))
         return self.json(request, {"unit": self.unit, "active": self.running})
-
-
-def _read_form(request: Request) -> FormData:
-    content = request.content
-    if content is None:
-        raise Refusal(400, "the form needs a 'file' and a 'model'")
-    try:
-        return parse_form(content, boundary_of(request.getHeader("content-type")))
-    except MultipartError as e:
-        raise Refusal(400, str(e)) from None
 
 
 def _audio_answer(request: Request, response_format: str, task: str, text: str) -> bytes:
