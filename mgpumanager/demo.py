@@ -11,7 +11,6 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit
 
-import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -22,36 +21,33 @@ from mgpumanager.service import StandIns
 
 log = Logger()
 
+#: The consumers ``--simulate`` cannot do without; the host's others are optional.
+_REQUIRED = ("mvoice", "ollama", "comfyui", "whisper")
+
 
 def simulated_in_process(config: Config, reactor: Any) -> StandIns:
     """
     Stand-ins for ``--simulate``: the simulated host runs inside the daemon on
     the ports of the config's consumers, and the daemon reads its card.
     """
-    from mgpumanager.simulate.host import PIDS, HostConfig, SimulatedHost
+    from mgpumanager.simulate.host import PIDS, HostConfig, SimulatedHost, consumer_pids
     from mgpumanager.simulate.nvml import SimulatedNvml
 
     ports = {}
     for name in PIDS:
         consumer = config.consumers.get(name)
-        if consumer is None:
+        if consumer is None and name in _REQUIRED:
             raise usage.UsageError(
-                f"--simulate needs consumers named {', '.join(PIDS)} (see config/demo.yaml)"
+                f"--simulate needs consumers named {', '.join(_REQUIRED)} (see config/demo.yaml)"
             )
-        ports[name] = urlsplit(consumer.url).port or 0
-    host_config = HostConfig()
-    host_config = attrs.evolve(
-        host_config,
-        voice=attrs.evolve(host_config.voice, port=ports["mvoice"]),
-        ollama=attrs.evolve(host_config.ollama, port=ports["ollama"]),
-        comfy=attrs.evolve(host_config.comfy, port=ports["comfyui"]),
-        whisper=attrs.evolve(host_config.whisper, port=ports["whisper"]),
-    )
+        # A server the config does not name still runs, on a free port.
+        ports[name] = (urlsplit(consumer.url).port or 0) if consumer is not None else 0
+    host_config = HostConfig().with_ports(ports)
     host = SimulatedHost(host_config, clock=reactor)
     nvml = SimulatedNvml(host.card)
     return StandIns(
         load_nvml=lambda: nvml,
-        find_pids=lambda: {name: frozenset({pid}) for name, pid in PIDS.items()},
+        find_pids=consumer_pids,
         systemctl=_simulated_systemctl(config.consumers["whisper"].url),
         services=(_SimulatedHostService(host, reactor),),
     )
@@ -59,13 +55,13 @@ def simulated_in_process(config: Config, reactor: Any) -> StandIns:
 
 def simulated_card_file(path: str) -> StandIns:
     """Stand-ins for ``--simulated-card``: a simulated host runs elsewhere."""
-    from mgpumanager.simulate.host import PIDS
+    from mgpumanager.simulate.host import consumer_pids
     from mgpumanager.simulate.nvml import SimulatedNvml
 
     nvml = SimulatedNvml(path)
     return StandIns(
         load_nvml=lambda: nvml,
-        find_pids=lambda: {name: frozenset({pid}) for name, pid in PIDS.items()},
+        find_pids=consumer_pids,
     )
 
 

@@ -210,7 +210,7 @@ def test_nvml_without_a_card_file_fails_like_nvml(tmp_path: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_host_boots_with_the_preloaded_models(host: SimulatedHost, http: HTTPClient) -> None:
-    assert set(host.urls()) == {"mvoice", "ollama", "comfyui", "whisper"}
+    assert set(host.urls()) == {"mvoice", "ollama", "comfyui", "whisper", "speech"}
     assert all(port > 0 for port in host.ports.values())
     assert host.card.used_mib == 3000 + 1500
     state = read_card_state(str(host.config.state_path))
@@ -333,7 +333,7 @@ async def test_ollama_unloads_itself_after_keep_alive(tmp_path: Path, http: HTTP
     host = await started(HostConfig.fast(keep_alive_seconds=0.05))
     try:
         url = host.urls()["ollama"] + "/api/generate"
-        answer = await http.post(url, json={"num_lines": 2, "stream": False})
+        answer = await http.post(url, json={"prompt": "hi", "num_lines": 2, "stream": False})
         assert (await body_json(answer))["response"] == "tok0tok1"
         assert host.ollama.model.loaded
         await eventually(lambda: host.card.held_by("ollama") == 0)
@@ -365,7 +365,7 @@ async def test_a_client_going_away_mid_job_is_counted(host: SimulatedHost) -> No
 
     class HangUpAfterFirstLine(Protocol):
         def connectionMade(self) -> None:
-            body = b'{"num_lines": 50, "interval": 0.02}'
+            body = b'{"prompt": "hi", "num_lines": 50, "interval": 0.02}'
             self.transport.write(  # type: ignore[union-attr]
                 b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
                 % (len(body), body)
@@ -388,7 +388,7 @@ async def test_a_mixed_workload_sent_directly_runs_out_of_memory(
 ) -> None:
     urls = host.urls()
     # Ollama keeps its model after a chat; mvoice and whisper are loaded at start.
-    code, _ = await _call(http, urls["ollama"] + "/api/generate", {"num_lines": 3})
+    code, _ = await _call(http, urls["ollama"] + "/api/generate", {"prompt": "hi", "num_lines": 3})
     assert code == 200
     answers = await gatherResults(
         [
@@ -419,7 +419,7 @@ async def test_one_job_at_a_time_fits(host: SimulatedHost, http: HTTPClient) -> 
     await eventually(lambda: host.card.used_mib == 0)
     jobs: list[tuple[str, dict[str, Any]]] = [
         (urls["comfyui"] + "/prompt", {"prompt": {}}),
-        (urls["ollama"] + "/api/generate", {"num_lines": 2}),
+        (urls["ollama"] + "/api/generate", {"prompt": "hi", "num_lines": 2}),
     ]
     for url, body in jobs:
         code, _ = await _call(http, url, body)

@@ -32,7 +32,7 @@ from mgpumanager.simulate.host import HostConfig, SimulatedHost
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m mgpumanager.simulate",
-        description="Simulated GPU host: four inference servers sharing one simulated card.",
+        description="Simulated GPU host: inference servers sharing one simulated card.",
     )
     parser.add_argument(
         "--card-file",
@@ -43,7 +43,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--base-port",
         type=int,
         default=18760,
-        help="mvoice, ollama, comfyui, whisper listen on this port and the next three; "
+        help="mvoice, ollama, comfyui, whisper, speech listen on this port and the next four; "
         "0 picks free ports (default: %(default)s)",
     )
     parser.add_argument(

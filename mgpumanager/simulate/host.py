@@ -1,5 +1,5 @@
 """
-A whole simulated GPU host: four inference servers on loopback sharing one card.
+A whole simulated GPU host: five inference servers on loopback sharing one card.
 
 The default profile is a 16 GiB card on which the servers fit in some combinations
 and not in others, which is exactly what the daemon exists to manage:
@@ -12,7 +12,10 @@ mvoice      3000      explicit load/unload; loaded at start
 whisper     1500      systemd unit; loaded at start
 comfyui     9000      lazy: loads on the first prompt, frees on /api/free
 ollama      6000      loads on demand, unloads itself after keep-alive
+speech      800       OpenAI-style TTS over HTTP/1.0; lazy, admin unload
 ==========  ========  =================================================
+
+(Ollama's small embedding model, 600 MiB, is a runner of its own when used.)
 
 * ollama + comfyui + mvoice = 18000 > 16384: a mixed workload sent directly OOMs.
 * ollama + comfyui = 15000 fits; ollama + mvoice + whisper = 10500 fits.
@@ -35,18 +38,17 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
-from twisted.web import http
-from twisted.web.server import Site
 
 from mgpumanager.simulate.card import SimulatedCard
-from mgpumanager.simulate.consumers import SimComfy, SimOllama, SimVoice, SimWhisper
+from mgpumanager.simulate.consumers import SimComfy, SimOllama, SimSpeech, SimVoice, SimWhisper
+from mgpumanager.simulate.ollama_models import DEFAULT_EMBED_MODEL, runner_owner
 from mgpumanager.simulate.recording import ActivityMeter
 from mgpumanager.simulate.server import SimServer, default_clock
 
 log = Logger()
 
 #: Fake process ids, stable so that a reader of the card file can tell them apart.
-PIDS = {"mvoice": 4101, "ollama": 4102, "comfyui": 4103, "whisper": 4104}
+PIDS = {"mvoice": 4101, "ollama": 4102, "comfyui": 4103, "whisper": 4104, "speech": 4105}
 
 
 @attrs.frozen
@@ -77,6 +79,10 @@ class HostConfig:
     whisper: ServerProfile = ServerProfile(
         1500, load_seconds=0.5, work_seconds=0.3, unload_seconds=0.3, preload=True
     )
+    speech: ServerProfile = ServerProfile(800, load_seconds=0.5, work_seconds=0.3)
+    #: ComfyUI answers ``POST /prompt`` once the image is made rather than at once,
+    #: as a daemon that sees one HTTP exchange as one GPU job needs it to.
+    comfy_answers_when_done: bool = True
     keep_alive_seconds: float = 300.0
     ollama_lines: int = 20
     ollama_interval: float = 0.05
@@ -91,32 +97,58 @@ class HostConfig:
         base = cls()
         profiles = {
             name: attrs.evolve(getattr(base, name), **quick)
-            for name in ("voice", "ollama", "comfy", "whisper")
+            for name in ("voice", "ollama", "comfy", "whisper", "speech")
         }
         return attrs.evolve(base, **{**profiles, "ollama_interval": 0.01, **changes})
 
     def with_base_port(self, base_port: int) -> HostConfig:
-        """Ports ``base_port`` .. ``base_port + 3`` for mvoice, ollama, comfyui, whisper."""
-        return attrs.evolve(
-            self,
-            voice=attrs.evolve(self.voice, port=base_port),
-            ollama=attrs.evolve(self.ollama, port=base_port + 1),
-            comfy=attrs.evolve(self.comfy, port=base_port + 2),
-            whisper=attrs.evolve(self.whisper, port=base_port + 3),
-        )
+        """Ports ``base_port`` and up for mvoice, ollama, comfyui, whisper, speech."""
+        return self.with_ports({name: base_port + i for i, name in enumerate(PIDS)})
+
+    def with_ports(self, ports: dict[str, int]) -> HostConfig:
+        """The servers named in ``ports`` (by consumer name) on those ports."""
+        changes = {
+            field: attrs.evolve(getattr(self, field), port=ports[name])
+            for name, field in PROFILE_FIELDS.items()
+            if name in ports
+        }
+        return attrs.evolve(self, **changes)
+
+
+#: The :class:`HostConfig` field holding each server's profile, by consumer name.
+PROFILE_FIELDS = {
+    "mvoice": "voice",
+    "ollama": "ollama",
+    "comfyui": "comfy",
+    "whisper": "whisper",
+    "speech": "speech",
+}
+
+
+def consumer_pids() -> dict[str, frozenset[int]]:
+    """
+    The fake process ids of each server, as a reader of the card file sees them:
+    Ollama's second model runs in a runner process of its own.
+    """
+    card = SimulatedCard(1)
+    for owner, pid in PIDS.items():
+        card.register(owner, pid)
+    runner = card.pid_of(runner_owner("ollama", DEFAULT_EMBED_MODEL, first=False))
+    pids = {name: frozenset({pid}) for name, pid in PIDS.items()}
+    return {**pids, "ollama": pids["ollama"] | {runner}}
 
 
 class SimulatedHost:
     """
-    Builds the four servers around one :class:`SimulatedCard` and serves them.
+    Builds the servers around one :class:`SimulatedCard` and serves them.
 
     :param config: sizes, timings, ports.
     :param clock: the time source of the servers (the global reactor by default).
 
     Attributes: ``card``, ``voice``, ``ollama``, ``comfy``, ``whisper``, ``servers``
-    (by consumer name: ``mvoice``, ``ollama``, ``comfyui``, ``whisper``), ``ports``
+    (by consumer name: ``mvoice``, ``ollama``, ``comfyui``, ``whisper``, ``speech``), ``ports``
     (actual ports once started) and ``gpu_jobs``, an :class:`ActivityMeter` shared by
-    all four servers: its ``max_active`` says whether the GPU ever ran two jobs at once.
+    all the servers: its ``max_active`` says whether the GPU ever ran two jobs at once.
     """
 
     def __init__(
@@ -139,7 +171,12 @@ class SimulatedHost:
             interval=cfg.ollama_interval,
             **self._options(cfg.ollama),
         )
-        self.comfy = SimComfy(self.card, **self._options(cfg.comfy))
+        self.comfy = SimComfy(
+            self.card,
+            answer_when_done=cfg.comfy_answers_when_done,
+            **self._options(cfg.comfy),
+        )
+        self.speech = SimSpeech(self.card, **self._options(cfg.speech))
         self.whisper = SimWhisper(
             self.card, preload=cfg.whisper.preload, **self._options(cfg.whisper)
         )
@@ -148,12 +185,10 @@ class SimulatedHost:
             "ollama": self.ollama,
             "comfyui": self.comfy,
             "whisper": self.whisper,
+            "speech": self.speech,
         }
-        self._profiles = {
-            "mvoice": cfg.voice,
-            "ollama": cfg.ollama,
-            "comfyui": cfg.comfy,
-            "whisper": cfg.whisper,
+        self._profiles: dict[str, ServerProfile] = {
+            name: getattr(cfg, field) for name, field in PROFILE_FIELDS.items()
         }
         self.ports: dict[str, int] = {}
         self._listening: list[IListeningPort] = []
@@ -182,7 +217,7 @@ class SimulatedHost:
         tcp = reactor if reactor is not None else cast(IReactorTCP, default_clock())
         try:
             for name, server in self.servers.items():
-                connections = _Connections(_QuietSite(server.resource()))
+                connections = _Connections(server.site())
                 endpoint = TCP4ServerEndpoint(
                     tcp, self._profiles[name].port, interface=self.config.interface
                 )
@@ -290,20 +325,16 @@ class SimulatedHost:
                     "vram_resident_mib": cfg.whisper.model_mib,
                     "systemd_unit": self.whisper.unit,
                 },
+                "speech": {
+                    "url": urls["speech"],
+                    "health": {"path": "/health"},
+                    "paths": {"tts": {"path": "/v1/audio/speech"}},
+                    "vram_resident_mib": cfg.speech.model_mib,
+                    "load": {"method": "POST", "path": "/admin/load"},
+                    "unload": {"method": "POST", "path": "/admin/unload"},
+                },
             },
         }
-
-
-class _QuietSite(Site):
-    """
-    A site without an access log: four simulated servers logging every request
-    would drown the daemon's own log in a demo.
-    """
-
-    noisy = False
-
-    def log(self, request: http.Request) -> None:
-        pass
 
 
 class _Connections(WrappingFactory):

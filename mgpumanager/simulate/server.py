@@ -18,11 +18,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 
 from mgpumanager.simulate.card import CudaOutOfMemory, SimulatedCard
 from mgpumanager.simulate.model import GpuModel
+from mgpumanager.simulate.multipart import FormData, MultipartError, boundary_of, parse_form
 from mgpumanager.simulate.recording import ActivityMeter, RecordedRequest, record_request
 
 log = Logger()
@@ -35,6 +37,18 @@ class Refusal(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def number_field(body: dict[str, Any], key: str, default: float) -> float:
+    """
+    A non-negative number from a request's JSON, ``default`` when absent.
+
+    :raises Refusal: 400 for anything else.
+    """
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise Refusal(400, f"{key} must be a non-negative number")
+    return float(value)
 
 
 def default_clock() -> IReactorTime:
@@ -107,6 +121,27 @@ class SimServer:
         """The server's web resource, recording every request before routing it."""
         return _RecordingResource(self, self.app.resource())
 
+    def site(self) -> Site:
+        """
+        The HTTP site serving :meth:`resource`.  Form bodies are left unparsed:
+        twisted.web would read an upload into memory, the servers stream it.
+        """
+        return QuietSite(self.resource(), parsePOSTFormSubmission=False)
+
+    async def load_answer(self, request: Request) -> bytes:
+        """An explicit load route's answer (mvoice's ``/api/admin/load``)."""
+        try:
+            await self.model.load()
+        except CudaOutOfMemory as e:
+            self.oom_errors += 1
+            return self.error(request, 500, str(e))
+        return self.json(request, {"status": "loaded", **self.health_fields()})
+
+    def unload_answer(self, request: Request) -> bytes:
+        """An explicit unload route's answer: at once, the memory follows later."""
+        self.model.unload()
+        return self.json(request, {"status": "unloaded", **self.health_fields()})
+
     def close(self) -> None:
         """Free the card and cancel timers: the process is going away."""
         self.model.close()
@@ -137,16 +172,18 @@ class SimServer:
         except Refusal as e:
             return self.error(request, e.status, e.message)
 
-    async def work(self, seconds: float | None = None) -> None:
+    async def work(self, seconds: float | None = None, model: GpuModel | None = None) -> None:
         """
-        Compute for ``seconds`` (default ``work_seconds``) on the loaded model.
+        Compute for ``seconds`` (default ``work_seconds``) on the loaded ``model``
+        (default the server's own).
 
         :raises Refusal: 500 when the model was unloaded meanwhile, as a real server
             whose weights vanish mid-inference fails the job.
         """
-        generation = self.model.generation
+        model = self.model if model is None else model
+        generation = model.generation
         await deferLater(self.clock, self.work_seconds if seconds is None else seconds)
-        if not self.model.loaded or self.model.generation != generation:
+        if not model.loaded or model.generation != generation:
             self.interrupted += 1
             log.warn("{name}: model unloaded during a job", name=self.name)
             raise Refusal(500, "the model was unloaded while a job was running")
@@ -184,6 +221,21 @@ class SimServer:
             raise Refusal(400, "body must be a JSON object")
         return document
 
+    @staticmethod
+    def form_body(request: Request) -> FormData:
+        """
+        The request's ``multipart/form-data``, read as a stream; close it after use.
+
+        :raises Refusal: 400 for any other body.
+        """
+        content = request.content
+        try:
+            if content is None:
+                raise MultipartError("the body must be multipart/form-data")
+            return parse_form(content, boundary_of(request.getHeader("content-type")))
+        except MultipartError as e:
+            raise Refusal(400, str(e)) from None
+
     def _client_gone(self, reason: Failure) -> None:
         self.disconnects += 1
         log.info("{name}: client went away during a job", name=self.name)
@@ -203,3 +255,15 @@ class _RecordingResource(Resource):
         self._server.requests.append(record_request(request, self._server.clock.seconds()))
         result: bytes | int = self._inner.render(request)
         return result
+
+
+class QuietSite(Site):
+    """
+    A site without an access log: several simulated servers logging every request
+    would drown the daemon's own log in a demo.
+    """
+
+    noisy = False
+
+    def log(self, request: http.Request) -> None:
+        pass
