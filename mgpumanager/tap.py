@@ -30,7 +30,7 @@ class Options(usage.Options):
         [
             "simulate",
             None,
-            "Run the simulated GPU host (four simulated inference servers on one "
+            "Run the simulated GPU host (five simulated inference servers on one "
             "simulated card) inside the daemon, on the ports of the config's consumers: "
             "a demo without a GPU.  Use with --config config/demo.yaml.",
         ],
