@@ -15,7 +15,6 @@ from urllib.parse import quote, unquote_to_bytes
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from mgpumanager.config import ENDPOINT_KINDS, Config
@@ -30,6 +29,7 @@ from mgpumanager.eviction import dry_run_plan
 from mgpumanager.gpu import GpuSampler
 from mgpumanager.jobs import GpuJobs
 from mgpumanager.lifecycle import Lifecycle
+from mgpumanager.openai_routes import error_shape
 from mgpumanager.proxy import ConsumerProxy
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
@@ -63,6 +63,7 @@ class ManagerApp:
         lifecycle: Lifecycle,
         clock: IReactorTime,
         listen: str | None = None,
+        jobs: GpuJobs | None = None,
     ) -> None:
         self._config = config
         self._registry = registry
@@ -71,12 +72,16 @@ class ManagerApp:
         self._sampler = sampler
         self._lifecycle = lifecycle
         self._clock = clock
-        self._jobs = GpuJobs(registry, scheduler, proxy)
+        self._jobs = jobs or GpuJobs(registry, scheduler, proxy)
         #: What status reports as the listen address: an override wins.
         self._listen = listen or str(config.listen)
 
-    def resource(self) -> Resource:
-        routes = Dispatcher()
+    def resource(self) -> Dispatcher:
+        """
+        The main port's routes; the other doors (passthrough, OpenAI routes)
+        register theirs on it.  Errors on OpenAI paths take OpenAI's shape.
+        """
+        routes = Dispatcher(error_shape)
         for kind in ENDPOINT_KINDS:
             routes.add(f"/v1/{kind}", ["POST"], self._job_handler(kind))
         routes.add("/v1/status", ["GET"], self.status)
