@@ -86,6 +86,7 @@ class Stage:
     config: Config
     servers: dict[str, RecordingServer]
     scheduler: GpuScheduler
+    passthrough: Passthrough
     port: Any
     listening: list[Any]
 
@@ -117,12 +118,13 @@ async def start_stage(document: dict[str, Any], names: tuple[str, ...]) -> Stage
     proxy = ConsumerProxy(lambda _: agent, reactor)
     jobs = GpuJobs(registry, scheduler, proxy)
     routes = Dispatcher(error_shape)
-    Passthrough(config, jobs, proxy, WebSocketTunnels(reactor, False)).register(routes)
+    passthrough = Passthrough(config, jobs, proxy, WebSocketTunnels(reactor, False))
+    passthrough.register(routes)
     control = ConsumerControl(HTTPClient(agent), reactor, None)  # type: ignore[arg-type]
     OpenAIRoutes(config, jobs, control, 2.0).register(routes)
     site = ManagerSite(routes, partial(body_limit_for_path, config), None, error_shape)
     port = listen_on_loopback(site)
-    return Stage(config, servers, scheduler, port, [*listening, port])
+    return Stage(config, servers, scheduler, passthrough, port, [*listening, port])
 
 
 async def stop_stage(stage: Stage) -> None:
