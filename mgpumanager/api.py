@@ -8,6 +8,7 @@ answer a consumer gives passes through :mod:`mgpumanager.proxy` untouched.
 
 from __future__ import annotations
 
+import hmac
 import unicodedata
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
@@ -27,6 +28,7 @@ from mgpumanager.errors import (
 )
 from mgpumanager.eviction import dry_run_plan
 from mgpumanager.gpu import GpuSampler
+from mgpumanager.guard import query_token, token_cookie
 from mgpumanager.jobs import GpuJobs
 from mgpumanager.lifecycle import Lifecycle
 from mgpumanager.openai_routes import error_shape
@@ -148,6 +150,11 @@ class ManagerApp:
         return json_body(request, {"status": "ok"})
 
     def index(self, request: Request, rest: bytes) -> bytes:
+        token = query_token(request.uri.partition(b"?")[2])
+        secret = self._config.auth_token
+        if token is not None and secret is not None and hmac.compare_digest(token, secret):
+            # The guard let ?token= in: a browser keeps it for the page's own reads.
+            request.setHeader(b"set-cookie", token_cookie(token))
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         kinds = ", ".join(f"POST /v1/{kind}" for kind in ENDPOINT_KINDS)
         return (
