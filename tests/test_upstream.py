@@ -19,7 +19,7 @@ import treq
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
-from twisted.web.client import Agent
+from twisted.web.client import Agent, ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -245,3 +245,18 @@ async def test_any_method_is_forwarded(stage: Stage, method: str) -> None:
     assert (await response.json())["method"] == method
     assert stage.scheduler.total_jobs == (1 if method == "POST" else 0), "generic: POST only"
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_the_queue_frees_its_place(stage: Stage) -> None:
+    running = treq.post(stage.url + "/upstream/llm/api/generate?hold=1", data=b"{}")
+    await eventually(lambda: stage.scheduler.in_flight == 1)
+    waiting = treq.post(stage.url + "/upstream/llm/api/chat?second=1", data=b"{}")
+    await eventually(lambda: stage.scheduler.queue_depth == 1)
+    waiting.cancel()
+    await eventually(lambda: stage.scheduler.queue_depth == 0)
+    stage.servers["llm"].release()
+    assert (await running).code == 200
+    assert all("second" not in s["uri"] for s in stage.servers["llm"].seen)
+    with pytest.raises(ResponseNeverReceived):
+        await waiting
