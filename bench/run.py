@@ -172,6 +172,30 @@ wrk.body = '{"text": "hello"}'
 wrk.headers["Content-Type"] = "application/json"
 """
 
+#: What the openai Python SDK sends for ``chat.completions.create`` (its headers as of
+#: openai 1.x, a short chat body), so the overhead a real client sees is measured.
+SDK_WRK_SCRIPT = """\
+wrk.method = "POST"
+wrk.body = '{"messages":[{"role":"user","content":"Say hello in one word."}],'
+        .. '"model":"llama3.2:3b","max_tokens":16,"temperature":0}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Accept"] = "application/json"
+wrk.headers["Accept-Encoding"] = "gzip, deflate"
+wrk.headers["Authorization"] = "Bearer sk-unused"
+wrk.headers["User-Agent"] = "OpenAI/Python 1.54.0"
+wrk.headers["X-Stainless-Lang"] = "python"
+wrk.headers["X-Stainless-Package-Version"] = "1.54.0"
+wrk.headers["X-Stainless-OS"] = "Linux"
+wrk.headers["X-Stainless-Arch"] = "x64"
+wrk.headers["X-Stainless-Runtime"] = "CPython"
+wrk.headers["X-Stainless-Runtime-Version"] = "3.11.7"
+wrk.headers["X-Stainless-Async"] = "false"
+wrk.headers["X-Stainless-Retry-Count"] = "0"
+"""
+#: The SDK-shaped run's concurrencies (a script, an app server's few workers).
+SDK_CONCURRENCIES = (1, 8)
+SDK_PATH = "/v1/chat/completions"
+
 
 # --- the three ways in -----------------------------------------------------------------
 
@@ -261,6 +285,7 @@ class Bench:
             "shutdown_grace_seconds": 2,
             "limits": {"max_body_mib": 1024},
             "routing": {"tts": "fast", "llm": "stream", "stt": "large", "image": "slow"},
+            "openai": {"chat": "fast"},
             "consumers": {
                 "fast": consumer(fast_port, "tts", "/api/tts"),
                 "stream": consumer(stream_port, "llm", "/api/generate"),
@@ -273,6 +298,12 @@ class Bench:
 
         self.wrk_script = self.workdir / "post.lua"
         self.wrk_script.write_text(WRK_SCRIPT)
+        self.sdk_script = self.workdir / "sdk.lua"
+        self.sdk_script.write_text(SDK_WRK_SCRIPT)
+        self.sdk_urls = {
+            "direct": f"http://{servers.HOST}:{fast_port}{SDK_PATH}",
+            "daemon": f"http://{servers.HOST}:{self.daemon.port}{SDK_PATH}",
+        }
         daemon_port = self.daemon.port
         self.ways = [
             Way("direct", {"tts": (fast_port, "/api/tts"), "llm": (stream_port, "/api/generate"),
@@ -332,6 +363,33 @@ class Bench:
             for name in ("nginx", "daemon"):
                 results.add(f"wrk.c{connections}.{name}.added_p50", p50[name] - p50["direct"])
                 results.add(f"wrk.c{connections}.{name}.added_p99", p99[name] - p99["direct"])
+        self.sdk_round(index)
+
+    def sdk_round(self, index: int) -> None:
+        """The openai SDK's request shape, through /v1/chat/completions, against direct."""
+        pids = {"direct": self.fast.worker_pid, "daemon": self.daemon.pid}
+        names = list(self.sdk_urls)
+        if index % 2:
+            names.reverse()
+        for connections in SDK_CONCURRENCIES:
+            p50: dict[str, float] = {}
+            for name in names:
+                before = procfs.cpu_seconds(pids[name])
+                outcome = run_wrk(self.sdk_urls[name], connections, self.options.duration,
+                                  self.sdk_script)
+                after = procfs.cpu_seconds(pids[name])
+                key = f"sdk.c{connections}.{name}"
+                self.results.add(f"{key}.rps", outcome.rps)
+                self.results.add(f"{key}.p50", outcome.p50_ms)
+                self.results.add(f"{key}.p99", outcome.p99_ms)
+                self.results.add(f"{key}.errors", outcome.errors)
+                if outcome.requests:
+                    self.results.add(f"{key}.cpu_ms", (after - before) * 1000 / outcome.requests)
+                p50[name] = outcome.p50_ms
+                self.log(f"round {index + 1} sdk c={connections:<2} {name:<6} "
+                         f"{outcome.rps:9.0f} req/s  p50 {outcome.p50_ms:7.3f} ms")
+            self.results.add(f"sdk.c{connections}.daemon.added_p50",
+                             p50["daemon"] - p50["direct"])
 
     # --- 2. streaming ----------------------------------------------------------------
 
@@ -501,7 +559,7 @@ class Bench:
 
     def round_estimate(self) -> float:
         options = self.options
-        return (len(CONCURRENCIES) * 3 * (options.duration + 0.4)
+        return ((len(CONCURRENCIES) * 3 + len(SDK_CONCURRENCIES) * 2) * (options.duration + 0.4)
                 + 3 * options.streams * 1.1 + 12 + options.slow_bytes / options.slow_rate + 4)
 
     def run(self) -> None:
@@ -602,6 +660,28 @@ class Bench:
         results.target("1", "daemon added p50 latency, c=1", "wrk.c1.daemon.added_p50", 1.0,
                        "ms")
         parts.append(targets_table(results, "1"))
+
+        parts.append(heading(f"1b. The openai SDK's request shape: POST {SDK_PATH} "
+                             "-> fast upstream"))
+        rows = []
+        for connections in SDK_CONCURRENCIES:
+            for name in self.sdk_urls:
+                key = f"sdk.c{connections}.{name}"
+                rows.append([
+                    str(connections), name, results.cell(f"{key}.rps", 0),
+                    results.cell(f"{key}.p50", 3), results.cell(f"{key}.p99", 3),
+                    results.cell(f"{key}.added_p50", 3) if name != "direct" else "",
+                    results.cell(f"{key}.cpu_ms", 3), results.cell(f"{key}.errors", 0),
+                ])
+        parts.append(table(["c", "path", "req/s", "p50 ms", "p99 ms", "added p50 ms",
+                            "server CPU ms/req", "errors"], rows, left=2))
+        parts.append("The SDK's 13 headers and a 120-byte chat body, routed by openai.chat "
+                     "(a GPU job,\nas from the SDK); direct = the same request to the upstream.")
+        results.target("1b", "daemon CPU per SDK-shaped request, c=1", "sdk.c1.daemon.cpu_ms",
+                       0.9, "ms")
+        results.target("1b", "daemon added p50 latency, SDK-shaped, c=1",
+                       "sdk.c1.daemon.added_p50", 1.0, "ms")
+        parts.append(targets_table(results, "1b"))
 
         parts.append(heading("2. Streaming: POST /v1/llm -> 20 NDJSON lines 50 ms apart "
                              f"({options.streams} streams per path per round)"))

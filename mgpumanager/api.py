@@ -8,6 +8,7 @@ answer a consumer gives passes through :mod:`mgpumanager.proxy` untouched.
 
 from __future__ import annotations
 
+import hmac
 import unicodedata
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
@@ -15,7 +16,6 @@ from urllib.parse import quote, unquote_to_bytes
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from mgpumanager.config import ENDPOINT_KINDS, Config
@@ -28,8 +28,10 @@ from mgpumanager.errors import (
 )
 from mgpumanager.eviction import dry_run_plan
 from mgpumanager.gpu import GpuSampler
+from mgpumanager.guard import query_token, token_cookie
 from mgpumanager.jobs import GpuJobs
 from mgpumanager.lifecycle import Lifecycle
+from mgpumanager.openai_routes import error_shape
 from mgpumanager.proxy import ConsumerProxy
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
@@ -63,6 +65,7 @@ class ManagerApp:
         lifecycle: Lifecycle,
         clock: IReactorTime,
         listen: str | None = None,
+        jobs: GpuJobs | None = None,
     ) -> None:
         self._config = config
         self._registry = registry
@@ -71,12 +74,16 @@ class ManagerApp:
         self._sampler = sampler
         self._lifecycle = lifecycle
         self._clock = clock
-        self._jobs = GpuJobs(registry, scheduler, proxy)
+        self._jobs = jobs or GpuJobs(registry, scheduler, proxy)
         #: What status reports as the listen address: an override wins.
         self._listen = listen or str(config.listen)
 
-    def resource(self) -> Resource:
-        routes = Dispatcher()
+    def resource(self) -> Dispatcher:
+        """
+        The main port's routes; the other doors (passthrough, OpenAI routes)
+        register theirs on it.  Errors on OpenAI paths take OpenAI's shape.
+        """
+        routes = Dispatcher(error_shape)
         for kind in ENDPOINT_KINDS:
             routes.add(f"/v1/{kind}", ["POST"], self._job_handler(kind))
         routes.add("/v1/status", ["GET"], self.status)
@@ -143,6 +150,11 @@ class ManagerApp:
         return json_body(request, {"status": "ok"})
 
     def index(self, request: Request, rest: bytes) -> bytes:
+        token = query_token(request.uri.partition(b"?")[2])
+        secret = self._config.auth_token
+        if token is not None and secret is not None and hmac.compare_digest(token, secret):
+            # The guard let ?token= in: a browser keeps it for the page's own reads.
+            request.setHeader(b"set-cookie", token_cookie(token))
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         kinds = ", ".join(f"POST /v1/{kind}" for kind in ENDPOINT_KINDS)
         return (

@@ -225,7 +225,7 @@ def render_error(
     request: Request, error: ApiError, shape: Callable[[ApiError], dict[str, Any]]
 ) -> bytes:
     """Set the error's status and headers on ``request``; return its body."""
-    for name, value in error.headers.items():
+    for name, value in error.response_headers().items():
         request.setHeader(name.encode("ascii"), value.encode("ascii"))
     return json_body(request, shape(error), error.status)
 

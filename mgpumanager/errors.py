@@ -88,11 +88,52 @@ class ApiError(Exception):
         body["retryable"] = self.kind.retryable
         return body
 
+    def openai_envelope(self) -> dict[str, object]:
+        """
+        The same error in OpenAI's shape, for the OpenAI-compatible paths:
+        the SDKs read ``error.message`` and ``error.code``.
+        """
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind.code,
+                "code": self.kind.code,
+                "consumer": self.consumer,
+                "retryable": self.kind.retryable,
+            }
+        }
+
+    def response_headers(self) -> dict[str, str]:
+        """
+        The headers sent with the error: its own, and ``x-should-retry:
+        false`` when retrying cannot help soon (a non-retryable error, or a
+        ``Retry-After`` past a minute), which the OpenAI SDKs honour instead
+        of retrying by status.
+        """
+        headers = dict(self.headers)
+        if not self.kind.retryable or _retry_after(headers) > MAX_SDK_RETRY_AFTER:
+            headers["x-should-retry"] = "false"
+        return headers
+
     def body(self) -> bytes:
         return json.dumps(self.envelope()).encode("utf-8")
 
     def __repr__(self) -> str:
         return f"ApiError({self.kind.code!r}, {self.message!r}, consumer={self.consumer!r})"
+
+
+#: An SDK retrying on its own should not wait longer than this for a slot.
+MAX_SDK_RETRY_AFTER = 60.0
+
+
+def _retry_after(headers: Mapping[str, str]) -> float:
+    for name, value in headers.items():
+        if name.lower() == "retry-after":
+            try:
+                return float(value)
+            except ValueError:
+                return 0.0
+    return 0.0
 
 
 def is_cancellation(error: BaseException) -> bool:

@@ -4,14 +4,23 @@ Who may use the daemon: checks made before any route runs.
 A daemon on loopback is still reachable from every web page the host's browser
 opens: a page can POST to ``127.0.0.1:8770`` (cross-origin), or rebind a DNS
 name it controls to 127.0.0.1 and then read our answers (DNS rebinding).  So on
-loopback the ``Host`` must be a loopback name, a POST carrying a foreign
-``Origin`` is refused, and an optional bearer token closes the rest.
+loopback the ``Host`` must be a loopback name, a request that changes anything
+(every method but GET, HEAD and OPTIONS) carrying a foreign ``Origin`` is
+refused, and an optional bearer token closes the rest.
+
+A page served by the port it talks to is same-origin (``Origin`` is
+``http://<Host>``): ComfyUI's own web UI, opened through a per-server port or
+the passthrough, posts its prompts that way.  A browser cannot send a bearer
+token from a plain link, so the status page takes ``?token=`` once and sets an
+HttpOnly, SameSite=Strict cookie that only the read-only page routes accept.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+from http.cookies import SimpleCookie
+from urllib.parse import parse_qs
 
 from twisted.web.http_headers import Headers
 
@@ -20,6 +29,14 @@ from mgpumanager.errors import BAD_REQUEST, FORBIDDEN, UNAUTHORIZED, ApiError
 
 #: Routes open without the bearer token: liveness checks carry no secrets.
 OPEN_PATHS = frozenset({b"/healthz"})
+#: Methods that change nothing: a foreign ``Origin`` is no threat on them.
+SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+#: Read-only page routes a browser reaches with the token cookie.
+COOKIE_PATHS = frozenset({b"/", b"/v1/status", b"/v1/events"})
+#: The page route that takes the token once in its query.
+TOKEN_QUERY_PATH = b"/"
+#: The cookie holding the token for the page routes.
+TOKEN_COOKIE = "mgpumanager_token"
 
 
 def is_loopback_host(host: bytes) -> bool:
@@ -55,12 +72,15 @@ class Guard:
                          for origin in config.allowed_origins}
         self._token = config.auth_token
 
-    def refusal(self, method: bytes, path: bytes, headers: Headers) -> ApiError | None:
+    def refusal(self, method: bytes, target: bytes, headers: Headers) -> ApiError | None:
         """
-        Why a request with this method, path (no query) and headers is refused,
-        or None.  Needs nothing but the head: the site asks before reading any
-        body, so a refused client cannot make us store its upload first.
+        Why a request with this method, target (path and query) and headers
+        is refused, or None.  Needs nothing but the head: the site asks
+        before reading any body, so a refused client cannot make us store its
+        upload first.
         """
+        path, _, query = target.partition(b"?")
+        method = method.upper()
         hosts = headers.getRawHeaders(b"host") or []
         if len(hosts) != 1 or not hosts[0].strip():
             return ApiError(BAD_REQUEST, "exactly one Host header is required")
@@ -69,12 +89,14 @@ class Guard:
                 FORBIDDEN,
                 "this daemon listens on loopback and answers only loopback host names",
             )
-        if method.upper() == b"POST":
+        if method not in SAFE_METHODS:
+            same_origin = b"http://" + hosts[0].strip().lower()
             for origin in headers.getRawHeaders(b"origin") or []:
-                if origin.rstrip(b"/") not in self._origins:
+                origin = origin.rstrip(b"/")
+                if origin not in self._origins and origin.lower() != same_origin:
                     return ApiError(FORBIDDEN, "cross-origin requests are not allowed")
         if self._token is not None and path not in OPEN_PATHS:
-            if not self._authorized(headers):
+            if not self._authorized(method, path, query, headers):
                 return ApiError(
                     UNAUTHORIZED,
                     "a valid bearer token is required",
@@ -82,12 +104,47 @@ class Guard:
                 )
         return None
 
-    def _authorized(self, headers: Headers) -> bool:
+    def _authorized(self, method: bytes, path: bytes, query: bytes, headers: Headers) -> bool:
         assert self._token is not None
         presented = headers.getRawHeaders(b"authorization") or []
-        if len(presented) != 1:
+        if len(presented) == 1:
+            scheme, _, credential = presented[0].partition(b" ")
+            return scheme.lower() == b"bearer" and self.is_token(credential.strip())
+        if presented or method not in (b"GET", b"HEAD") or path not in COOKIE_PATHS:
             return False
-        scheme, _, credential = presented[0].partition(b" ")
-        if scheme.lower() != b"bearer":
+        if path == TOKEN_QUERY_PATH and self.is_token(query_token(query)):
+            return True
+        return self.is_token(cookie_token(headers))
+
+    def is_token(self, candidate: bytes | None) -> bool:
+        """Whether ``candidate`` is the configured token (compared in constant time)."""
+        if self._token is None or candidate is None:
             return False
-        return hmac.compare_digest(credential.strip(), self._token)
+        return hmac.compare_digest(candidate, self._token)
+
+
+def query_token(query: bytes) -> bytes | None:
+    """The ``token`` a page link carries in its query, if exactly one."""
+    values = parse_qs(query.decode("latin-1")).get("token", [])
+    return values[0].encode("latin-1") if len(values) == 1 else None
+
+
+def cookie_token(headers: Headers) -> bytes | None:
+    """The token cookie a browser sent, if any."""
+    jar: SimpleCookie = SimpleCookie()
+    for value in headers.getRawHeaders(b"cookie") or []:
+        try:
+            jar.load(value.decode("latin-1"))
+        except Exception:
+            return None
+    morsel = jar.get(TOKEN_COOKIE)
+    return morsel.value.encode("latin-1") if morsel is not None else None
+
+
+def token_cookie(token: bytes) -> bytes:
+    """
+    The ``Set-Cookie`` value the page sends once it was opened with
+    ``?token=``: scripts cannot read it, and no other site's page can make
+    the browser send it.
+    """
+    return b"%s=%s; Path=/; HttpOnly; SameSite=Strict" % (TOKEN_COOKIE.encode(), token)

@@ -32,17 +32,22 @@ from mgpumanager.config import Config
 from mgpumanager.control import ConsumerControl
 from mgpumanager.gpu import GpuReading, GpuSampler
 from mgpumanager.guard import Guard
+from mgpumanager.jobs import GpuJobs
 from mgpumanager.lifecycle import Lifecycle
+from mgpumanager.openai_routes import OpenAIRoutes, error_shape, family_consumer
+from mgpumanager.ports import ConsumerPorts
 from mgpumanager.probes import HealthProber
 from mgpumanager.proxy import ConsumerProxy, ReusedEndpoints
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
 from mgpumanager.site import ManagerSite
+from mgpumanager.tunnel import WebSocketTunnels
 from mgpumanager.twisted_private import (
     fail_start_on_listen_error,
     forget_exit_signal,
     quiet_connections,
 )
+from mgpumanager.upstream import Passthrough, passthrough_consumer
 
 log = Logger()
 
@@ -230,8 +235,16 @@ def build(
     description = listen or config.listen.endpoint_description()
     loopback = endpoint_is_loopback(description)
     guard = Guard(config, loopback)
-    app = ManagerApp(config, registry, scheduler, proxy, sampler, lifecycle, reactor, listen)
-    site = ManagerSite(app.resource(), partial(body_limit_for_path, config), guard)
+    jobs = GpuJobs(registry, scheduler, proxy)
+    app = ManagerApp(
+        config, registry, scheduler, proxy, sampler, lifecycle, reactor, listen, jobs
+    )
+    tunnels = WebSocketTunnels(reactor, drop_authorization=config.auth_token is not None)
+    passthrough = Passthrough(config, jobs, proxy, tunnels)
+    routes = app.resource()
+    passthrough.register(routes)
+    OpenAIRoutes(config, jobs, control, config.probes.timeout_seconds).register(routes)
+    site = ManagerSite(routes, partial(body_limit_for_path, config), guard, error_shape)
     endpoint = serverFromString(reactor, description)
     http = StreamServerEndpointService(endpoint, site)
     fail_start_on_listen_error(http)
@@ -243,6 +256,7 @@ def build(
     _Loop(sampler).setServiceParent(service)
     _Loop(prober).setServiceParent(service)
     http.setServiceParent(service)
+    ConsumerPorts(config, passthrough, reactor, endpoint_is_loopback).setServiceParent(service)
     if not loopback:
         log.warn(
             "listening on {listen}, which is not loopback only: anyone who can reach it "
@@ -294,6 +308,13 @@ def _endpoint_words(description: str) -> list[str]:
     return words
 
 
-def body_limit_for_path(config: Config, path: bytes) -> int:
-    """The body limit for a request path: a job's consumer's, else the global one."""
-    return config.body_limit_for(job_kind(path.partition(b"?")[0]))
+def body_limit_for_path(config: Config, target: bytes) -> int:
+    """
+    The body limit for a request target: the consumer's it goes to (a job,
+    the passthrough, an OpenAI route), else the global one.
+    """
+    path = target.partition(b"?")[0]
+    consumer = passthrough_consumer(config, path) or family_consumer(config, path)
+    if consumer is not None:
+        return (consumer.max_body_mib or config.max_body_mib) * 1024 * 1024
+    return config.body_limit_for(job_kind(path))

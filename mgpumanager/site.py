@@ -11,6 +11,7 @@ its connection is closed, and nothing of it reaches a resource or a consumer.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from twisted.logger import Logger
 from twisted.web.http import RESPONSES
 from twisted.web.server import Request, Site
 
+from mgpumanager.dispatch import ErrorShape, envelope_shape
 from mgpumanager.errors import BAD_REQUEST, BODY_TOO_LARGE, ApiError
 from mgpumanager.guard import Guard
 from mgpumanager.twisted_private import request_line
@@ -36,13 +38,15 @@ class LimitedRequest(Request):
     _limit = 0
     _received = 0
     _refused = False
+    _path = b""
 
     def gotLength(self, length: int | None) -> None:
         channel: Any = self.channel
         # The request line is parsed but not yet given to the request.
         method, target = request_line(channel)
         site: ManagerSite = channel.site
-        refusal = site.refusal(method, target.partition(b"?")[0], self.requestHeaders)
+        self._path = target.partition(b"?")[0]
+        refusal = site.refusal(method, target, self.requestHeaders)
         if refusal is not None:
             self._refuse(refusal)
             return
@@ -80,12 +84,14 @@ class LimitedRequest(Request):
     def _refuse(self, error: ApiError) -> None:
         """Answer before the body is read, and close: nothing of it is kept."""
         self._refused = True
-        body = error.body()
+        channel: Any = self.channel
+        site: ManagerSite = channel.site
+        body = json.dumps(site.error_shape(self._path, error)).encode("utf-8")
         # Nothing will be read: no "100 Continue" may follow our answer.
         self.requestHeaders.removeHeader(b"expect")
         extra = b"".join(
             b"%s: %s\r\n" % (name.encode("ascii"), value.encode("ascii"))
-            for name, value in error.headers.items()
+            for name, value in error.response_headers().items()
         )
         transport: Any = self.channel.transport
         transport.write(
@@ -106,6 +112,7 @@ class ManagerSite(Site):
 
     :param body_limit_for: the limit in bytes for a request target.
     :param guard: who may come in; None lets everyone.
+    :param error_shape: how a refusal looks on a path (the dispatcher's).
     """
 
     requestFactory = LimitedRequest
@@ -116,15 +123,18 @@ class ManagerSite(Site):
         resource: Any,
         body_limit_for: Callable[[bytes], int],
         guard: Guard | None = None,
+        error_shape: ErrorShape = envelope_shape,
     ) -> None:
         # A proxy never reads form fields, and twisted.web would otherwise parse
         # a multipart upload (a whisper.cpp /inference call) whole into memory.
         super().__init__(resource, parsePOSTFormSubmission=False)
         self.body_limit_for = body_limit_for
         self._guard = guard
+        self.error_shape = error_shape
 
-    def refusal(self, method: bytes, path: bytes, headers: Any) -> ApiError | None:
-        return None if self._guard is None else self._guard.refusal(method, path, headers)
+    def refusal(self, method: bytes, target: bytes, headers: Any) -> ApiError | None:
+        """Why the guard refuses a request for ``target`` (path and query), or None."""
+        return None if self._guard is None else self._guard.refusal(method, target, headers)
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         """

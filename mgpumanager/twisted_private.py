@@ -12,9 +12,12 @@ reason.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.interfaces import IProtocol
+from twisted.python.failure import Failure
 from twisted.web._newclient import _WrapperException
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IResponse
@@ -99,3 +102,35 @@ def forget_exit_signal(reactor: Any) -> None:
     """
     if getattr(reactor, "_exitSignal", None) is not None:
         reactor._exitSignal = None
+
+
+def take_over_connection(request: Any, protocol: IProtocol) -> Callable[[Failure], None]:
+    """
+    Hand the client connection a request came on to ``protocol``, for good
+    (a WebSocket tunnel after the consumer's ``101``); returns what must be
+    called with the reason once the connection is lost, so that twisted.web
+    still learns the request is over.
+
+    twisted.web has no public way to give up a connection: its
+    ``HTTPChannel`` is the transport's protocol (``transport.protocol``, a
+    ``tcp.Server`` attribute), times the connection out (``setTimeout``),
+    is registered as the transport's producer, and keeps bytes that arrive
+    while a request is being handled in ``_dataBuffer``.  Each is undone
+    here: the channel's timer stopped, its producer registration dropped,
+    the protocol replaced and the transport resumed, and buffered bytes
+    handed to the new protocol.
+    """
+    channel: Any = request.channel
+    transport: Any = channel.transport
+    channel.setTimeout(None)
+    owner = transport.protocol
+    pending = b"".join(getattr(channel, "_dataBuffer", []))
+    channel._dataBuffer = []
+    transport.unregisterProducer()
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    transport.resumeProducing()
+    if pending:
+        protocol.dataReceived(pending)
+    lost: Callable[[Failure], None] = owner.connectionLost
+    return lost

@@ -413,7 +413,7 @@ def test_a_newline_in_an_audio_name_is_a_bad_request(world: World) -> None:
 
 
 @pytest.mark.logged_errors_expected
-@pytest.mark.parametrize("path", ["/api/audio/a%FFb", "/v1/%FF"])
+@pytest.mark.parametrize("path", ["/api/audio/a%FFb", "/%FF"])
 def test_a_non_utf8_path_gets_the_json_envelope(world: World, path: str) -> None:
     response = world.send("GET", path)
 

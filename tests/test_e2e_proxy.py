@@ -296,7 +296,7 @@ async def test_daemon_errors_are_json_envelopes(stack: Stack) -> None:
     cases = [
         (treq.get(stack.url("/v1/tts")), 405, "method_not_allowed"),
         (treq.post(stack.url("/v1/status")), 405, "method_not_allowed"),
-        (treq.get(stack.url("/v1/nope")), 404, "not_found"),
+        (treq.get(stack.url("/nope")), 404, "not_found"),
         (treq.post(stack.url("/api/audio/x.wav")), 405, "method_not_allowed"),
     ]
     for pending, code, error in cases:

@@ -16,7 +16,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from mgpumanager.config import Config, parse_config
 from mgpumanager.errors import ApiError
-from mgpumanager.guard import Guard, is_loopback_host
+from mgpumanager.guard import TOKEN_COOKIE, Guard, is_loopback_host, token_cookie
 
 TOKEN = b"s3cret-token-0123456789"
 
@@ -290,3 +290,79 @@ def test_the_host_is_checked_before_the_token() -> None:
     request = make_request(host=b"evil.example")
 
     assert refusal(guard(WITH_TOKEN), request).status == 403
+
+
+# --- Part 2: same origin, every unsafe method, the page's cookie ----------------------
+
+
+@pytest.mark.parametrize("method", [b"POST", b"PUT", b"DELETE", b"PATCH"])
+def test_every_unsafe_method_with_a_foreign_origin_is_forbidden(method: bytes) -> None:
+    request = make_request(method, b"/upstream/comfyui/queue",
+                           headers={b"origin": [b"https://evil.example"]})
+
+    assert refusal(guard(), request).status == 403
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"OPTIONS"])
+def test_a_safe_method_with_a_foreign_origin_passes(method: bytes) -> None:
+    check(guard(), make_request(method, headers={b"origin": [b"https://evil.example"]}))
+
+
+@pytest.mark.parametrize("origin", [b"http://localhost:8770", b"http://LOCALHOST:8770/"])
+def test_a_page_served_by_the_same_host_may_post(origin: bytes) -> None:
+    check(guard(), make_request(b"POST", b"/upstream/comfyui/prompt",
+                                headers={b"origin": [origin]}))
+
+
+@pytest.mark.parametrize(
+    "origin", [b"https://localhost:8770", b"http://localhost:8771", b"http://localhost"]
+)
+def test_another_scheme_or_port_is_not_the_same_origin(origin: bytes) -> None:
+    request = make_request(b"POST", b"/v1/tts", headers={b"origin": [origin]})
+
+    assert refusal(guard(), request).status == 403
+
+
+def cookie(value: bytes) -> dict[bytes, list[bytes]]:
+    return {b"cookie": [b"theme=dark; " + TOKEN_COOKIE.encode() + b"=" + value]}
+
+
+@pytest.mark.parametrize("path", [b"/", b"/v1/status", b"/v1/events"])
+def test_the_token_cookie_opens_the_read_only_page_routes(path: bytes) -> None:
+    check(guard(WITH_TOKEN), make_request(b"GET", path, headers=cookie(TOKEN)))
+
+
+@pytest.mark.parametrize(
+    "method,path",
+    [(b"POST", b"/v1/tts"), (b"GET", b"/v1/plan/llm"), (b"GET", b"/upstream/ollama/api/tags"),
+     (b"POST", b"/v1/status")],
+)
+def test_the_token_cookie_opens_nothing_else(method: bytes, path: bytes) -> None:
+    request = make_request(method, path, headers=cookie(TOKEN))
+
+    assert refusal(guard(WITH_TOKEN), request).status == 401
+
+
+def test_a_wrong_cookie_is_unauthorized() -> None:
+    request = make_request(b"GET", b"/v1/status", headers=cookie(b"guess"))
+
+    assert refusal(guard(WITH_TOKEN), request).status == 401
+
+
+def test_the_page_takes_the_token_once_in_its_query() -> None:
+    target = b"/?token=" + TOKEN
+    g = guard(WITH_TOKEN)
+    headers = make_request(b"GET", b"/").requestHeaders
+
+    assert g.refusal(b"GET", target, headers) is None
+    refused = g.refusal(b"GET", b"/v1/status?token=" + TOKEN, headers)
+    assert refused is not None and refused.status == 401, "only the page takes ?token="
+    wrong = g.refusal(b"GET", b"/?token=guess", headers)
+    assert wrong is not None and wrong.status == 401
+
+
+def test_the_token_cookie_is_http_only_and_same_site_strict() -> None:
+    value = token_cookie(TOKEN)
+    assert value.startswith(TOKEN_COOKIE.encode() + b"=" + TOKEN + b";")
+    attributes = {part.strip().lower() for part in value.split(b";")[1:]}
+    assert {b"httponly", b"samesite=strict", b"path=/"} <= attributes

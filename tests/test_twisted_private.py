@@ -41,6 +41,7 @@ from mgpumanager.twisted_private import (
     quiet_connections,
     request_line,
     response_connection_header,
+    take_over_connection,
 )
 
 reactor: Any = _reactor
@@ -160,6 +161,41 @@ def test_request_line_is_known_to_the_channel_before_the_body_is_read() -> None:
 
     assert seen == [(b"POST", b"/v1/tts?voice=a")]
     channel.connectionLost(Failure(CancelledError()))
+
+
+def test_take_over_connection_hands_the_socket_to_another_protocol() -> None:
+    class Splice(Protocol):
+        received = b""
+
+        def dataReceived(self, data: bytes) -> None:
+            self.received += data
+
+    splice = Splice()
+    ends: list[object] = []
+
+    class TakenOver(Request):
+        def process(self) -> None:
+            step(self.channel, "_dataBuffer", "twisted.web.http.HTTPChannel")
+            self.notifyFinish().addBoth(ends.append)
+            tell_web.append(take_over_connection(self, splice))
+
+    tell_web: list[Any] = []
+    channel = HTTPChannel()
+    channel.requestFactory = TakenOver  # type: ignore[assignment]
+    transport = StringTransport()
+    transport.protocol = channel  # type: ignore[attr-defined]
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n")
+
+    assert transport.protocol is splice  # type: ignore[attr-defined]
+    assert splice.transport is transport
+    assert transport.producer is None, "the channel no longer paces the socket"
+    assert channel.timeOut is None, "the idle timer no longer runs"
+    transport.protocol.dataReceived(b"frame")  # type: ignore[attr-defined]
+    assert splice.received == b"frame"
+    assert ends == []
+    tell_web[0](Failure(CancelledError()))
+    assert len(ends) == 1, "twisted.web learns that the request is over"
 
 
 def test_quiet_connections_makes_the_pool_build_quiet_factories() -> None:
