@@ -104,21 +104,24 @@ class _ThreadPoolService(Service):
 
 class ManagerService(MultiService):
     """
-    The whole daemon.  Stops gracefully: no new connections, queued jobs
-    answered ``shutting_down``, running jobs given ``grace`` seconds to finish,
-    then everything else.
+    The whole daemon.  Stops gracefully: no new connections on any port,
+    queued jobs answered ``shutting_down``, running jobs given ``grace`` seconds
+    to finish, then everything else.
+
+    :param listeners: every service that accepts connections: the main port,
+        and the consumers' own ports.
     """
 
     def __init__(
         self,
-        http: IService,
+        listeners: Sequence[IService],
         scheduler: GpuScheduler,
         pool: HTTPConnectionPool,
         clock: Any,
         grace: float,
     ) -> None:
         super().__init__()
-        self._http = http
+        self._listeners = listeners
         self._scheduler = scheduler
         self._pool = pool
         self._clock = clock
@@ -129,7 +132,7 @@ class ManagerService(MultiService):
 
     async def _stop(self) -> None:
         log.info("stopping: no new connections; queued jobs are refused")
-        await self._http.stopService()  # type: ignore[misc]
+        await DeferredList([maybeDeferred(s.stopService) for s in self._listeners])
         self._scheduler.close()
         idle = self._scheduler.when_idle()
         if self._scheduler.in_flight:
@@ -142,7 +145,7 @@ class ManagerService(MultiService):
                 log.warn("grace period over: aborting {n} running job(s)",
                          n=self._scheduler.in_flight)
                 self._scheduler.abort_running()
-        others = [s for s in reversed(list(self)) if s is not self._http]
+        others = [s for s in reversed(list(self)) if s not in self._listeners]
         await DeferredList([maybeDeferred(s.stopService) for s in others])
         Service.stopService(self)
         await self._pool.closeCachedConnections()
@@ -249,14 +252,17 @@ def build(
     http = StreamServerEndpointService(endpoint, site)
     fail_start_on_listen_error(http)
 
-    service = ManagerService(http, scheduler, pool, reactor, config.shutdown_grace_seconds)
+    ports = ConsumerPorts(config, passthrough, reactor, endpoint_is_loopback)
+    service = ManagerService(
+        (http, ports), scheduler, pool, reactor, config.shutdown_grace_seconds
+    )
     for extra in stand_ins.services if stand_ins else ():
         extra.setServiceParent(service)
     _ThreadPoolService(nvml_threads).setServiceParent(service)
     _Loop(sampler).setServiceParent(service)
     _Loop(prober).setServiceParent(service)
     http.setServiceParent(service)
-    ConsumerPorts(config, passthrough, reactor, endpoint_is_loopback).setServiceParent(service)
+    ports.setServiceParent(service)
     if not loopback:
         log.warn(
             "listening on {listen}, which is not loopback only: anyone who can reach it "
