@@ -20,6 +20,9 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectError
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 
@@ -116,6 +119,7 @@ def test_wheel_contains_the_plugin(tmp_path: Path) -> None:
 async def test_sigterm_finishes_running_jobs_and_refuses_queued_ones(tmp_path: Path) -> None:
     upstream = ScriptedUpstream("voice", Tracker())
     port = listen(upstream)
+    own_port = free_port()
     config: dict[str, Any] = {
         "shutdown_grace_seconds": 10,
         "probes": {"interval_seconds": 0.5, "timeout_seconds": 3},
@@ -125,6 +129,7 @@ async def test_sigterm_finishes_running_jobs_and_refuses_queued_ones(tmp_path: P
                 "url": f"http://127.0.0.1:{port.getHost().port}",
                 "health": {"path": "/health"},
                 "paths": {"tts": {"path": "/api/tts"}},
+                "listen": f"127.0.0.1:{own_port}",
             }
         },
     }
@@ -136,7 +141,13 @@ async def test_sigterm_finishes_running_jobs_and_refuses_queued_ones(tmp_path: P
         queued = [treq.post(daemon.url + f"/v1/tts?n={i}", data=b"q") for i in range(3)]
         await sleep(0.3)
         assert daemon.process is not None
+        assert await _accepts(own_port), "the consumer's own port is open while running"
         os.kill(daemon.process.pid, signal.SIGTERM)
+        await sleep(0.3)
+        # Every port stops accepting at once, while the running job finishes.
+        assert daemon.process.poll() is None, "still running the long job"
+        assert not await _accepts(daemon.port)
+        assert not await _accepts(own_port)
         answers = await gatherResults([running, *queued])
         bodies = await gatherResults([answer.content() for answer in answers])
         assert answers[0].code == 200
@@ -155,6 +166,16 @@ async def test_sigterm_finishes_running_jobs_and_refuses_queued_ones(tmp_path: P
     finally:
         daemon.stop()
         await port.stopListening()
+
+
+async def _accepts(port: int) -> bool:
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=2)
+    try:
+        connection = await connectProtocol(endpoint, Protocol())
+    except ConnectError:
+        return False
+    connection.transport.loseConnection()
+    return True
 
 
 def test_a_non_loopback_listen_address_is_warned_about() -> None:
