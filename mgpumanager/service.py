@@ -33,6 +33,7 @@ from mgpumanager.control import ConsumerControl
 from mgpumanager.gpu import GpuReading, GpuSampler
 from mgpumanager.guard import Guard
 from mgpumanager.lifecycle import Lifecycle
+from mgpumanager.metrics import Metrics
 from mgpumanager.probes import HealthProber
 from mgpumanager.proxy import ConsumerProxy, ReusedEndpoints
 from mgpumanager.registry import Registry
@@ -215,12 +216,16 @@ def build(
     attributor = ProcessAttributor(registry, find_pids, deferToThread, reactor)
     sampler.subscribe(attributor.on_sample)
 
-    lifecycle = Lifecycle(config, registry, sampler, control, reactor, prober.probe, attributor)
+    metrics = Metrics(reactor)
+    lifecycle = Lifecycle(
+        config, registry, sampler, control, reactor, prober.probe, attributor, metrics
+    )
     scheduler = GpuScheduler(
         reactor,
         registry,
         lifecycle.prepare,
         queue=config.queue,
+        telemetry=metrics,
     )
     proxy = ConsumerProxy(
         lambda consumer: agent_for_timeout(consumer.timeouts.connect_seconds),
@@ -230,7 +235,9 @@ def build(
     description = listen or config.listen.endpoint_description()
     loopback = endpoint_is_loopback(description)
     guard = Guard(config, loopback)
-    app = ManagerApp(config, registry, scheduler, proxy, sampler, lifecycle, reactor, listen)
+    app = ManagerApp(
+        config, registry, scheduler, proxy, sampler, lifecycle, reactor, listen, metrics
+    )
     site = ManagerSite(app.resource(), partial(body_limit_for_path, config), guard)
     endpoint = serverFromString(reactor, description)
     http = StreamServerEndpointService(endpoint, site)
@@ -242,6 +249,7 @@ def build(
     _ThreadPoolService(nvml_threads).setServiceParent(service)
     _Loop(sampler).setServiceParent(service)
     _Loop(prober).setServiceParent(service)
+    _Loop(app.events).setServiceParent(service)
     http.setServiceParent(service)
     if not loopback:
         log.warn(
