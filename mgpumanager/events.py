@@ -157,7 +157,8 @@ class EventFeed:
         if client not in self._clients:
             return
         self._clients.remove(client)
-        client.request.unregisterProducer()
+        if client.request.channel is not None:  # None once the connection is gone
+            client.request.unregisterProducer()
         if not self._clients and self._loop is not None:
             self._loop.stop()
             self._loop = None
