@@ -91,7 +91,7 @@ def test_a_client_gets_the_retry_delay_and_the_current_document_at_once() -> Non
 
 def test_a_change_is_sent_within_a_quarter_second_and_no_news_is_not_sent() -> None:
     card, clock = Card(), Clock()
-    feed, site = feed_and_site(card, clock)
+    _feed, site = feed_and_site(card, clock)
     client = Connection(site)
     client.received()
     clock.advance(1.0)
@@ -104,10 +104,10 @@ def test_a_change_is_sent_within_a_quarter_second_and_no_news_is_not_sent() -> N
 
 def test_at_most_four_documents_a_second_however_fast_things_change() -> None:
     card, clock = Card(), Clock()
-    feed, site = feed_and_site(card, clock)
+    _feed, site = feed_and_site(card, clock)
     client = Connection(site)
     client.received()
-    for step in range(100):
+    for _step in range(100):
         card.used += 1
         clock.advance(0.01)
     assert len(client.events()) == 4
@@ -117,7 +117,7 @@ def test_at_most_four_documents_a_second_however_fast_things_change() -> None:
 
 def test_a_quiet_feed_sends_a_heartbeat_comment_every_15_seconds() -> None:
     card, clock = Card(), Clock()
-    feed, site = feed_and_site(card, clock)
+    _feed, site = feed_and_site(card, clock)
     client = Connection(site)
     client.received()
     clock.advance(14.75)
@@ -151,7 +151,7 @@ def test_a_client_that_leaves_is_forgotten_and_the_loop_stops() -> None:
 
 def test_a_paused_client_is_sent_nothing_then_the_latest_document() -> None:
     card, clock = Card(), Clock()
-    feed, site = feed_and_site(card, clock)
+    _feed, site = feed_and_site(card, clock)
     client = Connection(site)
     client.received()
     client.transport.producer.pauseProducing()  # its socket is full
