@@ -56,7 +56,7 @@ class Reader(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.events += data.count(b"data: ")
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.closed.callback(None)
 
 
