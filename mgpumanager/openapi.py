@@ -160,7 +160,7 @@ def openapi_document(config: Config) -> JsonObject:
         "What a job of this kind would evict and load now (a dry run)",
         {"200": _json("the plan", PLAN), "404": _error("no such kind"),
          "501": _error("no consumer serves the kind")},
-        [_path_parameter("kind", {"type": "string"})],
+        [_path_parameter("kind", {"type": "string", "enum": kinds})],
     )
     paths["/v1/events"] = _get(
         "The status document as Server-Sent Events, on each change",
