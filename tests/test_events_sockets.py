@@ -51,7 +51,7 @@ class Reader(Protocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
-        self.transport.write(b"GET /v1/events HTTP/1.1\r\nHost: daemon\r\n\r\n")
+        self.transport.write(b"GET /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
 
     def dataReceived(self, data: bytes) -> None:
         self.events += data.count(b"data: ")
@@ -65,7 +65,7 @@ def stalled_client(port: int, stop: threading.Event, received: list[int]) -> Non
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", port))
-        sock.sendall(b"GET /v1/events HTTP/1.1\r\nHost: daemon\r\n\r\n")
+        sock.sendall(b"GET /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         stop.wait(30)
         # Now drain what the kernel held for us: that is all we were ever sent.
         sock.settimeout(1)
