@@ -26,12 +26,17 @@ from mgpumanager.errors import (
     NOT_FOUND,
     ApiError,
 )
+from mgpumanager.events import EventFeed
 from mgpumanager.eviction import dry_run_plan
 from mgpumanager.gpu import GpuSampler
 from mgpumanager.guard import query_token, token_cookie
 from mgpumanager.jobs import GpuJobs
 from mgpumanager.lifecycle import Lifecycle
+from mgpumanager.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from mgpumanager.metrics import Metrics
 from mgpumanager.openai_routes import error_shape
+from mgpumanager.openapi import openapi_document
+from mgpumanager.page import status_page
 from mgpumanager.proxy import ConsumerProxy
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
@@ -66,6 +71,7 @@ class ManagerApp:
         clock: IReactorTime,
         listen: str | None = None,
         jobs: GpuJobs | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._config = config
         self._registry = registry
@@ -74,7 +80,11 @@ class ManagerApp:
         self._sampler = sampler
         self._lifecycle = lifecycle
         self._clock = clock
-        self._jobs = jobs or GpuJobs(registry, scheduler, proxy)
+        self._metrics = metrics or Metrics(clock)
+        self._metrics.watch_status(self.status_document)
+        self._jobs = jobs or GpuJobs(registry, scheduler, proxy, self._metrics)
+        #: The ``/v1/events`` feed; the service starts and stops it.
+        self.events = EventFeed(self.status_document, clock)
         #: What status reports as the listen address: an override wins.
         self._listen = listen or str(config.listen)
 
@@ -89,6 +99,9 @@ class ManagerApp:
         routes.add("/v1/status", ["GET"], self.status)
         routes.add("/v1/plan/", ["GET"], self.plan, prefix=True)
         routes.add("/healthz", ["GET"], self.healthz)
+        routes.add("/metrics", ["GET"], self.metrics)
+        routes.add("/v1/events", ["GET"], self.events.serve)
+        routes.add("/v1/openapi.json", ["GET"], self.openapi)
         routes.add("/", ["GET"], self.index)
         routes.add(self._config.audio_path_prefix, ["GET"], self.audio, prefix=True)
         return routes
@@ -101,6 +114,7 @@ class ManagerApp:
         target = self._config.route_for(kind)
         if target is None:
             name = self._config.routing.get(kind)
+            self._metrics.job_refused(name or "", kind, NO_CONSUMER.code)
             why = (
                 f"consumer {name} has no paths.{kind}"
                 if name
@@ -149,12 +163,26 @@ class ManagerApp:
     def healthz(self, request: Request, rest: bytes) -> bytes:
         return json_body(request, {"status": "ok"})
 
+    def metrics(self, request: Request, rest: bytes) -> bytes:
+        request.setHeader(b"content-type", METRICS_CONTENT_TYPE)
+        request.setHeader(b"cache-control", b"no-store")
+        return self._metrics.exposition()
+
+    def openapi(self, request: Request, rest: bytes) -> bytes:
+        return json_body(request, openapi_document(self._config))
+
     def index(self, request: Request, rest: bytes) -> bytes:
+        """The status page for browsers, a plain summary for everything else."""
         token = query_token(request.uri.partition(b"?")[2])
         secret = self._config.auth_token
         if token is not None and secret is not None and hmac.compare_digest(token, secret):
             # The guard let ?token= in: a browser keeps it for the page's own reads.
             request.setHeader(b"set-cookie", token_cookie(token))
+        request.setHeader(b"vary", b"accept")
+        if wants_html(request):
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            request.setHeader(b"cache-control", b"no-store")
+            return status_page()
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         kinds = ", ".join(f"POST /v1/{kind}" for kind in ENDPOINT_KINDS)
         return (
@@ -163,6 +191,8 @@ class ManagerApp:
             "What a job would evict now: GET /v1/plan/<kind>\n"
             f"Audio files: GET {self._config.audio_path_prefix}<name>\n"
             "Liveness: GET /healthz\n"
+            "Live feed: GET /v1/events; metrics: GET /metrics; "
+            "the API: GET /v1/openapi.json\n"
         ).encode()
 
     def audio(self, request: Request, rest: bytes) -> Deferred[None]:
@@ -177,6 +207,17 @@ class ManagerApp:
         consumer = self._config.consumers[self._config.audio_proxy]
         path = self._config.audio_path_prefix + quote_segment(name)
         return self._proxy.relay(request, consumer, "GET", path)
+
+
+def wants_html(request: Request) -> bool:
+    """Whether the client asks for HTML (a browser), from its ``Accept`` header."""
+    accept = b",".join(request.requestHeaders.getRawHeaders(b"accept", []))
+    for item in accept.split(b","):
+        media, _, params = item.partition(b";")
+        refused = params.replace(b" ", b"") in (b"q=0", b"q=0.0")
+        if media.strip().lower() == b"text/html" and not refused:
+            return True
+    return False
 
 
 def audio_name(encoded: bytes) -> str:

@@ -15,15 +15,23 @@ from mgpumanager.errors import CONSUMER_DOWN, ApiError
 from mgpumanager.proxy import ConsumerProxy
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
+from mgpumanager.telemetry import NO_TELEMETRY, Telemetry
 
 
 class GpuJobs:
     """Runs proxied requests as GPU jobs: refused fast, queued, relayed under the lock."""
 
-    def __init__(self, registry: Registry, scheduler: GpuScheduler, proxy: ConsumerProxy) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        scheduler: GpuScheduler,
+        proxy: ConsumerProxy,
+        telemetry: Telemetry = NO_TELEMETRY,
+    ) -> None:
         self._registry = registry
         self._scheduler = scheduler
         self._proxy = proxy
+        self._telemetry = telemetry
 
     def run(
         self, request: Request, consumer: ConsumerConfig, method: str, path: str, kind: str
@@ -38,11 +46,12 @@ class GpuJobs:
         """
         state = self._registry[consumer.name]
         if state.healthy is False and not state.restartable:
+            self._telemetry.job_refused(consumer.name, kind, CONSUMER_DOWN.code)
             raise ApiError(
                 CONSUMER_DOWN,
                 f"upstream {consumer.name}: last health probe failed: {state.last_error}",
                 consumer.name,
             )
-        return self._scheduler.submit(
-            consumer.name, lambda: self._proxy.relay(request, consumer, method, path)
-        )
+        watch = self._telemetry.job(consumer.name, kind)
+        relay = watch.running(lambda: self._proxy.relay(request, consumer, method, path))
+        return watch.ended(self._scheduler.submit(consumer.name, relay))

@@ -25,6 +25,7 @@ from mgpumanager.errors import LOAD_FAILED, UNLOAD_FAILED, ApiError
 from mgpumanager.eviction import Candidate, Fit, plan_step, why_no_room_needed
 from mgpumanager.gpu import GpuSample, GpuSampler
 from mgpumanager.registry import ConsumerState, Registry
+from mgpumanager.telemetry import FAILED, NO_TELEMETRY, NOT_VERIFIED, UNLOADED, Telemetry
 
 log = Logger()
 
@@ -68,6 +69,7 @@ class Lifecycle:
         consumers with a systemd unit.
     :param health_check: probes a consumer (after ``systemctl start``).
     :param pids: maps consumers to their processes, for per-process checks.
+    :param telemetry: told of each unload, eviction and load.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class Lifecycle:
         clock: IReactorTime,
         health_check: HealthCheck,
         pids: PidLookup,
+        telemetry: Telemetry = NO_TELEMETRY,
     ) -> None:
         self._config = config
         self._registry = registry
@@ -87,6 +90,7 @@ class Lifecycle:
         self._clock = clock
         self._health_check = health_check
         self._pids = pids
+        self._telemetry = telemetry
         self.evictions = 0
         self.failed_unloads = 0
         self.loads = 0
@@ -150,6 +154,7 @@ class Lifecycle:
                 assert config.systemd_unit is not None
                 await self._control.systemctl("stop", config.systemd_unit, timeout)
         except ControlFailed as e:
+            self._telemetry.evicted(victim.name, FAILED)
             self._unload_failed(victim, decision, f"unloading {victim.name} failed: {e}")
         except CancelledError:
             decision.outcome = "cancelled during the unload"
@@ -159,6 +164,7 @@ class Lifecycle:
         victim.mark_loaded(False, self._clock.seconds())
         unloaded = self._clock.seconds()
         decision.unload_ms = round((unloaded - started) * 1000)
+        self._telemetry.unloaded(victim.name, unloaded - started)
         try:
             recovered = await self._await_memory_back(victim, before, pids)
         except CancelledError:
@@ -169,6 +175,7 @@ class Lifecycle:
             # Its memory is still on the card: as far as making room goes, it is
             # still loaded, so no retry loads anything on top of it.
             victim.mark_loaded(True, self._clock.seconds())
+            self._telemetry.evicted(victim.name, FAILED)
             self._unload_failed(
                 victim,
                 decision,
@@ -176,6 +183,7 @@ class Lifecycle:
                 f"{self._config.lifecycle.verify_timeout_seconds:g} s",
             )
         decision.recovered_mib = recovered if isinstance(recovered, int) else None
+        self._telemetry.evicted(victim.name, UNLOADED if recovered is not None else NOT_VERIFIED)
         decision.outcome = "unloaded" + ("" if recovered is not None else " (settled, no NVML)")
         log.info(
             "evicted {victim} for {target} in {unload_ms} ms, memory back after "
@@ -227,6 +235,7 @@ class Lifecycle:
     async def _load(self, state: ConsumerState) -> None:
         config = state.config
         lifecycle = self._config.lifecycle
+        started = self._clock.seconds()
         try:
             timeout = lifecycle.load_timeout_seconds
             if config.load is not None:
@@ -246,6 +255,7 @@ class Lifecycle:
             raise
         # With neither route nor unit the consumer cold-starts on the request.
         self.loads += 1
+        self._telemetry.loaded(state.name, self._clock.seconds() - started)
         state.load_count += 1
         state.mark_loaded(True, self._clock.seconds())
 

@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from mgpumanager.config import QueueConfig
 from mgpumanager.errors import QUEUE_FULL, QUEUE_TIMEOUT, SCHEDULER_ERROR, SHUTTING_DOWN, ApiError
 from mgpumanager.registry import ConsumerState, Registry
+from mgpumanager.telemetry import NO_TELEMETRY, Telemetry
 
 log = Logger()
 
@@ -124,6 +125,7 @@ class GpuScheduler:
     :param queue: ``max_depth`` jobs may wait (one more is refused with
         ``queue_full``), each for at most ``max_wait_seconds`` (then ``queue_timeout``).
     :param chooser: which waiting job runs next.
+    :param telemetry: told of each job's wait.
     """
 
     def __init__(
@@ -134,6 +136,7 @@ class GpuScheduler:
         *,
         queue: QueueConfig,
         chooser: Chooser | None = None,
+        telemetry: Telemetry = NO_TELEMETRY,
     ) -> None:
         self._clock = clock
         self._max_depth = queue.max_depth
@@ -141,6 +144,7 @@ class GpuScheduler:
         self._registry = registry
         self._prepare = prepare
         self._chooser: Chooser = chooser or PriorityThenArrival()
+        self._telemetry = telemetry
         self._lock = DeferredLock()
         #: By id, so in arrival order.
         self._waiting: dict[int, _Waiter] = {}
@@ -260,6 +264,7 @@ class GpuScheduler:
         """The job holds the GPU lock: count it, prepare its consumer, run it."""
         started = self._clock.seconds()
         self.last_wait_ms = round((started - view.arrived) * 1000)
+        self._telemetry.waited(view, started - view.arrived)
         self.in_flight += 1
         self.total_jobs += 1
         state = self._registry[view.consumer]

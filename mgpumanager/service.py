@@ -34,6 +34,7 @@ from mgpumanager.gpu import GpuReading, GpuSampler
 from mgpumanager.guard import Guard
 from mgpumanager.jobs import GpuJobs
 from mgpumanager.lifecycle import Lifecycle
+from mgpumanager.metrics import Metrics
 from mgpumanager.openai_routes import OpenAIRoutes, error_shape, family_consumer
 from mgpumanager.ports import ConsumerPorts
 from mgpumanager.probes import HealthProber
@@ -223,12 +224,16 @@ def build(
     attributor = ProcessAttributor(registry, find_pids, deferToThread, reactor)
     sampler.subscribe(attributor.on_sample)
 
-    lifecycle = Lifecycle(config, registry, sampler, control, reactor, prober.probe, attributor)
+    metrics = Metrics(reactor)
+    lifecycle = Lifecycle(
+        config, registry, sampler, control, reactor, prober.probe, attributor, metrics
+    )
     scheduler = GpuScheduler(
         reactor,
         registry,
         lifecycle.prepare,
         queue=config.queue,
+        telemetry=metrics,
     )
     proxy = ConsumerProxy(
         lambda consumer: agent_for_timeout(consumer.timeouts.connect_seconds),
@@ -238,9 +243,9 @@ def build(
     description = listen or config.listen.endpoint_description()
     loopback = endpoint_is_loopback(description)
     guard = Guard(config, loopback)
-    jobs = GpuJobs(registry, scheduler, proxy)
+    jobs = GpuJobs(registry, scheduler, proxy, metrics)
     app = ManagerApp(
-        config, registry, scheduler, proxy, sampler, lifecycle, reactor, listen, jobs
+        config, registry, scheduler, proxy, sampler, lifecycle, reactor, listen, jobs, metrics
     )
     tunnels = WebSocketTunnels(reactor, drop_authorization=config.auth_token is not None)
     passthrough = Passthrough(config, jobs, proxy, tunnels)
@@ -261,6 +266,7 @@ def build(
     _ThreadPoolService(nvml_threads).setServiceParent(service)
     _Loop(sampler).setServiceParent(service)
     _Loop(prober).setServiceParent(service)
+    _Loop(app.events).setServiceParent(service)
     http.setServiceParent(service)
     ports.setServiceParent(service)
     if not loopback:
