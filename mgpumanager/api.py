@@ -87,6 +87,7 @@ class ManagerApp:
         self.events = EventFeed(self.status_document, clock)
         #: What status reports as the listen address: an override wins.
         self._listen = listen or str(config.listen)
+        self._routes: Dispatcher | None = None
 
     def resource(self) -> Dispatcher:
         """
@@ -104,7 +105,16 @@ class ManagerApp:
         routes.add("/v1/openapi.json", ["GET"], self.openapi)
         routes.add("/", ["GET"], self.index)
         routes.add(self._config.audio_path_prefix, ["GET"], self.audio, prefix=True)
+        self._routes = routes
         return routes
+
+    def reconfigure(self, config: Config) -> None:
+        """Serve a reloaded configuration (the audio prefix may have moved)."""
+        old, self._config = self._config, config
+        routes = self._routes
+        if routes is not None and old.audio_path_prefix != config.audio_path_prefix:
+            routes.remove(old.audio_path_prefix, prefix=True)
+            routes.add(config.audio_path_prefix, ["GET"], self.audio, prefix=True)
 
     def _job_handler(self, kind: str) -> Any:
         return lambda request, rest: self.gpu_job(request, kind)

@@ -100,6 +100,14 @@ class Dispatcher(Resource):
             if name == b"GET":
                 route.handlers.setdefault(b"HEAD", handler)
 
+    def remove(self, path: str, *, prefix: bool = False) -> None:
+        """Stop serving ``path`` (a route whose path a reload changed)."""
+        raw = path.encode("ascii")
+        if prefix:
+            self._prefixes = [(p, route) for p, route in self._prefixes if p != raw]
+        else:
+            self._exact.pop(raw, None)
+
     def _route(self, raw: bytes, prefix: bool) -> _Route:
         if not prefix:
             return self._exact.setdefault(raw, _Route(False, {}))

@@ -68,6 +68,10 @@ class Guard:
 
     def __init__(self, config: Config, loopback: bool) -> None:
         self._loopback = loopback
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Take the allowed origins and the token of a reloaded configuration."""
         self._origins = {origin.rstrip("/").encode("ascii", "replace")
                          for origin in config.allowed_origins}
         self._token = config.auth_token

@@ -56,6 +56,7 @@ class ConsumerPorts(Service):
         self._reactor = reactor
         self._loopback = loopback
         self._open: dict[_PortKey, IListeningPort] = {}
+        self._guards: dict[_PortKey, Guard] = {}
 
     @property
     def addresses(self) -> dict[str, Any]:
@@ -88,26 +89,35 @@ class ConsumerPorts(Service):
 
     async def _apply(self, config: Config, wanted: set[_PortKey]) -> None:
         await self._close([key for key in self._open if key not in wanted])
+        for key in self._open:
+            # A port that stays open takes the new origins and token at once.
+            self._guards[key].reconfigure(config)
         for key in sorted(wanted - set(self._open), key=str):
             listen = config.consumers[key.consumer].listen
             assert listen is not None
             description = listen.endpoint_description()
             port = await serverFromString(self._reactor, description).listen(
-                self._site(config, key.consumer, description)
+                self._site(config, key, description)
             )
             self._open[key] = port
             log.info("consumer {consumer} also answers on {listen}",
                      consumer=key.consumer, listen=key.listen)
 
-    def _site(self, config: Config, name: str, description: str) -> ManagerSite:
+    def _site(self, config: Config, key: _PortKey, description: str) -> ManagerSite:
         routes = Dispatcher()
-        routes.add("/", ["*"], self._passthrough.handler_for(name), prefix=True)
-        limit = config.consumers[name].max_body_mib or config.max_body_mib
-        return ManagerSite(
-            routes, lambda target: limit * 1024 * 1024, Guard(config, self._loopback(description))
-        )
+        routes.add("/", ["*"], self._passthrough.handler_for(key.consumer), prefix=True)
+        guard = self._guards[key] = Guard(config, self._loopback(description))
+        return ManagerSite(routes, lambda target: self._body_limit(key.consumer), guard)
+
+    def _body_limit(self, name: str) -> int:
+        """The consumer's body limit in bytes, as the current configuration says."""
+        consumer = self._config.consumers.get(name)
+        limit = consumer.max_body_mib if consumer is not None else None
+        return (limit or self._config.max_body_mib) * 1024 * 1024
 
     def _close(self, keys: list[_PortKey]) -> Deferred[None]:
+        for key in keys:
+            self._guards.pop(key, None)
         closing = [self._open.pop(key).stopListening() for key in keys]
         done: Deferred[Any] = DeferredList([d for d in closing if d is not None])
         return done.addCallback(lambda _: None)
