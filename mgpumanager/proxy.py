@@ -42,7 +42,9 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IRes
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from mgpumanager.adapters.following import Completions
 from mgpumanager.config import ConsumerConfig
+from mgpumanager.control import Answer
 from mgpumanager.deadline import TimedOut, within
 from mgpumanager.errors import (
     BAD_CONSUMER_URL,
@@ -80,6 +82,8 @@ class ConsumerProxy:
     :param clock: for the response and idle timeouts.
     :param drop_authorization: keep clients' ``Authorization`` (the daemon's
         own bearer token) from reaching consumers.
+    :param completions: how the job runner follows work that outlives its
+        answer; carried here for it, never used by the relay itself.
     """
 
     def __init__(
@@ -87,10 +91,12 @@ class ConsumerProxy:
         agent_for: Callable[[ConsumerConfig], IAgent],
         clock: IReactorTime,
         drop_authorization: bool = False,
+        completions: Completions | None = None,
     ) -> None:
         self._agent_for = agent_for
         self._clock = clock
         self._drop_authorization = drop_authorization
+        self.completions = completions
 
     def relay(
         self, request: Request, consumer: ConsumerConfig, method: str, path: str
@@ -102,11 +108,22 @@ class ConsumerProxy:
         answer was sent, :class:`UpstreamBroke` after.  Cancelling it aborts
         the upstream exchange.
         """
-        return Deferred.fromCoroutine(self._relay(request, consumer, method, path))
+        relayed = self.relay_keeping(request, consumer, method, path, 0)
+        return relayed.addCallback(lambda _: None)
+
+    def relay_keeping(
+        self, request: Request, consumer: ConsumerConfig, method: str, path: str, cap: int
+    ) -> Deferred[Answer]:
+        """
+        :meth:`relay`, and fire with the answer's status and a copy of its
+        body (``None`` once it grew past ``cap`` bytes), for a job that must
+        read the answer it passed on unchanged.
+        """
+        return Deferred.fromCoroutine(self._relay(request, consumer, method, path, cap))
 
     async def _relay(
-        self, request: Request, consumer: ConsumerConfig, method: str, path: str
-    ) -> None:
+        self, request: Request, consumer: ConsumerConfig, method: str, path: str, cap: int
+    ) -> Answer:
         url = upstream_url(consumer, path, request.uri)
         body = None
         if request.content is not None and method not in ("GET", "HEAD"):
@@ -159,7 +176,7 @@ class ConsumerProxy:
             request.setHeader(b"content-length", b"%d" % response.length)
         finished: Deferred[None] = Deferred(lambda _: relay_body.cancel())
         relay_body = _BodyRelay(
-            request, finished, consumer.name, self._clock, timeouts.idle_seconds
+            request, finished, consumer.name, self._clock, timeouts.idle_seconds, cap
         )
         response.deliverBody(relay_body)
         try:
@@ -170,6 +187,7 @@ class ConsumerProxy:
             # is the one who left).
             _abort_client(request)
             raise
+        return Answer(response.code, relay_body.copy())
 
 
 _CONNECTION_DONE = Failure(net_error.ConnectionDone())
@@ -217,8 +235,11 @@ class _BodyRelay(Protocol):
         consumer: str,
         clock: IReactorTime,
         idle: float,
+        cap: int = 0,
     ) -> None:
         self._request = request
+        self._cap = cap
+        self._copy: bytearray | None = bytearray() if cap else None
         self._finished = finished
         self._consumer = consumer
         self._clock = clock
@@ -238,6 +259,14 @@ class _BodyRelay(Protocol):
             if not self.paused:
                 self.restart_idle_timer()
             self._request.write(data)
+            if self._copy is not None:
+                self._copy += data
+                if len(self._copy) > self._cap:
+                    self._copy = None
+
+    def copy(self) -> bytes | None:
+        """The body as relayed, when a copy was asked for and it stayed under the cap."""
+        return bytes(self._copy) if self._copy is not None else None
 
     def restart_idle_timer(self) -> None:
         if self._done:

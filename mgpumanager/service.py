@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from mgpumanager.adapters.following import Completions
 from mgpumanager.api import ManagerApp, job_kind
 from mgpumanager.attribution import PidMap, ProcessAttributor, find_consumer_pids
 from mgpumanager.commands import CommandResult, run_command
@@ -226,6 +227,7 @@ def build(
         lambda consumer: agent_for_timeout(consumer.timeouts.connect_seconds),
         reactor,
         drop_authorization=config.auth_token is not None,
+        completions=Completions(control, reactor, lifecycle.record_timeout),
     )
     description = listen or config.listen.endpoint_description()
     loopback = endpoint_is_loopback(description)

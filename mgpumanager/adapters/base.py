@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,7 +10,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import Attribute, Interface
 
 from mgpumanager.config import ConsumerConfig, Route
-from mgpumanager.control import ConsumerControl, JsonObject
+from mgpumanager.control import Answer, ConsumerControl, JsonObject
 from mgpumanager.registry import ConsumerState, ModelResidency
 
 __all__ = [
@@ -19,10 +18,10 @@ __all__ = [
     "IConsumerAdapter",
     "ModelResidency",
     "Observation",
-    "RelayedAnswer",
 ]
 
-#: How much of a relayed answer the proxy keeps for :meth:`IConsumerAdapter.follow`.
+#: How much of a relayed answer the proxy keeps for :meth:`IConsumerAdapter.follow`
+#: (the status and body, as the client got them, in a :class:`~mgpumanager.control.Answer`).
 ANSWER_COPY_BYTES = 64 * 1024
 #: What one completion poll may take.
 POLL_TIMEOUT_SECONDS = 10.0
@@ -56,27 +55,6 @@ class Observation:
     models: tuple[ModelResidency, ...] | None = None
     #: Its own queue holds work, whoever sent it.
     busy: bool | None = None
-
-
-@attrs.frozen
-class RelayedAnswer:
-    """
-    A GPU job's HTTP answer as the client received it: the status, and a
-    copy of the body when it was small enough (``None`` otherwise).
-    """
-
-    code: int
-    body: bytes | None
-
-    def json_object(self) -> JsonObject | None:
-        """The body as a JSON object, or ``None`` when it is not one."""
-        if self.body is None:
-            return None
-        try:
-            document = json.loads(self.body)
-        except ValueError:
-            return None
-        return document if isinstance(document, dict) else None
 
 
 class IConsumerAdapter(Interface):
@@ -149,7 +127,7 @@ class IConsumerAdapter(Interface):
     def follow(
         control: ConsumerControl,
         state: ConsumerState,
-        answer: RelayedAnswer,
+        answer: Answer,
         clock: IReactorTime,
     ) -> Any:
         """

@@ -17,12 +17,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from mgpumanager.adapters.base import AdapterDefaults, IConsumerAdapter, Observation, RelayedAnswer
+from mgpumanager.adapters.base import AdapterDefaults, IConsumerAdapter, Observation
 from mgpumanager.adapters.comfy_completion import PromptCompletion, queue_is_empty
 from mgpumanager.adapters.ollama_ps import bytes_to_mib
 from mgpumanager.adapters.polling import poll_until, unload_as_configured
 from mgpumanager.config import ConsumerConfig, Route
-from mgpumanager.control import ConsumerControl, ControlFailed, JsonObject
+from mgpumanager.control import Answer, ConsumerControl, ControlFailed, JsonObject
 from mgpumanager.registry import RESIDENT_SHARE, ConsumerState
 
 #: What ComfyUI's /free takes to drop its models and cached memory.
@@ -100,7 +100,7 @@ class ComfyAdapter:
         self,
         control: ConsumerControl,
         state: ConsumerState,
-        answer: RelayedAnswer,
+        answer: Answer,
         clock: IReactorTime,
     ) -> PromptCompletion | None:
         document = answer.json_object()

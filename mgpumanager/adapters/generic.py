@@ -9,10 +9,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from mgpumanager.adapters.base import AdapterDefaults, IConsumerAdapter, Observation, RelayedAnswer
+from mgpumanager.adapters.base import AdapterDefaults, IConsumerAdapter, Observation
 from mgpumanager.adapters.polling import unload_as_configured
 from mgpumanager.config import ConsumerConfig
-from mgpumanager.control import ConsumerControl, JsonObject
+from mgpumanager.control import Answer, ConsumerControl, JsonObject
 from mgpumanager.paths import under
 from mgpumanager.registry import ConsumerState
 
@@ -75,7 +75,7 @@ class GenericAdapter:
         self,
         control: ConsumerControl,
         state: ConsumerState,
-        answer: RelayedAnswer,
+        answer: Answer,
         clock: IReactorTime,
     ) -> None:
         return None

@@ -16,11 +16,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from mgpumanager.adapters.base import AdapterDefaults, IConsumerAdapter, Observation, RelayedAnswer
+from mgpumanager.adapters.base import AdapterDefaults, IConsumerAdapter, Observation
 from mgpumanager.adapters.ollama_ps import loaded_models
 from mgpumanager.adapters.polling import poll_until
 from mgpumanager.config import ConsumerConfig, Route
-from mgpumanager.control import ConsumerControl, ControlFailed, JsonObject
+from mgpumanager.control import Answer, ConsumerControl, ControlFailed, JsonObject
 from mgpumanager.paths import under
 from mgpumanager.registry import ConsumerState
 
@@ -102,7 +102,7 @@ class OllamaAdapter:
         self,
         control: ConsumerControl,
         state: ConsumerState,
-        answer: RelayedAnswer,
+        answer: Answer,
         clock: IReactorTime,
     ) -> None:
         return None
