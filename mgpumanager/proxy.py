@@ -55,6 +55,7 @@ from mgpumanager.errors import (
     is_cancellation,
 )
 from mgpumanager.headers import relay_response_headers, upstream_headers
+from mgpumanager.twisted_private import RequestNotSent
 from mgpumanager.twisted_private import response_connection_header as _connection_header
 
 log = Logger()
@@ -121,14 +122,33 @@ class ConsumerProxy:
         """
         return Deferred.fromCoroutine(self._relay(request, consumer, method, path, cap))
 
+    async def _send(
+        self, request: Request, consumer: ConsumerConfig, method: str, url: bytes, headers: Any
+    ) -> IResponse:
+        """
+        Send the request; once more, on another connection, when the first
+        failed before a byte of it was written (``RequestNotSent``: the pooled
+        connection was already closing).  Anything later might have reached
+        the consumer, and a POST is never delivered twice.
+        """
+
+        def send() -> Deferred[IResponse]:
+            body = None
+            if request.content is not None and method not in ("GET", "HEAD"):
+                request.content.seek(0)
+                body = FileBodyProducer(request.content)
+            return self._agent_for(consumer).request(method.encode("ascii"), url, headers, body)
+
+        try:
+            return await send()
+        except RequestNotSent:
+            log.info("upstream {name}: request never sent; sending it again", name=consumer.name)
+            return await send()
+
     async def _relay(
         self, request: Request, consumer: ConsumerConfig, method: str, path: str, cap: int
     ) -> Answer:
         url = upstream_url(consumer, path, request.uri)
-        body = None
-        if request.content is not None and method not in ("GET", "HEAD"):
-            request.content.seek(0)
-            body = FileBodyProducer(request.content)
         client = request.getClientAddress()
         headers = upstream_headers(
             request.requestHeaders,
@@ -138,7 +158,7 @@ class ConsumerProxy:
         timeouts = consumer.timeouts
         try:
             response: IResponse = await within(
-                self._agent_for(consumer).request(method.encode("ascii"), url, headers, body),
+                Deferred.fromCoroutine(self._send(request, consumer, method, url, headers)),
                 timeouts.response_seconds,
                 self._clock,
                 f"upstream {consumer.name}",
