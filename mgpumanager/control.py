@@ -74,6 +74,16 @@ class Answer:
     def ok(self) -> bool:
         return 200 <= self.code < 300
 
+    def json_object(self) -> JsonObject | None:
+        """The body as a JSON object; ``None`` when it is not one or was over the cap."""
+        if self.body is None:
+            return None
+        try:
+            document = json.loads(self.body)
+        except ValueError:
+            return None
+        return document if isinstance(document, dict) else None
+
     def quoted(self) -> str:
         """The start of the body on one line, for an error message."""
         text = (self.body or b"")[:QUOTED_BYTES].decode("utf-8", "replace")
@@ -185,13 +195,7 @@ class ConsumerControl:
         """
         sent = json.dumps(body).encode("utf-8") if body is not None else None
         answer = await self.request(consumer, method, path, timeout, sent, cap)
-        if answer.body is None:
-            return answer.code, None
-        try:
-            document = json.loads(answer.body)
-        except ValueError:
-            return answer.code, None
-        return answer.code, document if isinstance(document, dict) else None
+        return answer.code, answer.json_object()
 
     async def systemctl(self, action: str, unit: str, timeout: float) -> CommandResult:
         """

@@ -11,6 +11,7 @@ from collections.abc import Collection, Iterable
 
 import attrs
 
+from mgpumanager.adapters import adapter_named
 from mgpumanager.config import Config, ConsumerConfig
 from mgpumanager.gpu import GpuSample
 from mgpumanager.registry import ConsumerState, Registry
@@ -48,7 +49,7 @@ def why_no_room_needed(target: ConsumerState) -> str | None:
     config = target.config
     if config.vram_managed:
         return "target manages its own VRAM"
-    if config.vram_resident_mib == 0:
+    if target.size_mib == 0:
         return "target declares no VRAM size"
     if target.resident:
         return "target is already resident"
@@ -60,13 +61,16 @@ def check_fit(
     target: ConsumerConfig,
     sample: GpuSample,
     resident: Iterable[ConsumerState],
+    size_mib: int | None = None,
 ) -> Fit:
     """
     Whether ``target`` fits: by NVML's live free memory when a sample is at
-    hand, else by the declared budget of the consumers that may not share the
-    card with it.  ``resident`` are the consumers taken as loaded.
+    hand, else by the budget of the consumers that may not share the card
+    with it.  ``resident`` are the consumers taken as loaded; every size is
+    :attr:`~mgpumanager.registry.ConsumerState.size_mib`, the target's
+    ``size_mib`` (its declared size when not given).
     """
-    needed = target.vram_resident_mib
+    needed = target.vram_resident_mib if size_mib is None else size_mib
     reading = sample.reading
     if reading is not None:
         wanted = needed + CUSHION_MIB
@@ -95,7 +99,7 @@ def check_fit(
             available_mib=None,
             why="card size unknown (no NVML, no gpu.total_mib): exclusive use assumed",
         )
-    held = sum(state.config.vram_resident_mib for state in blocking)
+    held = sum(state.size_mib for state in blocking)
     headroom = total - config.gpu.reserved_mib - held
     return Fit(
         fits=headroom >= needed,
@@ -136,9 +140,17 @@ def rank_candidates(
                 last_used=state.last_used,
             )
         )
+    busy = {state.name for state in states if state.busy_elsewhere}
+    # A server busy with work sent around us is the last resort: it is only
+    # unloaded (after its queue drains) when no one else frees enough.
     return sorted(
         candidates,
-        key=lambda c: (not c.eligible, c.last_used if c.last_used is not None else -1.0, c.name),
+        key=lambda c: (
+            not c.eligible,
+            c.name in busy,
+            c.last_used if c.last_used is not None else -1.0,
+            c.name,
+        ),
     )
 
 
@@ -149,7 +161,7 @@ def _ineligible(config: Config, target: str, state: ConsumerState) -> str | None
         return "manages its own VRAM"
     if config.may_coexist(state.name, target):
         return f"may coexist with {target}"
-    if not state.config.unloadable:
+    if not adapter_named(state.config.adapter).can_unload(state.config):
         return "no unload route or systemd unit"
     if state.active:
         return "running a job"
@@ -189,7 +201,7 @@ def plan_step(
     the registry still believes, and at most :data:`MAX_EVICTIONS` are.
     """
     resident = [s for s in states if s.resident and s.name not in already_evicted]
-    fit = check_fit(config, target.config, sample, resident)
+    fit = check_fit(config, target.config, sample, resident, target.size_mib)
     candidates = rank_candidates(config, target.name, states, already_evicted)
     if fit.fits:
         return Step(fit, candidates, None, "fits")
@@ -236,7 +248,7 @@ def dry_run_plan(config: Config, registry: Registry, target: str, sample: GpuSam
         if step.victim is None:
             break
         evict.append(step.victim.name)
-        freed += registry[step.victim.name].gpu_resident_mib
+        freed += registry[step.victim.name].size_mib
     return Plan(
         target=target,
         skip_make_room=skip,

@@ -121,3 +121,30 @@ def relay_response_headers(
     """Copy a consumer's response headers onto the client's response."""
     for name, values in end_to_end(upstream, NOT_RELAYED_DOWN, connection):
         outbound.setRawHeaders(name, values)
+
+
+def reuse_for(
+    version: tuple[bytes, int, int], connection: Sequence[bytes], keep_alive: Sequence[bytes]
+) -> float | None:
+    """
+    How long the connection that carried an answer may wait idle for the next
+    request: ``None`` when it must not be reused at all (an HTTP/1.0 answer
+    without ``Connection: keep-alive``, or one that said ``close``: the server
+    is closing it, and a request sent before we see the close is lost); else
+    one second less than the server's ``Keep-Alive: timeout=N`` (so we stop
+    using it before the server closes it), or infinity when it names none.
+    """
+    tokens = {t.strip().lower() for value in connection for t in value.split(b",")}
+    if b"close" in tokens:
+        return None
+    if version[1:] < (1, 1) and b"keep-alive" not in tokens:
+        return None
+    for value in keep_alive:
+        for parameter in value.split(b","):
+            name, _, number = parameter.strip().partition(b"=")
+            if name.strip().lower() == b"timeout":
+                try:
+                    return max(0.0, float(number.strip()) - 1)
+                except ValueError:
+                    continue
+    return float("inf")

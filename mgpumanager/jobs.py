@@ -3,23 +3,66 @@ A GPU job, whichever door it came in by: the facade (``POST /v1/<kind>``), the
 passthrough (``/upstream/<consumer>/…``), a consumer's own port, or an
 OpenAI-compatible route.  Each door decides *that* a request is a GPU job and
 of which consumer and kind; this module runs it, the same way for all.
+
+A job lasts as long as the server's GPU work, which is not always as long as
+its HTTP answer: a ComfyUI prompt is answered at once and generated after.
+Such a job answers its client as soon as the answer is relayed and keeps the
+GPU until the work is done; from then on the client leaving no longer ends it.
 """
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
+from typing import Any
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from mgpumanager.adapters.base import ANSWER_COPY_BYTES
+from mgpumanager.adapters.following import Completions
 from mgpumanager.config import ConsumerConfig
 from mgpumanager.errors import CONSUMER_DOWN, ApiError
 from mgpumanager.proxy import ConsumerProxy
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
-from mgpumanager.telemetry import NO_TELEMETRY, Telemetry
+from mgpumanager.telemetry import COMPLETION_TIMEOUT, NO_TELEMETRY, Telemetry
+
+log = Logger()
+
+#: The phases of a job holding the GPU, as :attr:`RunningJob.phase` names them.
+RELAYING = "relaying"
+COMPLETING = "completing"
+
+
+@attrs.define
+class RunningJob:
+    """
+    The job whose request is being relayed or whose work is being followed.
+
+    :ivar phase: ``relaying`` (the HTTP exchange), then ``completing`` (the
+        answer is with the client, the server's work goes on).
+    :ivar work_id: the server's name for that work (ComfyUI's ``prompt_id``),
+        once known.
+    """
+
+    consumer: str
+    kind: str
+    phase: str = RELAYING
+    work_id: str | None = None
 
 
 class GpuJobs:
-    """Runs proxied requests as GPU jobs: refused fast, queued, relayed under the lock."""
+    """
+    Runs proxied requests as GPU jobs: refused fast, queued, relayed under the lock.
+
+    :param completions: follows work that outlives its answer (a ComfyUI
+        prompt); without it every job ends with its exchange.
+    :ivar running: the job past its preparation that holds the GPU, if any
+        (while a job's consumer is being made room for and loaded it is
+        ``None``): what ``/v1/status`` shows of the running job.
+    """
 
     def __init__(
         self,
@@ -27,11 +70,14 @@ class GpuJobs:
         scheduler: GpuScheduler,
         proxy: ConsumerProxy,
         telemetry: Telemetry = NO_TELEMETRY,
+        completions: Completions | None = None,
     ) -> None:
         self._registry = registry
+        self._completions = completions
         self._scheduler = scheduler
         self._proxy = proxy
         self._telemetry = telemetry
+        self.running: RunningJob | None = None
 
     def run(
         self, request: Request, consumer: ConsumerConfig, method: str, path: str, kind: str
@@ -39,7 +85,8 @@ class GpuJobs:
         """
         Relay ``request`` to ``consumer`` as ``method path`` once it holds the
         GPU.  Fires when the answer has been relayed; cancelling it (the
-        client left) leaves the queue or cancels the relay.
+        client left) leaves the queue or cancels the relay.  Work that goes on
+        after the answer keeps the GPU, whatever the client does.
 
         :param path: the consumer's path, sent as given (already encoded).
         :param kind: the endpoint kind the job is of.
@@ -52,6 +99,73 @@ class GpuJobs:
                 f"upstream {consumer.name}: last health probe failed: {state.last_error}",
                 consumer.name,
             )
+        answered: Deferred[None] = Deferred(lambda _: job.cancel())
         watch = self._telemetry.job(consumer.name, kind)
-        relay = watch.running(lambda: self._proxy.relay(request, consumer, method, path))
-        return watch.ended(self._scheduler.submit(consumer.name, relay))
+        job: Deferred[str | None] = watch.ended(
+            self._scheduler.submit(
+                consumer.name,
+                watch.running(
+                    lambda: Deferred.fromCoroutine(
+                        self._job(request, consumer, method, path, kind, answered)
+                    )
+                ),
+            )
+        )
+        job.addBoth(_answer_once, answered)
+        return answered
+
+    async def _job(
+        self,
+        request: Request,
+        consumer: ConsumerConfig,
+        method: str,
+        path: str,
+        kind: str,
+        answered: Deferred[None],
+    ) -> str | None:
+        """The job under the lock; its result is the outcome label when not plain ``ok``."""
+        running = self.running = RunningJob(consumer.name, kind)
+        try:
+            completions = self._completions
+            state = self._registry[consumer.name]
+            if completions is None or not completions.completes_later(state, method, path):
+                await self._proxy.relay(request, consumer, method, path)
+                return None
+            answer = await self._proxy.relay_keeping(
+                request, consumer, method, path, ANSWER_COPY_BYTES
+            )
+            work = completions.work_started_by(state, answer)
+            if work is None:
+                return None
+            running.phase, running.work_id = COMPLETING, work.work_id
+            answered.callback(None)
+            how = await self._follow(completions, state.name, work)
+            return COMPLETION_TIMEOUT if how == "timeout" else None
+        finally:
+            if self.running is running:
+                self.running = None
+
+    async def _follow(self, completions: Completions, name: str, work: Any) -> str:
+        how = await work.until_done()
+        log.info(
+            "{consumer}: {work_id} ended ({how}); the GPU is free",
+            consumer=name,
+            work_id=work.work_id,
+            how=how,
+        )
+        completions.outcome(self._registry[name], work.work_id, how)
+        return str(how)
+
+
+def _answer_once(result: Failure | str | None, answered: Deferred[None]) -> None:
+    """
+    Pass the job's end to the client's Deferred, unless the client already
+    has its answer (the job went on with the server's work).
+    """
+    if not answered.called:
+        if isinstance(result, Failure):
+            answered.errback(result)
+        else:
+            answered.callback(None)
+    elif isinstance(result, Failure) and not result.check(CancelledError):
+        log.failure("a job failed after its answer was sent", result)

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from mgpumanager.adapters import adapter_named
 from mgpumanager.config import Config
 from mgpumanager.control import ConsumerControl, ControlFailed
 from mgpumanager.errors import LOAD_FAILED, UNLOAD_FAILED, ApiError
@@ -62,6 +63,8 @@ class Decision:
     unload_ms: int | None = None
     recovery_ms: int | None = None
     recovered_mib: int | None = None
+    #: "evict" for a make-room step; "timeout" for a job given up on.
+    kind: str = "evict"
 
 class Lifecycle:
     """
@@ -143,16 +146,14 @@ class Lifecycle:
             evicted.append(step.victim.name)
 
     async def _evict(self, victim: ConsumerState, before: GpuSample, decision: Decision) -> None:
-        config = victim.config
         started = self._clock.seconds()
         pids = self._pids.pids_of(victim.name)
+        # What it held just before: the memory that must come back.
+        size = victim.size_mib
         try:
             timeout = self._config.lifecycle.unload_timeout_seconds
-            if config.unload is not None:
-                await self._control.call_route(config, config.unload, timeout)
-            else:
-                assert config.systemd_unit is not None
-                await self._control.systemctl("stop", config.systemd_unit, timeout)
+            adapter = adapter_named(victim.config.adapter)
+            await adapter.unload(self._control, victim, self._clock, timeout)
         except ControlFailed as e:
             self._telemetry.evicted(victim.name, FAILED)
             self._unload_failed(victim, decision, f"unloading {victim.name} failed: {e}")
@@ -166,7 +167,7 @@ class Lifecycle:
         decision.unload_ms = round((unloaded - started) * 1000)
         self._telemetry.unloaded(victim.name, unloaded - started)
         try:
-            recovered = await self._await_memory_back(victim, before, pids)
+            recovered = await self._await_memory_back(size, before, pids)
         except CancelledError:
             decision.outcome = "unloaded; cancelled while waiting for the memory"
             raise
@@ -194,6 +195,22 @@ class Lifecycle:
             recovery_ms=decision.recovery_ms,
         )
 
+    def record_timeout(self, consumer: str, work: str, seconds: float) -> None:
+        """A job held the GPU for its consumer's whole completion timeout: say so."""
+        why = f"{work} still running after {seconds:g} s: deleted from the queue and interrupted"
+        log.warn("{consumer}: {why}", consumer=consumer, why=why)
+        self.decisions.append(
+            Decision(
+                time=self._clock.seconds(),
+                target=consumer,
+                fit=Fit(False, "skip", 0, None, why),
+                candidates=[],
+                victim=None,
+                outcome="timeout",
+                kind="timeout",
+            )
+        )
+
     def _unload_failed(self, victim: ConsumerState, decision: Decision, message: str) -> None:
         self.failed_unloads += 1
         decision.outcome = message
@@ -201,7 +218,7 @@ class Lifecycle:
         raise ApiError(UNLOAD_FAILED, message, victim.name)
 
     async def _await_memory_back(
-        self, victim: ConsumerState, before: GpuSample, pids: frozenset[int]
+        self, declared: int, before: GpuSample, pids: frozenset[int]
     ) -> int | bool | None:
         """
         Poll the card until the victim's memory is back: the recovered MiB,
@@ -213,7 +230,6 @@ class Lifecycle:
         if baseline is None:
             await self._sleep(lifecycle.settle_seconds)
             return None
-        declared = victim.config.vram_resident_mib or victim.peak_resident_mib
         held_before = sum(baseline.processes.get(pid, 0) for pid in pids)
         deadline = self._clock.seconds() + lifecycle.verify_timeout_seconds
         while True:

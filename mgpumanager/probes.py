@@ -16,6 +16,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mgpumanager.adapters import adapter_named
+from mgpumanager.adapters.base import Observation
 from mgpumanager.control import ConsumerControl, ControlFailed, JsonObject
 from mgpumanager.registry import ConsumerState, Registry
 
@@ -84,7 +86,7 @@ class HealthProber:
         )
         return joined
 
-    async def _probe(self, state: ConsumerState) -> JsonObject | None:
+    async def _probe(self, state: ConsumerState) -> tuple[JsonObject | None, Observation | None]:
         route = state.config.health
         # Adapter defaults are applied at start-up: every consumer has one.
         assert route is not None, f"{state.name} has no health route"
@@ -98,13 +100,20 @@ class HealthProber:
             raise ProbeFailed(e.cause) from None
         if not 200 <= code < 300:
             raise ProbeFailed(f"health {route.path} answered HTTP {code}")
-        return answer
+        adapter = adapter_named(state.config.adapter)
+        try:
+            observed = await adapter.observe(self._control, state.config, answer, self._timeout)
+        except ControlFailed as e:
+            # Healthy, but it would not say what it holds: keep what we knew.
+            log.warn("{consumer}: {error}", consumer=state.name, error=e.message)
+            observed = None
+        return answer, observed
 
     def _record(
         self,
         state: ConsumerState,
         started: tuple[int, int, int],
-        answer: JsonObject | None,
+        answer: tuple[JsonObject | None, Observation | None] | None,
         failure: Failure | None,
     ) -> None:
         state.last_probe = self._clock.seconds()
@@ -118,7 +127,11 @@ class HealthProber:
             # meanwhile (a lazily loading consumer says "not loaded" mid-job).
             quiet = (state.lifecycle_changes, state.total_requests, 0)
             if answer is not None and started == quiet and state.active == 0:
-                _apply_report(state, answer)
+                health, observed = answer
+                if health is not None:
+                    _apply_report(state, health)
+                if observed is not None:
+                    _apply_observation(state, observed)
         else:
             error = str(failure.value)
             if state.restartable:
@@ -147,3 +160,16 @@ def _apply_report(state: ConsumerState, answer: JsonObject) -> None:
     if isinstance(resident, int) and not isinstance(resident, bool) and resident >= 0:
         state.reported_resident_mib = resident
         state.note_resident_mib(resident)
+
+
+def _apply_observation(state: ConsumerState, observed: Observation) -> None:
+    """What the server's adapter read of its residency: it knows better than we do."""
+    if observed.resident is not None:
+        state.reported_loaded = observed.resident
+    if observed.measured_mib is not None:
+        state.reported_resident_mib = observed.measured_mib
+        state.note_resident_mib(observed.measured_mib)
+    if observed.models is not None:
+        state.models = observed.models
+    if observed.busy is not None:
+        state.busy_elsewhere = observed.busy

@@ -43,6 +43,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from mgpumanager.config import ConsumerConfig
+from mgpumanager.control import Answer
 from mgpumanager.deadline import TimedOut, within
 from mgpumanager.errors import (
     BAD_CONSUMER_URL,
@@ -53,6 +54,7 @@ from mgpumanager.errors import (
     is_cancellation,
 )
 from mgpumanager.headers import relay_response_headers, upstream_headers
+from mgpumanager.twisted_private import RequestNotSent
 from mgpumanager.twisted_private import response_connection_header as _connection_header
 
 log = Logger()
@@ -90,7 +92,7 @@ class ConsumerProxy:
     ) -> None:
         self._agent_for = agent_for
         self._clock = clock
-        self._drop_authorization = drop_authorization
+        self.drop_authorization = drop_authorization
 
     def relay(
         self, request: Request, consumer: ConsumerConfig, method: str, path: str
@@ -102,26 +104,56 @@ class ConsumerProxy:
         answer was sent, :class:`UpstreamBroke` after.  Cancelling it aborts
         the upstream exchange.
         """
-        return Deferred.fromCoroutine(self._relay(request, consumer, method, path))
+        relayed = self.relay_keeping(request, consumer, method, path, 0)
+        return relayed.addCallback(lambda _: None)
+
+    def relay_keeping(
+        self, request: Request, consumer: ConsumerConfig, method: str, path: str, cap: int
+    ) -> Deferred[Answer]:
+        """
+        :meth:`relay`, and fire with the answer's status and a copy of its
+        body (``None`` once it grew past ``cap`` bytes), for a job that must
+        read the answer it passed on unchanged.
+        """
+        return Deferred.fromCoroutine(self._relay(request, consumer, method, path, cap))
+
+    async def _send(
+        self, request: Request, consumer: ConsumerConfig, method: str, url: bytes, headers: Any
+    ) -> IResponse:
+        """
+        Send the request; once more, on another connection, when the first
+        failed before a byte of it was written (``RequestNotSent``: the pooled
+        connection was already closing).  Anything later might have reached
+        the consumer, and a POST is never delivered twice.
+        """
+
+        def send() -> Deferred[IResponse]:
+            body = None
+            if request.content is not None and method not in ("GET", "HEAD"):
+                request.content.seek(0)
+                body = FileBodyProducer(request.content)
+            return self._agent_for(consumer).request(method.encode("ascii"), url, headers, body)
+
+        try:
+            return await send()
+        except RequestNotSent:
+            log.info("upstream {name}: request never sent; sending it again", name=consumer.name)
+            return await send()
 
     async def _relay(
-        self, request: Request, consumer: ConsumerConfig, method: str, path: str
-    ) -> None:
+        self, request: Request, consumer: ConsumerConfig, method: str, path: str, cap: int
+    ) -> Answer:
         url = upstream_url(consumer, path, request.uri)
-        body = None
-        if request.content is not None and method not in ("GET", "HEAD"):
-            request.content.seek(0)
-            body = FileBodyProducer(request.content)
         client = request.getClientAddress()
         headers = upstream_headers(
             request.requestHeaders,
             getattr(client, "host", None),
-            self._drop_authorization,
+            self.drop_authorization,
         )
         timeouts = consumer.timeouts
         try:
             response: IResponse = await within(
-                self._agent_for(consumer).request(method.encode("ascii"), url, headers, body),
+                Deferred.fromCoroutine(self._send(request, consumer, method, url, headers)),
                 timeouts.response_seconds,
                 self._clock,
                 f"upstream {consumer.name}",
@@ -159,7 +191,7 @@ class ConsumerProxy:
             request.setHeader(b"content-length", b"%d" % response.length)
         finished: Deferred[None] = Deferred(lambda _: relay_body.cancel())
         relay_body = _BodyRelay(
-            request, finished, consumer.name, self._clock, timeouts.idle_seconds
+            request, finished, consumer.name, self._clock, timeouts.idle_seconds, cap
         )
         response.deliverBody(relay_body)
         try:
@@ -170,6 +202,7 @@ class ConsumerProxy:
             # is the one who left).
             _abort_client(request)
             raise
+        return Answer(response.code, relay_body.copy())
 
 
 _CONNECTION_DONE = Failure(net_error.ConnectionDone())
@@ -217,8 +250,11 @@ class _BodyRelay(Protocol):
         consumer: str,
         clock: IReactorTime,
         idle: float,
+        cap: int = 0,
     ) -> None:
         self._request = request
+        self._cap = cap
+        self._copy: bytearray | None = bytearray() if cap else None
         self._finished = finished
         self._consumer = consumer
         self._clock = clock
@@ -238,6 +274,14 @@ class _BodyRelay(Protocol):
             if not self.paused:
                 self.restart_idle_timer()
             self._request.write(data)
+            if self._copy is not None:
+                self._copy += data
+                if len(self._copy) > self._cap:
+                    self._copy = None
+
+    def copy(self) -> bytes | None:
+        """The body as relayed, when a copy was asked for and it stayed under the cap."""
+        return bytes(self._copy) if self._copy is not None else None
 
     def restart_idle_timer(self) -> None:
         if self._done:

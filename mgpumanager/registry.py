@@ -19,6 +19,15 @@ from mgpumanager.config import Config, ConsumerConfig
 RESIDENT_SHARE = 0.5
 
 
+@attrs.frozen
+class ModelResidency:
+    """One model a server holds on the card (Ollama's ``/api/ps``)."""
+
+    name: str
+    size_vram_mib: int
+    expires_at: str | None = None
+
+
 @attrs.define
 class ConsumerState:
     """
@@ -43,6 +52,10 @@ class ConsumerState:
     measured_resident_mib: int | None = None
     measured_at: float | None = None
     peak_resident_mib: int = 0
+    #: The models it says it holds, for servers that hold several (Ollama).
+    models: tuple[ModelResidency, ...] | None = None
+    #: Its own queue holds work that did not come through us (ComfyUI).
+    busy_elsewhere: bool = False
     active: int = 0
     total_requests: int = 0
     last_used: float | None = None
@@ -86,6 +99,16 @@ class ConsumerState:
         return self.config.vram_resident_mib if self.resident else 0
 
     @property
+    def size_mib(self) -> int:
+        """
+        What it takes on the card, as a victim and as a target: the largest
+        of its declared size, what it holds now and the most it ever held.
+        A declaration of 0 stops meaning "never make room" once it has run.
+        """
+        now = self.measured_resident_mib or self.reported_resident_mib or 0
+        return max(self.config.vram_resident_mib, now, self.peak_resident_mib)
+
+    @property
     def restartable(self) -> bool:
         """
         A consumer whose systemd unit we stopped is expected to fail its
@@ -100,6 +123,7 @@ class ConsumerState:
         self.lifecycle_changes += 1
         self.reported_loaded = None
         self.reported_resident_mib = None
+        self.models = None
 
     def note_resident_mib(self, mib: int) -> None:
         self.peak_resident_mib = max(self.peak_resident_mib, mib)

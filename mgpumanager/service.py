@@ -23,15 +23,18 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import URI, Agent, HTTPConnectionPool
 
+from mgpumanager.adapters.following import Completions
 from mgpumanager.api import ManagerApp, job_kind
 from mgpumanager.attribution import PidMap, ProcessAttributor, find_consumer_pids
 from mgpumanager.commands import CommandResult, run_command
 from mgpumanager.config import Config
+from mgpumanager.config_consumers import Timeouts
 from mgpumanager.control import ConsumerControl
 from mgpumanager.gpu import GpuReading, GpuSampler
 from mgpumanager.guard import Guard
+from mgpumanager.headers import reuse_for
 from mgpumanager.jobs import GpuJobs
 from mgpumanager.lifecycle import Lifecycle
 from mgpumanager.metrics import Metrics
@@ -44,6 +47,7 @@ from mgpumanager.scheduler import GpuScheduler
 from mgpumanager.site import ManagerSite
 from mgpumanager.tunnel import WebSocketTunnels
 from mgpumanager.twisted_private import (
+    ReusePool,
     fail_start_on_listen_error,
     forget_exit_signal,
     quiet_connections,
@@ -176,7 +180,7 @@ def build(
         config = attrs.evolve(
             config, lifecycle=attrs.evolve(config.lifecycle, systemctl=stand_ins.systemctl)
         )
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = ReusePool(reactor, reuse_for, partial(idle_limit, config))
     quiet_connections(pool)
     pool.maxPersistentPerHost = 8
     agents: dict[float, Agent] = {}
@@ -243,7 +247,8 @@ def build(
     description = listen or config.listen.endpoint_description()
     loopback = endpoint_is_loopback(description)
     guard = Guard(config, loopback)
-    jobs = GpuJobs(registry, scheduler, proxy, metrics)
+    completions = Completions(control, reactor, lifecycle.record_timeout)
+    jobs = GpuJobs(registry, scheduler, proxy, metrics, completions)
     app = ManagerApp(
         config, registry, scheduler, proxy, sampler, lifecycle, reactor, listen, jobs, metrics
     )
@@ -318,6 +323,25 @@ def _endpoint_words(description: str) -> list[str]:
             word += character
     words.append(word)
     return words
+
+
+def idle_limit(config: Config, key: Any) -> float:
+    """
+    How long an idle pooled connection to the server at ``key`` (the pool's
+    ``(scheme, host, port)``) is kept: the shortest ``timeouts.keepalive_seconds``
+    of the consumers there.
+    """
+    limits = [
+        consumer.timeouts.keepalive_seconds
+        for consumer in config.consumers.values()
+        if _pool_key(consumer.url) == tuple(key)
+    ]
+    return min(limits, default=Timeouts().keepalive_seconds)
+
+
+def _pool_key(url: str) -> tuple[bytes, bytes, int]:
+    uri = URI.fromBytes(url.encode("ascii"))
+    return uri.scheme, uri.host, uri.port
 
 
 def body_limit_for_path(config: Config, target: bytes) -> int:

@@ -87,7 +87,14 @@ def consumer_status(state: ConsumerState) -> JsonObject:
         "last_error": state.last_error,
         "priority": config.priority,
         "can_coexist_with": sorted(config.can_coexist_with),
+        "adapter": config.adapter,
+        "size_mib": state.size_mib,
     }
+    if state.models is not None:
+        status["models"] = [
+            {"name": m.name, "size_vram_mib": m.size_vram_mib, "expires_at": m.expires_at}
+            for m in state.models
+        ]
     measured = state.measured_resident_mib
     if config.vram_resident_mib and measured is not None and measured > config.vram_resident_mib:
         status["warning"] = (

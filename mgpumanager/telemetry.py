@@ -25,6 +25,9 @@ _T = TypeVar("_T")
 UNLOADED = "unloaded"
 FAILED = "failed"
 NOT_VERIFIED = "not_verified"
+#: A job's outcome when the server's work outlived ``completion.timeout_seconds``
+#: (a job's result says so; it is no failure: the client had its answer).
+COMPLETION_TIMEOUT = "completion_timeout"
 
 
 class JobWatch(Protocol):
@@ -64,6 +67,8 @@ def job_outcome(result: object) -> str:
     The outcome label of a finished job: ``ok`` when the answer was relayed to
     the end, whatever the upstream's status; else why not.
     """
+    if result == COMPLETION_TIMEOUT:
+        return COMPLETION_TIMEOUT
     if not isinstance(result, Failure):
         return "ok"
     error = result.value

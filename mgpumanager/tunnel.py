@@ -140,7 +140,7 @@ class WebSocketTunnels:
 
     def __init__(self, reactor: IReactorTCP | IReactorTime, drop_authorization: bool) -> None:
         self._reactor = reactor
-        self._drop_authorization = drop_authorization
+        self.drop_authorization = drop_authorization
 
     def open(self, request: Request, consumer: ConsumerConfig, raw: bytes) -> Deferred[None]:
         """
@@ -182,7 +182,7 @@ class WebSocketTunnels:
     def _head(self, request: Request, raw: bytes, netloc: str) -> bytes:
         _, has_query, query = request.uri.partition(b"?")
         target = raw + (b"?" + query if has_query else b"")
-        never = _NOT_COPIED | ({b"authorization"} if self._drop_authorization else set())
+        never = _NOT_COPIED | ({b"authorization"} if self.drop_authorization else set())
         lines = [b"GET " + target + b" HTTP/1.1", b"Host: " + netloc.encode("ascii")]
         for name, values in request.requestHeaders.getAllRawHeaders():
             if name.lower() not in never:

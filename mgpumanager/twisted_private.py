@@ -18,6 +18,7 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.interfaces import IProtocol
 from twisted.python.failure import Failure
+from twisted.web._newclient import RequestNotSent as _RequestNotSent
 from twisted.web._newclient import _WrapperException
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IResponse
@@ -27,6 +28,12 @@ from twisted.web.iweb import IResponse
 #: ``ResponseNeverReceived``...).  It is not exported, yet a cancelled request
 #: and a refused connection can only be told apart through those reasons.
 WrapperException = _WrapperException
+
+#: The client's proof that no byte of a request was written (its connection
+#: was no longer usable when the request was handed to it): the one failure
+#: after which even a POST may be sent again.  ``twisted.web.client`` imports
+#: it but does not declare it exported.
+RequestNotSent = _RequestNotSent
 
 
 def response_connection_header(response: IResponse) -> list[bytes]:
@@ -79,6 +86,59 @@ class QuietClientFactory(_HTTP11ClientFactory):
 def quiet_connections(pool: HTTPConnectionPool) -> None:
     """Make ``pool`` open its connections with :class:`QuietClientFactory`."""
     pool._factory = QuietClientFactory
+
+
+class ReusePool(HTTPConnectionPool):
+    """
+    A connection pool that keeps a connection only as long as its server
+    will: Twisted's pool reuses a connection after an HTTP/1.0 answer that
+    did not ask for keep-alive, and keeps idle ones for
+    ``cachedConnectionTimeout`` whatever the server said.  A server that
+    closes first (Python's ``http.server`` at once, uvicorn after 5 s) then
+    loses the next request on it: "connection closed before any response".
+
+    The decision needs the answer's version and its ``Connection`` and
+    ``Keep-Alive`` headers, which only the client protocol's parser holds
+    (``connection._parser.response.version``, ``._parser.connHeaders``) at the
+    moment the protocol hands itself back through the private
+    ``_putConnection``.
+
+    :param reuse_for: ``(version, Connection values, Keep-Alive values)`` ->
+        idle seconds allowed, or ``None`` to close it now.
+    :param idle_limit: ``pool key`` -> the most idle seconds our side allows.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        reuse_for: Callable[[tuple[bytes, int, int], list[bytes], list[bytes]], float | None],
+        idle_limit: Callable[[Any], float],
+    ) -> None:
+        super().__init__(reactor, persistent=True)
+        self._reuse_for = reuse_for
+        self._idle_limit = idle_limit
+
+    def _putConnection(self, key: Any, connection: Any) -> None:
+        parser = getattr(connection, "_parser", None)
+        response = getattr(parser, "response", None)
+        if parser is None or response is None:
+            super()._putConnection(key, connection)
+            return
+        headers = parser.connHeaders
+        idle = self._reuse_for(
+            response.version,
+            headers.getRawHeaders(b"connection", []),
+            headers.getRawHeaders(b"keep-alive", []),
+        )
+        if idle is not None:
+            idle = min(idle, self._idle_limit(key))
+        if idle is None or idle <= 0:
+            connection.transport.loseConnection()
+            return
+        super()._putConnection(key, connection)
+        timer = self._timeouts.get(connection)
+        if timer is not None and timer.active():
+            timer.reset(idle)
 
 
 def fail_start_on_listen_error(service: StreamServerEndpointService) -> None:

@@ -71,6 +71,9 @@ class FakeProxy:
     ``hold`` is set, when the test fires the returned Deferred.
     """
 
+    #: No job outlives its answer here.
+    completions = None
+
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, str, bytes]] = []
         self.hold = False

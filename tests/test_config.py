@@ -104,19 +104,26 @@ def test_example_loads(config: Config) -> None:
 
 
 def test_example_defaults(config: Config) -> None:
-    ollama = config.consumers["ollama"]
+    from mgpumanager.adapters import with_adapter_defaults
+
+    ollama = with_adapter_defaults(config).consumers["ollama"]
+    assert ollama.adapter == "ollama"
     assert ollama.health == Route("GET", "/api/version")
     assert ollama.paths["llm"] == Route("POST", "/api/generate")
-    assert (ollama.max_concurrency, ollama.priority, ollama.vram_managed) == (1, 0, True)
+    assert (ollama.max_concurrency, ollama.priority, ollama.vram_managed) == (1, 0, False)
     assert config.consumers["mvoice"].priority == 2
 
 
 def test_example_lifecycle(config: Config) -> None:
-    unload = config.consumers["comfyui"].unload
-    assert unload == Route("POST", "/api/free", b'{"unload_models":true,"free_memory":true}')
-    assert config.consumers["comfyui"].load is None
+    from mgpumanager.adapters import with_adapter_defaults
+    from mgpumanager.adapters.comfyui import FREE_BODY
+
+    resolved = with_adapter_defaults(config)
+    assert resolved.consumers["comfyui"].unload == Route("POST", "/free", FREE_BODY)
+    assert resolved.consumers["comfyui"].load is None
     assert config.consumers["whisper"].systemd_unit == "whisper-server.service"
     assert config.consumers["whisper"].unloadable
+    # Ollama has no unload route: its adapter unloads it with keep_alive 0.
     assert not config.consumers["ollama"].unloadable
 
 

@@ -203,11 +203,6 @@ async def test_a_comfyui_script_through_the_passthrough(stage: Stage) -> None:
     assert view.code == 200 and (await view.content())[:4] == b"\x89PNG"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a ComfyUI prompt job lasts until the prompt finished only with the comfyui "
-    "adapter's completion in GpuJobs.run",
-)
 @pytest_twisted.ensureDeferred
 async def test_a_gpu_job_waits_for_a_prompt_submitted_through_the_passthrough(
     stage: Stage,

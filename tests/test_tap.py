@@ -27,6 +27,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 
 from mgpumanager import service, tap
+from mgpumanager.adapters import load_resolved_config
 from mgpumanager.config import load_config
 from tests.daemon import REPO, TWISTD, Daemon, free_port
 from tests.upstream import ScriptedUpstream, Tracker, listen
@@ -80,7 +81,7 @@ def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
 def test_options_load_the_config_and_take_a_listen_override() -> None:
     options = tap.Options()
     options.parseOptions(["--config", str(EXAMPLE), "--listen", "tcp:0:interface=127.0.0.1"])
-    assert options["loaded_config"] == load_config(EXAMPLE)
+    assert options["loaded_config"] == load_resolved_config(str(EXAMPLE))
     assert options["listen"] == "tcp:0:interface=127.0.0.1"
 
 

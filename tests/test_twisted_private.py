@@ -248,3 +248,22 @@ def test_forget_exit_signal_clears_what_sigterm_records_and_twistd_reads() -> No
     forget_exit_signal(stand_in)
 
     assert stand_in._exitSignal is None
+
+
+def test_the_pool_still_hands_connections_back_through_put_connection() -> None:
+    """
+    ``ReusePool`` overrides ``_putConnection`` and reads the protocol's
+    ``_parser`` there; ``tests/test_connection_reuse.py`` shows the whole
+    behaviour on sockets, this names what it relies on.
+    """
+    from twisted.web._newclient import HTTP11ClientProtocol, HTTPClientParser
+
+    from mgpumanager.twisted_private import RequestNotSent, ReusePool
+
+    assert "key, connection" in str(inspect.signature(HTTPConnectionPool._putConnection))
+    assert "_parser" in inspect.getsource(HTTP11ClientProtocol._finishResponse_WAITING)
+    assert "connHeaders" in inspect.getsource(HTTPClientParser)
+    assert "_timeouts" in inspect.getsource(HTTPConnectionPool._putConnection)
+    assert issubclass(RequestNotSent, Exception)
+    pool = ReusePool(_reactor, lambda *_: None, lambda key: 4.0)
+    assert pool.persistent

@@ -1,4 +1,4 @@
-"""The interface every consumer adapter provides, and the defaults it supplies."""
+"""The interface every consumer adapter provides, and the values it trades in."""
 
 from __future__ import annotations
 
@@ -6,9 +6,25 @@ from collections.abc import Mapping
 from typing import Any
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from zope.interface import Attribute, Interface
 
 from mgpumanager.config import ConsumerConfig, Route
+from mgpumanager.control import Answer, ConsumerControl, JsonObject
+from mgpumanager.registry import ConsumerState, ModelResidency
+
+__all__ = [
+    "AdapterDefaults",
+    "IConsumerAdapter",
+    "ModelResidency",
+    "Observation",
+]
+
+#: How much of a relayed answer the proxy keeps for :meth:`IConsumerAdapter.follow`
+#: (the status and body, as the client got them, in a :class:`~mgpumanager.control.Answer`).
+ANSWER_COPY_BYTES = 64 * 1024
+#: What one completion poll may take.
+POLL_TIMEOUT_SECONDS = 10.0
 
 
 @attrs.frozen
@@ -22,6 +38,23 @@ class AdapterDefaults:
     paths: Mapping[str, Route] = attrs.field(factory=dict)
     load: Route | None = None
     unload: Route | None = None
+
+
+@attrs.frozen
+class Observation:
+    """
+    What a server says about its own residency, read at each health probe.
+
+    :ivar resident: whether its models are on the card, when it can tell.
+    :ivar measured_mib: the VRAM it reports holding, when it reports it.
+    :ivar models: the models it holds, for servers that hold several.
+    """
+
+    resident: bool | None = None
+    measured_mib: int | None = None
+    models: tuple[ModelResidency, ...] | None = None
+    #: Its own queue holds work, whoever sent it.
+    busy: bool | None = None
 
 
 class IConsumerAdapter(Interface):
@@ -50,4 +83,58 @@ class IConsumerAdapter(Interface):
         :param path: the normalised request path (see :mod:`mgpumanager.paths`).
         :param body: the request's JSON object when :meth:`wants_body` asked
             for it and it was small enough and valid; else None.
+        """
+
+    def observe(
+        control: ConsumerControl,
+        consumer: ConsumerConfig,
+        health: JsonObject | None,
+        timeout: float,
+    ) -> Any:
+        """
+        An awaitable of the server's own account of its residency
+        (:class:`Observation`), or of ``None`` when it gives none beyond its
+        health answer.  Called after every successful health probe.
+
+        :param health: the health answer, when it was a JSON object.
+        :param timeout: what each call it makes may take.
+        :raises ControlFailed: the server could not be asked.
+        """
+
+    def can_unload(consumer: ConsumerConfig) -> bool:
+        """Whether the daemon has any way to take this server off the card."""
+
+    def unload(
+        control: ConsumerControl, state: ConsumerState, clock: IReactorTime, timeout: float
+    ) -> Any:
+        """
+        An awaitable that takes the server's models off the card and fires
+        once the server says they are gone (the lifecycle then watches the
+        card itself).
+
+        :param timeout: what one unload call may take.
+        :raises ControlFailed: the server refused, failed or stayed busy.
+        """
+
+    def completes_later(method: str, path: str) -> bool:
+        """
+        Whether a GPU job sent as ``method path`` goes on after its HTTP
+        answer, so that :meth:`follow` must see it to its end.
+
+        :param path: the normalised request path.
+        """
+
+    def follow(
+        control: ConsumerControl,
+        state: ConsumerState,
+        answer: Answer,
+        clock: IReactorTime,
+    ) -> Any:
+        """
+        For an answer that started work beyond itself: an object with
+        ``work_id`` (the server's name for that work) and ``until_done()``,
+        an awaitable that fires with how the work ended (``"done"``,
+        ``"gone"``, ``"probe failed"``, ``"timeout"``) while the job keeps
+        the GPU.  ``None`` when the answer started nothing (an error, no id):
+        the job ends with it.
         """

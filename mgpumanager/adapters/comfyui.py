@@ -13,11 +13,17 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from mgpumanager.adapters.base import AdapterDefaults, IConsumerAdapter
+from mgpumanager.adapters.base import AdapterDefaults, IConsumerAdapter, Observation
+from mgpumanager.adapters.comfy_completion import PromptCompletion, queue_is_empty
+from mgpumanager.adapters.ollama_ps import bytes_to_mib
+from mgpumanager.adapters.polling import poll_until, unload_as_configured
 from mgpumanager.config import ConsumerConfig, Route
+from mgpumanager.control import Answer, ConsumerControl, ControlFailed, JsonObject
+from mgpumanager.registry import RESIDENT_SHARE, ConsumerState
 
 #: What ComfyUI's /free takes to drop its models and cached memory.
 FREE_BODY = b'{"unload_models": true, "free_memory": true}'
@@ -49,3 +55,76 @@ class ComfyAdapter:
         if method == "POST" and path in PROMPT_PATHS:
             return "image"
         return None
+
+    async def observe(
+        self,
+        control: ConsumerControl,
+        consumer: ConsumerConfig,
+        health: JsonObject | None,
+        timeout: float,
+    ) -> Observation | None:
+        held = torch_vram_mib(health)
+        if held is None:
+            return None
+        declared = consumer.vram_resident_mib
+        resident = held >= RESIDENT_SHARE * declared if declared > 0 else held > 0
+        busy = await _queue_busy(control, consumer, timeout)
+        return Observation(resident=resident, measured_mib=held, busy=busy)
+
+    def can_unload(self, consumer: ConsumerConfig) -> bool:
+        return consumer.unloadable
+
+    async def unload(
+        self, control: ConsumerControl, state: ConsumerState, clock: IReactorTime, timeout: float
+    ) -> None:
+        """
+        ``/free`` once ComfyUI's own queue is empty: it frees only when idle,
+        and work someone queued around the daemon must not be cut short.
+        """
+        consumer = state.config
+        completion = consumer.completion
+
+        async def idle() -> bool:
+            return not await _queue_busy(control, consumer, timeout)
+
+        if not await poll_until(
+            clock, completion.poll_seconds, completion.timeout_seconds, idle
+        ):
+            raise ControlFailed("busy with work submitted around the daemon")
+        await unload_as_configured(control, consumer, timeout)
+
+    def completes_later(self, method: str, path: str) -> bool:
+        return method == "POST" and path in PROMPT_PATHS
+
+    def follow(
+        self,
+        control: ConsumerControl,
+        state: ConsumerState,
+        answer: Answer,
+        clock: IReactorTime,
+    ) -> PromptCompletion | None:
+        document = answer.json_object()
+        if not 200 <= answer.code < 300 or document is None:
+            return None
+        prompt_id = document.get("prompt_id")
+        if not isinstance(prompt_id, str) or not prompt_id:
+            return None
+        return PromptCompletion(control, state, clock, prompt_id)
+
+
+def torch_vram_mib(health: JsonObject | None) -> int | None:
+    """``devices[0].torch_vram_total`` of ``/system_stats``, in MiB."""
+    devices = health.get("devices") if health is not None else None
+    if not isinstance(devices, list) or not devices or not isinstance(devices[0], dict):
+        return None
+    total = devices[0].get("torch_vram_total")
+    if not isinstance(total, int) or isinstance(total, bool) or total < 0:
+        return None
+    return bytes_to_mib(total)
+
+
+async def _queue_busy(control: ConsumerControl, consumer: ConsumerConfig, timeout: float) -> bool:
+    code, queue = await control.get_json(consumer, "GET", "/queue", timeout, cap=1024 * 1024)
+    if code != 200 or queue is None:
+        raise ControlFailed(f"GET /queue answered HTTP {code}")
+    return not queue_is_empty(queue)

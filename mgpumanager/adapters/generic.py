@@ -5,12 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from mgpumanager.adapters.base import AdapterDefaults, IConsumerAdapter
+from mgpumanager.adapters.base import AdapterDefaults, IConsumerAdapter, Observation
+from mgpumanager.adapters.polling import unload_as_configured
 from mgpumanager.config import ConsumerConfig
+from mgpumanager.control import Answer, ConsumerControl, JsonObject
 from mgpumanager.paths import under
+from mgpumanager.registry import ConsumerState
 
 #: The kind of a GPU job that matches none of the consumer's endpoint kinds.
 OTHER_KIND = "other"
@@ -45,6 +49,36 @@ class GenericAdapter:
         elif method != "POST":
             return None
         return kind_of_path(consumer, path)
+
+    async def observe(
+        self,
+        control: ConsumerControl,
+        consumer: ConsumerConfig,
+        health: JsonObject | None,
+        timeout: float,
+    ) -> Observation | None:
+        # Its health answer's ``loaded``/``gpu_resident_mib`` say it all.
+        return None
+
+    def can_unload(self, consumer: ConsumerConfig) -> bool:
+        return consumer.unloadable
+
+    async def unload(
+        self, control: ConsumerControl, state: ConsumerState, clock: IReactorTime, timeout: float
+    ) -> None:
+        await unload_as_configured(control, state.config, timeout)
+
+    def completes_later(self, method: str, path: str) -> bool:
+        return False
+
+    def follow(
+        self,
+        control: ConsumerControl,
+        state: ConsumerState,
+        answer: Answer,
+        clock: IReactorTime,
+    ) -> None:
+        return None
 
 
 def kind_of_path(consumer: ConsumerConfig, path: str) -> str:

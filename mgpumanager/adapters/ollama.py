@@ -12,17 +12,24 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from mgpumanager.adapters.base import AdapterDefaults, IConsumerAdapter
+from mgpumanager.adapters.base import AdapterDefaults, IConsumerAdapter, Observation
+from mgpumanager.adapters.ollama_ps import loaded_models
+from mgpumanager.adapters.polling import poll_until
 from mgpumanager.config import ConsumerConfig, Route
+from mgpumanager.control import Answer, ConsumerControl, ControlFailed, JsonObject
 from mgpumanager.paths import under
+from mgpumanager.registry import ConsumerState
 
 #: Routes whose POSTs run a model.
 MODEL_PATHS = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings")
 #: Ollama's OpenAI-compatible API: every POST under it runs a model.
 OPENAI_PREFIX = "/v1"
+#: How often ``/api/ps`` is read while models are being unloaded.
+UNLOAD_POLL_SECONDS = 0.25
 
 
 @implementer(IPlugin, IConsumerAdapter)
@@ -49,6 +56,55 @@ class OllamaAdapter:
             return None
         if path in MODEL_PATHS or under(path, OPENAI_PREFIX):
             return None if body is not None and is_unload_request(body) else "llm"
+        return None
+
+    async def observe(
+        self,
+        control: ConsumerControl,
+        consumer: ConsumerConfig,
+        health: JsonObject | None,
+        timeout: float,
+    ) -> Observation:
+        models = await loaded_models(control, consumer, timeout)
+        held = sum(model.size_vram_mib for model in models)
+        return Observation(resident=held > 0, measured_mib=held, models=models)
+
+    def can_unload(self, consumer: ConsumerConfig) -> bool:
+        return True
+
+    async def unload(
+        self, control: ConsumerControl, state: ConsumerState, clock: IReactorTime, timeout: float
+    ) -> None:
+        """
+        ``keep_alive: 0`` for every model ``/api/ps`` lists, then wait until
+        it lists none: Ollama answers before the model has left the card.
+        """
+        consumer = state.config
+        for model in await loaded_models(control, consumer, timeout):
+            await control.get_json(
+                consumer,
+                "POST",
+                "/api/generate",
+                timeout,
+                body={"model": model.name, "keep_alive": 0},
+            )
+
+        async def none_listed() -> bool:
+            return not await loaded_models(control, consumer, timeout)
+
+        if not await poll_until(clock, UNLOAD_POLL_SECONDS, timeout, none_listed):
+            raise ControlFailed(f"/api/ps still lists models after {timeout:g} s")
+
+    def completes_later(self, method: str, path: str) -> bool:
+        return False
+
+    def follow(
+        self,
+        control: ConsumerControl,
+        state: ConsumerState,
+        answer: Answer,
+        clock: IReactorTime,
+    ) -> None:
         return None
 
 

@@ -80,9 +80,9 @@ class HostConfig:
         1500, load_seconds=0.5, work_seconds=0.3, unload_seconds=0.3, preload=True
     )
     speech: ServerProfile = ServerProfile(800, load_seconds=0.5, work_seconds=0.3)
-    #: ComfyUI answers ``POST /prompt`` once the image is made rather than at once,
-    #: as a daemon that sees one HTTP exchange as one GPU job needs it to.
-    comfy_answers_when_done: bool = True
+    #: ComfyUI answers ``POST /prompt`` once the image is made rather than at once
+    #: (the real one answers at once; this is for clients that want the old shape).
+    comfy_answers_when_done: bool = False
     keep_alive_seconds: float = 300.0
     ollama_lines: int = 20
     ollama_interval: float = 0.05
@@ -302,21 +302,14 @@ class SimulatedHost:
                 },
                 "ollama": {
                     "url": urls["ollama"],
-                    "health": {"path": "/api/version"},
-                    "paths": {"llm": {"path": "/api/generate"}},
-                    "vram_managed": True,
+                    "adapter": "ollama",
                     "can_coexist_with": ["mvoice", "whisper"],
                 },
                 "comfyui": {
                     "url": urls["comfyui"],
-                    "health": {"path": "/system_stats"},
-                    "paths": {"image": {"path": "/prompt"}},
+                    "adapter": "comfyui",
                     "vram_resident_mib": cfg.comfy.model_mib,
-                    "unload": {
-                        "method": "POST",
-                        "path": "/api/free",
-                        "body": '{"unload_models":true,"free_memory":true}',
-                    },
+                    "completion": {"poll_seconds": 0.05},
                 },
                 "whisper": {
                     "url": urls["whisper"],
