@@ -125,7 +125,8 @@ class ConsumerControl:
         self._client = client
         self._clock = clock
         self._run_command = run_command
-        self._systemctl = tuple(systemctl)
+        #: The command prefix for units (a reload may change it).
+        self.systemctl_command = tuple(systemctl)
 
     async def request(
         self,
@@ -203,7 +204,7 @@ class ConsumerControl:
 
         :raises ControlFailed: it exited with an error, or outlived ``timeout``.
         """
-        argv = [*self._systemctl, action, unit]
+        argv = [*self.systemctl_command, action, unit]
         try:
             result = await self._run_command(argv, timeout)
         except CancelledError:

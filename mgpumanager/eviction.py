@@ -62,13 +62,16 @@ def check_fit(
     sample: GpuSample,
     resident: Iterable[ConsumerState],
     size_mib: int | None = None,
+    held_elsewhere_mib: int = 0,
 ) -> Fit:
     """
     Whether ``target`` fits: by NVML's live free memory when a sample is at
     hand, else by the budget of the consumers that may not share the card
     with it.  ``resident`` are the consumers taken as loaded; every size is
     :attr:`~mgpumanager.registry.ConsumerState.size_mib`, the target's
-    ``size_mib`` (its declared size when not given).
+    ``size_mib`` (its declared size when not given).  ``held_elsewhere_mib``
+    is memory the budget must count that no consumer of ours holds (a
+    consumer a reload removed while it was loaded).
     """
     needed = target.vram_resident_mib if size_mib is None else size_mib
     reading = sample.reading
@@ -93,13 +96,13 @@ def check_fit(
         # No card size at all: the only safe assumption is that the target
         # needs the card to itself.
         return Fit(
-            fits=not blocking,
+            fits=not blocking and not held_elsewhere_mib,
             basis="budget",
             needed_mib=needed,
             available_mib=None,
             why="card size unknown (no NVML, no gpu.total_mib): exclusive use assumed",
         )
-    held = sum(state.size_mib for state in blocking)
+    held = sum(state.size_mib for state in blocking) + held_elsewhere_mib
     headroom = total - config.gpu.reserved_mib - held
     return Fit(
         fits=headroom >= needed,
@@ -193,6 +196,7 @@ def plan_step(
     target: ConsumerState,
     sample: GpuSample,
     already_evicted: Collection[str] = (),
+    held_elsewhere_mib: int = 0,
 ) -> Step:
     """
     The next step of making room for ``target``: the one decision both the
@@ -201,7 +205,9 @@ def plan_step(
     the registry still believes, and at most :data:`MAX_EVICTIONS` are.
     """
     resident = [s for s in states if s.resident and s.name not in already_evicted]
-    fit = check_fit(config, target.config, sample, resident, target.size_mib)
+    fit = check_fit(
+        config, target.config, sample, resident, target.size_mib, held_elsewhere_mib
+    )
     candidates = rank_candidates(config, target.name, states, already_evicted)
     if fit.fits:
         return Step(fit, candidates, None, "fits")
@@ -243,7 +249,9 @@ def dry_run_plan(config: Config, registry: Registry, target: str, sample: GpuSam
     evict: list[str] = []
     freed = 0
     while skip is None:
-        step = plan_step(config, states, state, _plus_free(sample, freed), evict)
+        step = plan_step(
+            config, states, state, _plus_free(sample, freed), evict, registry.held_elsewhere_mib
+        )
         steps.append(step)
         if step.victim is None:
             break

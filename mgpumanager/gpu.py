@@ -192,6 +192,15 @@ class GpuSampler:
         if self._loop.running:
             self._loop.stop()
 
+    def set_interval(self, interval: float) -> None:
+        """Run every ``interval`` seconds from now on (a reload changed it)."""
+        if interval == self._interval:
+            return
+        self._interval = interval
+        if self._loop.running:
+            self._loop.stop()
+            self._loop.start(interval, now=False)
+
     def sample(self) -> Deferred[GpuSample]:
         """
         Take one sample now (the loop calls this; so does the scheduler when

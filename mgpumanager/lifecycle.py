@@ -100,6 +100,10 @@ class Lifecycle:
         self.failed_loads = 0
         self.decisions: collections.deque[Decision] = collections.deque(maxlen=DECISIONS_KEPT)
 
+    def reconfigure(self, config: Config) -> None:
+        """Work to a reloaded configuration from the next step on."""
+        self._config = config
+
     async def prepare(self, name: str) -> None:
         """The scheduler's ``prepare`` step: make room for ``name``, then load it."""
         state = self._registry[name]
@@ -116,7 +120,9 @@ class Lifecycle:
             sample = await self._sampler.sample()
             if why_no_room_needed(target) is not None:
                 return  # the fresh sample shows it loaded after all
-            step = plan_step(self._config, states, target, sample, evicted)
+            step = plan_step(
+                self._config, states, target, sample, evicted, self._registry.held_elsewhere_mib
+            )
             if step.fit.fits:
                 return
             decision = Decision(

@@ -57,6 +57,19 @@ class HealthProber:
         if self._loop.running:
             self._loop.stop()
 
+    def set_timeout(self, timeout: float) -> None:
+        """Bound each probe by ``timeout`` seconds from the next one on."""
+        self._timeout = timeout
+
+    def set_interval(self, interval: float) -> None:
+        """Run every ``interval`` seconds from now on (a reload changed it)."""
+        if interval == self._interval:
+            return
+        self._interval = interval
+        if self._loop.running:
+            self._loop.stop()
+            self._loop.start(interval, now=False)
+
     def probe_all(self) -> None:
         """
         Start a probe of every consumer not already being probed.  Returns at

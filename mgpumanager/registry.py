@@ -9,7 +9,7 @@ scheduler's decisions and ``/v1/status`` both read this one place.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import attrs
 
@@ -128,19 +128,92 @@ class ConsumerState:
     def note_resident_mib(self, mib: int) -> None:
         self.peak_resident_mib = max(self.peak_resident_mib, mib)
 
+@attrs.frozen
+class Holder:
+    """
+    A consumer a reload removed while its model was on the card: no longer
+    ours to schedule or unload, but its memory is still taken until the card
+    shows it gone.
+    """
+
+    name: str
+    size_mib: int
+    #: Its processes when it was removed, to see its memory go; may be empty.
+    pids: frozenset[int]
+
+
 class Registry:
-    """All consumers' states, by name, in name order."""
+    """
+    All consumers' states, by name, in name order; and the holders of memory
+    that a reload removed.
+    """
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self._states = {
-            name: ConsumerState(config=consumer, believed_loaded=consumer.initially_resident())
-            for name, consumer in config.consumers.items()
+            name: _fresh_state(consumer) for name, consumer in config.consumers.items()
         }
+        self.holders: dict[str, Holder] = {}
+
+    def reconfigure(
+        self, config: Config, pids_of: Callable[[str], frozenset[int]]
+    ) -> list[str]:
+        """
+        Take a reloaded configuration; return the consumers it removed.  A
+        consumer that stays keeps its residency and counters unless its
+        ``url`` or ``adapter`` changed (then it is another server); a removed
+        one that is resident becomes a :class:`Holder`.
+        """
+        states: dict[str, ConsumerState] = {}
+        for name, consumer in config.consumers.items():
+            old = self._states.get(name)
+            if old is None or (old.config.url, old.config.adapter) != (
+                consumer.url,
+                consumer.adapter,
+            ):
+                states[name] = _fresh_state(consumer)
+            else:
+                old.config = consumer
+                states[name] = old
+        removed = [name for name in self._states if name not in states]
+        for name in removed:
+            state = self._states[name]
+            if state.resident and state.size_mib > 0:
+                self.holders[name] = Holder(name, state.size_mib, pids_of(name))
+        self.config = config
+        self._states = states
+        return removed
+
+    @property
+    def held_elsewhere_mib(self) -> int:
+        """Memory the budget must count that no consumer of ours holds."""
+        return sum(holder.size_mib for holder in self.holders.values())
+
+    def release_holders(self, processes: Mapping[int, int]) -> list[str]:
+        """
+        Forget the holders whose processes the card (``processes``: MiB by
+        pid, from NVML) shows holding under 5 % of their memory; return them.
+        """
+        gone = [
+            holder.name
+            for holder in self.holders.values()
+            if holder.pids
+            and sum(processes.get(pid, 0) for pid in holder.pids) < 0.05 * holder.size_mib
+        ]
+        for name in gone:
+            del self.holders[name]
+        return gone
 
     def __getitem__(self, name: str) -> ConsumerState:
         return self._states[name]
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._states
+
     def __iter__(self) -> Iterator[ConsumerState]:
         return iter(self._states.values())
 
+
+
+def _fresh_state(consumer: ConsumerConfig) -> ConsumerState:
+    return ConsumerState(config=consumer, believed_loaded=consumer.initially_resident())
