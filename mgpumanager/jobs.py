@@ -11,10 +11,11 @@ from twisted.internet.defer import Deferred
 from twisted.web.server import Request
 
 from mgpumanager.config import ConsumerConfig
-from mgpumanager.errors import CONSUMER_DOWN, ApiError
+from mgpumanager.errors import BAD_REQUEST, CONSUMER_DOWN, ApiError
 from mgpumanager.proxy import ConsumerProxy
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
+from mgpumanager.scheduling_config import JOB_CLASSES
 
 
 class GpuJobs:
@@ -43,6 +44,48 @@ class GpuJobs:
                 f"upstream {consumer.name}: last health probe failed: {state.last_error}",
                 consumer.name,
             )
+        job_class, priority = job_class_and_priority(
+            request, self._scheduler.scheduling.class_of(kind), consumer.priority)
+
+        def relay() -> Deferred[None]:
+            running = self._scheduler.running
+            if running is not None:
+                request.setHeader(b"server-timing", server_timing(
+                    running.queue_ms, running.prepare_ms or 0))
+            return self._proxy.relay(request, consumer, method, path)
+
         return self._scheduler.submit(
-            consumer.name, lambda: self._proxy.relay(request, consumer, method, path)
-        )
+            consumer.name, relay, kind=kind, job_class=job_class, priority=priority)
+
+
+def server_timing(queue_ms: int, prepare_ms: int) -> bytes:
+    """How long the job waited for the GPU and how long making room and loading took."""
+    return f"queue;dur={queue_ms}, prepare;dur={prepare_ms}".encode("ascii")
+
+
+def job_class_and_priority(request: Request, job_class: str, priority: int) -> tuple[str, int]:
+    """
+    The job's class and priority: the defaults given, unless the request sets
+    ``X-Mgpu-Class`` (``interactive`` | ``batch``) or ``X-Mgpu-Priority`` (0-4).
+
+    :raises ApiError: ``bad_request`` for any other value, before the job queues.
+    """
+    given_class = _header(request, b"x-mgpu-class")
+    if given_class is not None:
+        job_class = given_class.strip().lower()
+        if job_class not in JOB_CLASSES:
+            raise ApiError(BAD_REQUEST, f"X-Mgpu-Class must be one of {', '.join(JOB_CLASSES)}, "
+                                        f"not {given_class!r}")
+    given_priority = _header(request, b"x-mgpu-priority")
+    if given_priority is not None:
+        text = given_priority.strip()
+        if not (text.isascii() and text.isdigit() and 0 <= int(text) <= 4):
+            raise ApiError(BAD_REQUEST, f"X-Mgpu-Priority must be a whole number from 0 to 4, "
+                                        f"not {given_priority!r}")
+        priority = int(text)
+    return job_class, priority
+
+
+def _header(request: Request, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return None if value is None else value.decode("latin-1")

@@ -61,6 +61,8 @@ class Decision:
     unload_ms: int | None = None
     recovery_ms: int | None = None
     recovered_mib: int | None = None
+    #: For the decision log, beside the scheduler's ``pick`` and ``timeout``.
+    type: str = "evict"
 
 class Lifecycle:
     """

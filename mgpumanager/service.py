@@ -27,12 +27,15 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from mgpumanager.api import ManagerApp, job_kind
 from mgpumanager.attribution import PidMap, ProcessAttributor, find_consumer_pids
+from mgpumanager.choosing import PolicyChooser
 from mgpumanager.commands import CommandResult, run_command
 from mgpumanager.config import Config
 from mgpumanager.control import ConsumerControl
+from mgpumanager.eviction import dry_run_plan
 from mgpumanager.gpu import GpuReading, GpuSampler
 from mgpumanager.guard import Guard
 from mgpumanager.lifecycle import Lifecycle
+from mgpumanager.policy import make_policy
 from mgpumanager.probes import HealthProber
 from mgpumanager.proxy import ConsumerProxy, ReusedEndpoints
 from mgpumanager.registry import Registry
@@ -216,11 +219,17 @@ def build(
     sampler.subscribe(attributor.on_sample)
 
     lifecycle = Lifecycle(config, registry, sampler, control, reactor, prober.probe, attributor)
+    chooser = PolicyChooser(
+        make_policy(config.scheduling),
+        lambda name: dry_run_plan(config, registry, name, sampler.latest).needs_swap,
+    )
     scheduler = GpuScheduler(
         reactor,
         registry,
         lifecycle.prepare,
         queue=config.queue,
+        chooser=chooser,
+        scheduling=config.scheduling,
     )
     proxy = ConsumerProxy(
         lambda consumer: agent_for_timeout(consumer.timeouts.connect_seconds),
