@@ -23,7 +23,6 @@ import math
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-import attrs
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -50,6 +49,7 @@ from mgpumanager.queued import (
 )
 from mgpumanager.registry import ConsumerState, Registry
 from mgpumanager.scheduling_config import INTERACTIVE, SchedulingConfig
+from mgpumanager.waiting_room import Waiter, WaitingRoom
 
 log = Logger()
 
@@ -70,15 +70,6 @@ Preparer = Callable[[str], "Coroutine[Any, Any, None] | Deferred[None]"]
 
 async def _nothing_to_prepare(consumer: str) -> None:
     return None
-
-
-@attrs.define
-class _Waiter:
-    """A queued job: its public view, the Deferred it starts on, its timeout."""
-
-    view: QueuedJob
-    granted: Deferred[None]
-    timer: IDelayedCall | None = None
 
 
 class GpuScheduler:
@@ -112,7 +103,7 @@ class GpuScheduler:
         self.scheduling = scheduling if scheduling is not None else SchedulingConfig()
         self._lock = DeferredLock()
         #: By id, so in arrival order.
-        self._waiting: dict[int, _Waiter] = {}
+        self._waiting = WaitingRoom()
         self._next_id = 0
         self._recheck: IDelayedCall | None = None
         self._dispatching = False
@@ -187,15 +178,15 @@ class GpuScheduler:
             priority = self._registry[consumer].config.priority
         view = QueuedJob(self._next_id, consumer, priority, self._clock.seconds(),
                          kind=kind, job_class=job_class)
-        waiter = _Waiter(view, Deferred(lambda _: self._cancelled(waiter)))
-        self._waiting[view.id] = waiter
+        waiter = Waiter(view, Deferred(lambda _: self._cancelled(waiter)))
+        self._waiting.add(waiter)
         self._dispatch()
         if not waiter.granted.called:
             waiter.timer = self._clock.callLater(self._max_wait, self._give_up, waiter)
         return waiter.granted.addCallback(lambda _: self._start(view, job))
 
     def _views(self) -> list[QueuedJob]:
-        return [waiter.view for waiter in self._waiting.values()]
+        return self._waiting.views()
 
     def _dispatch(self) -> None:
         """
@@ -227,14 +218,8 @@ class GpuScheduler:
             if at is not None:
                 self._recheck = self._clock.callLater(max(0.0, at - now), self._dispatch)
             return
-        waiter = self._leave(chosen.id)
-        ahead_of = []
-        for other in self._waiting.values():
-            if other.view.id < chosen.id:
-                other.view = attrs.evolve(other.view, bypassed=other.view.bypassed + 1)
-                if (other.view.job_class, other.view.priority) == (
-                        chosen.job_class, chosen.priority):
-                    ahead_of.append(other.view.id)
+        waiter = self._waiting.leave(chosen.id)
+        ahead_of = self._waiting.started(chosen)
         if isinstance(self._chooser, WatchingChooser):
             rule = self._chooser.job_started(chosen, now)
             if ahead_of:
@@ -243,21 +228,14 @@ class GpuScheduler:
         assert acquired.called, "the GPU lock is only ever taken here, when it is free"
         waiter.granted.callback(None)
 
-    def _leave(self, job_id: int) -> _Waiter:
-        """Take a waiter out of the queue, with its timeout."""
-        waiter = self._waiting.pop(job_id)
-        if waiter.timer is not None and waiter.timer.active():
-            waiter.timer.cancel()
-        return waiter
-
-    def _cancelled(self, waiter: _Waiter) -> None:
+    def _cancelled(self, waiter: Waiter) -> None:
         """The caller gave up waiting (its client went away)."""
         self.cancelled_jobs += 1
         self._refuse(waiter, None)
 
-    def _refuse(self, waiter: _Waiter, refusal: ApiError | None) -> None:
+    def _refuse(self, waiter: Waiter, refusal: ApiError | None) -> None:
         """Take a waiter out of the queue; an idle chooser may now decide otherwise."""
-        self._leave(waiter.view.id)
+        self._waiting.leave(waiter.view.id)
         if refusal is not None:
             waiter.granted.errback(refusal)
         self._dispatch()
@@ -332,11 +310,11 @@ class GpuScheduler:
         ``shutting_down`` error; jobs already running carry on.
         """
         self._closed = ApiError(SHUTTING_DOWN, reason)
-        for waiter in list(self._waiting.values()):
+        for waiter in self._waiting:
             self._refuse(waiter, self._closed)
         self._notify_if_idle()
 
-    def _give_up(self, waiter: _Waiter) -> None:
+    def _give_up(self, waiter: Waiter) -> None:
         self.queue_timeouts += 1
         waiter.timer = None
         self.decisions.append(
@@ -362,7 +340,7 @@ class GpuScheduler:
 
     def oldest_arrival(self) -> float | None:
         """When the longest-waiting job arrived, or None when none waits."""
-        return min((w.view.arrived for w in self._waiting.values()), default=None)
+        return self._waiting.oldest_arrival()
 
     def abort_running(self) -> None:
         """Cancel every running job, preparing or relaying (the shutdown grace is over)."""
