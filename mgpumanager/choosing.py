@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from mgpumanager.estimates import Estimates
-from mgpumanager.policy import EMPTY, History, Policy, Waiting
+from mgpumanager.policy import EMPTY, LINGER, NO_SWAP, History, Policy, Waiting
 from mgpumanager.queued import QueuedJob, QueueEntry, RunningJob
 
 #: Whether a job of this consumer would unload or load anything if it ran now.
@@ -40,6 +40,8 @@ class PolicyChooser:
         #: The last pick's job id, its rule, and whether it needed a swap.
         self._last: tuple[int, str, bool] = (0, EMPTY, False)
         self._swapped: dict[int, bool] = {}
+        #: Whether the last pick left the GPU idle to linger.
+        self._held = False
 
     @property
     def name(self) -> str:
@@ -58,10 +60,14 @@ class PolicyChooser:
 
     def pick(self, waiting: Sequence[QueuedJob], now: float) -> QueuedJob | None:
         pick = self.policy.pick(self._views(waiting), now, self._history)
+        held, self._held = self._held, pick.rule == LINGER
         self._wake_at = pick.wake_at
         if pick.job is None:
             return None
-        self._last = (pick.job.id, pick.rule, pick.job.needs_swap)
+        # A job that needs no swap, picked while the GPU lingered for one,
+        # started thanks to the linger.
+        rule = LINGER if held and pick.rule == NO_SWAP else pick.rule
+        self._last = (pick.job.id, rule, pick.job.needs_swap)
         return next(job for job in waiting if job.id == pick.job.id)
 
     def recheck_at(self, waiting: Sequence[QueuedJob], now: float) -> float | None:

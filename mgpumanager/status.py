@@ -161,7 +161,7 @@ def running_status(running: RunningJob) -> JsonObject:
 
 def decision_log(lifecycle: Lifecycle, scheduler: GpuScheduler) -> list[JsonObject]:
     """Evictions, picks out of arrival order and timeouts, oldest first."""
-    entries = [(d.time, decision_status(d)) for d in lifecycle.decisions]
+    entries = [(d.time, {**decision_status(d), "type": d.type}) for d in lifecycle.decisions]
     entries += [(d.time, queue_decision_status(d)) for d in scheduler.decisions]
     return [entry for _, entry in sorted(entries, key=lambda pair: pair[0])]
 
@@ -174,13 +174,27 @@ def queue_decision_status(decision: QueueDecision) -> JsonObject:
         "job": job_status(decision.job),
         "rule": decision.rule,
         "ahead_of": list(decision.ahead_of),
+        "why": _WHY.get(decision.rule, decision.rule) + (
+            f"; started ahead of job {', '.join(map(str, decision.ahead_of))}"
+            if decision.ahead_of else ""),
     }
+
+
+#: The rules of a pick or timeout, as the status page says them.
+_WHY = {
+    "no-swap": "needs no swap while earlier jobs do",
+    "swap": "every job waiting needs a swap",
+    "due-bypass": "due: bypassed max_bypass times",
+    "due-swap": "due: interactive, needing a swap, waited swap_bound_seconds",
+    "guard": "batch guard expired",
+    "linger": "arrived during the linger and needs no swap",
+    "max_wait_seconds": "waited queue.max_wait_seconds without the GPU",
+}
 
 
 def decision_status(decision: Decision) -> JsonObject:
     return {
         "time": rfc3339(decision.time),
-        "type": decision.type,
         "target": decision.target,
         **fit_status(decision.fit),
         "candidates": [candidate_status(c) for c in decision.candidates],

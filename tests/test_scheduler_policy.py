@@ -70,19 +70,20 @@ def test_a_resident_job_goes_first_and_the_decision_log_says_why() -> None:
 
 def test_after_an_interactive_job_the_gpu_lingers_for_a_job_that_needs_no_swap() -> None:
     clock = Clock()
-    scheduler, jobs = scheduler_with(clock, {"image"}, linger_seconds=2), Jobs()
+    scheduler, jobs = scheduler_with(clock, {"llm"}, linger_seconds=2), Jobs()
     submit(scheduler, jobs, "voice", "tts", "voice")
-    submit(scheduler, jobs, "image", "image", "image")
+    submit(scheduler, jobs, "llm", "llm", "llm")
     jobs.finish()
     assert jobs.order == ["voice"]
     clock.advance(1)
     submit(scheduler, jobs, "voice", "tts", "voice-again")
     assert jobs.order == ["voice", "voice-again"]
+    assert [(d.rule, d.job.consumer) for d in scheduler.decisions] == [("linger", "voice")]
     jobs.finish()
     clock.advance(1.9)
     assert jobs.order == ["voice", "voice-again"]
     clock.advance(0.2)
-    assert jobs.order == ["voice", "voice-again", "image"]
+    assert jobs.order == ["voice", "voice-again", "llm"]
 
 
 def test_the_batch_guard_starts_the_oldest_batch_job_through_a_flood_of_voice() -> None:
