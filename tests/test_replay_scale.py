@@ -31,7 +31,7 @@ def test_a_scaled_host_divides_every_duration_and_keeps_the_sizes() -> None:
 
 def test_the_study_servers_load_in_scaled_time() -> None:
     host = StudyHost(CARD_MIB, 20, state_path=None, clock=Clock())  # type: ignore[arg-type]
-    image = next(server for server in host.servers if server.study.kind == "image")
+    image = next(server for server in host.servers if "image" in server.study.kinds)
     assert image.model.load_seconds == pytest.approx(15 / 20)
 
 

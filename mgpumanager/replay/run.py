@@ -64,7 +64,7 @@ def daemon_config(host: StudyHost, settings: Settings, trace_seconds: float) -> 
         # Waits under FIFO run past the default 600 s: nothing may time out
         # before the trace is over, so the comparison is of waits, not refusals.
         "queue": {"max_depth": 512, "max_wait_seconds": (trace_seconds + 3600) / scale},
-        "routing": {server.study.kind: server.name for server in host.servers},
+        "routing": {kind: server.name for server in host.servers for kind in server.study.kinds},
         "consumers": host.consumers(),
         "scheduling": {"policy": settings.policy, **scheduling},
     }
@@ -170,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=MAX_SCALE,
                         help=f"time scale, above 0 and at most {MAX_SCALE:g}")
     parser.add_argument("--max-bypass", type=int, help="scheduling.max_bypass")
+    parser.add_argument("--linger", type=float, help="scheduling.linger_seconds (trace seconds)")
     parser.add_argument("--card-mib", type=int,
                         help=f"card size (default {CARD_MIB}; {SMALL_CARD_MIB} for card16)")
     options = parser.parse_args(argv)
@@ -182,7 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs = make(options.seed) if options.duration is None else make(  # type: ignore[call-arg]
             options.seed, options.duration)
     card = options.card_mib or (SMALL_CARD_MIB if options.shape == "card16" else CARD_MIB)
-    scheduling = {} if options.max_bypass is None else {"max_bypass": options.max_bypass}
+    scheduling: dict[str, Any] = {}
+    if options.max_bypass is not None:
+        scheduling["max_bypass"] = options.max_bypass
+    if options.linger is not None:
+        scheduling["linger_seconds"] = options.linger
     settings = Settings(options.policy, options.scale, card, tuple(scheduling.items()))
 
     from twisted.internet import reactor

@@ -1,8 +1,8 @@
 """
-The simulated host a replay runs against: one server per job kind on one
-simulated card, sized like the models of the study (an image model of 13 GiB
-that loads in 15 s, an 8 GiB LLM in 4 s, a TTS model in 2 s, a small STT
-model), every duration divided by the time scale.
+The simulated host a replay runs against: three servers on one simulated
+card, sized like the models of the study (an image model of 13 GiB that loads
+in 15 s, an 8 GiB LLM in 4 s, a 3 GiB voice model for speech and transcription
+in 2 s), every duration divided by the time scale.
 
 Each server loads only when told to and does, per job, the ``work_seconds``
 its request body names, so the trace's service times arrive as sent.  The
@@ -28,21 +28,22 @@ from mgpumanager.simulate.server import SimServer, number_field
 
 @attrs.frozen
 class StudyModel:
-    """One server: its consumer name, job kind, size and (unscaled) timings."""
+    """One server: its consumer name, job kinds, size and (unscaled) timings."""
 
     name: str
-    kind: str
+    kinds: tuple[str, ...]
     mib: int
     load_seconds: float
     unload_seconds: float = 1.0
 
 
-#: Sizes chosen so that swaps are real on a 24 GiB card: all four need 25088 MiB.
+#: Sizes chosen so that swaps are real: any two fit on a 24 GiB card, all
+#: three (24576 MiB, plus the daemon's cushion) do not; on a 16 GiB card the
+#: image model fits beside neither, the LLM and the voice model together.
 MODELS = (
-    StudyModel("comfyui", "image", 13312, 15.0, 2.0),
-    StudyModel("ollama", "llm", 8192, 4.0),
-    StudyModel("mvoice", "tts", 2048, 2.0),
-    StudyModel("whisper", "stt", 1536, 1.0),
+    StudyModel("comfyui", ("image",), 13312, 15.0, 2.0),
+    StudyModel("ollama", ("llm",), 8192, 4.0),
+    StudyModel("mvoice", ("tts", "stt"), 3072, 2.0),
 )
 CARD_MIB = 24576
 #: The ``card16`` shape: an LLM and the image model cannot share it.
@@ -123,7 +124,7 @@ class StudyHost:
             server.name: {
                 "url": f"http://127.0.0.1:{self.ports[server.name]}",
                 "health": {"path": "/health"},
-                "paths": {server.study.kind: {"path": "/work"}},
+                "paths": {kind: {"path": "/work"} for kind in server.study.kinds},
                 "vram_resident_mib": server.study.mib,
                 "load": {"method": "POST", "path": "/load"},
                 "unload": {"method": "POST", "path": "/unload"},
