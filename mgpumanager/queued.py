@@ -114,6 +114,11 @@ class RunningJob:
     #: When preparing ended and relaying began.
     relaying_since: float | None = None
 
+    def relaying(self, now: float) -> None:
+        """Room is made and the model loaded: the job's own exchange begins."""
+        self.phase = RELAYING
+        self.relaying_since = now
+
     @property
     def queue_ms(self) -> int:
         return round((self.started - self.view.arrived) * 1000)

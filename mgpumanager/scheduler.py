@@ -38,7 +38,6 @@ from twisted.python.failure import Failure
 from mgpumanager.config import QueueConfig
 from mgpumanager.errors import QUEUE_FULL, QUEUE_TIMEOUT, SCHEDULER_ERROR, SHUTTING_DOWN, ApiError
 from mgpumanager.queued import (
-    RELAYING,
     Chooser,
     PriorityThenArrival,
     QueueDecision,
@@ -258,11 +257,6 @@ class GpuScheduler:
         running = Deferred.fromCoroutine(self._prepare_and_run(view.consumer, job))
         return running.addBoth(self._finish, state, started)
 
-    def _relaying(self) -> None:
-        if self.running is not None:
-            self.running.phase = RELAYING
-            self.running.relaying_since = self._clock.seconds()
-
     async def _prepare_and_run(self, consumer: str, job: Callable[[], Deferred[_T]]) -> _T:
         try:
             await self._hold(ensureDeferred(self._prepare(consumer)))
@@ -273,7 +267,8 @@ class GpuScheduler:
             raise ApiError(
                 SCHEDULER_ERROR, f"scheduler failed to prepare {consumer}: {e}", consumer
             ) from e
-        self._relaying()
+        if self.running is not None:
+            self.running.relaying(self._clock.seconds())
         return await self._hold(job())
 
     def _finish(self, result: _T | Failure, state: ConsumerState, started: float) -> _T | Failure:
