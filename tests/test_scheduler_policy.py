@@ -140,3 +140,41 @@ def test_512_waiters_start_in_the_run_order_status_announced() -> None:
     announced = [f"{entry.job.consumer}-{entry.job.id}" for entry in scheduler.queue_entries()]
     run_all(jobs, 512)
     assert jobs.order[1:] == announced
+
+
+def test_an_interactive_job_needing_a_swap_is_due_after_the_swap_bound() -> None:
+    clock = Clock()
+    scheduler, jobs = scheduler_with(clock, {"llm"}, swap_bound_seconds=10,
+                                     linger_seconds=0), Jobs()
+    submit(scheduler, jobs, "voice", "tts", "running")
+    submit(scheduler, jobs, "llm", "llm", "llm")
+    for n in range(4):
+        submit(scheduler, jobs, "voice", "tts", f"voice-{n}")
+    clock.advance(4)
+    jobs.finish()  # 4 s waited: the resident voice job goes first
+    clock.advance(7)
+    jobs.finish()  # 11 s waited: the llm job is due
+    run_all(jobs, 4)
+    assert jobs.order == ["running", "voice-0", "llm", "voice-1", "voice-2", "voice-3"]
+    assert [d.rule for d in scheduler.decisions] == ["no-swap"]
+
+
+def test_a_job_bypassed_max_bypass_times_is_due() -> None:
+    scheduler, jobs = scheduler_with(Clock(), {"llm"}, max_bypass=2, linger_seconds=0), Jobs()
+    submit(scheduler, jobs, "voice", "tts", "running")
+    submit(scheduler, jobs, "llm", "llm", "llm")
+    for n in range(3):
+        submit(scheduler, jobs, "voice", "tts", f"voice-{n}")
+    run_all(jobs, 5)
+    assert jobs.order == ["running", "voice-0", "voice-1", "llm", "voice-2"]
+    assert [d.rule for d in scheduler.decisions] == ["no-swap", "no-swap"]
+
+
+def test_within_a_group_higher_priority_then_arrival() -> None:
+    scheduler, jobs = scheduler_with(Clock(), set()), Jobs()
+    submit(scheduler, jobs, "image", "image", "running")
+    submit(scheduler, jobs, "voice", "tts", "low-first", priority=0)
+    submit(scheduler, jobs, "voice", "tts", "high", priority=3)
+    submit(scheduler, jobs, "voice", "tts", "low-second", priority=0)
+    run_all(jobs, 4)
+    assert jobs.order == ["running", "high", "low-first", "low-second"]
