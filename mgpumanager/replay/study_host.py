@@ -80,7 +80,7 @@ class StudyServer(SimServer):
             self.unloads += 1
         return self.unload_answer(request)
 
-    @app.route("/work", methods=["POST"])
+    @app.route("/run", methods=["POST"])
     async def work_route(self, request: Request) -> bytes:
         async def job() -> bytes:
             seconds = number_field(self.json_body(request), "work_seconds", 0.0)
@@ -124,7 +124,7 @@ class StudyHost:
             server.name: {
                 "url": f"http://127.0.0.1:{self.ports[server.name]}",
                 "health": {"path": "/health"},
-                "paths": {kind: {"path": "/work"} for kind in server.study.kinds},
+                "paths": {kind: {"path": "/run"} for kind in server.study.kinds},
                 "vram_resident_mib": server.study.mib,
                 "load": {"method": "POST", "path": "/load"},
                 "unload": {"method": "POST", "path": "/unload"},
