@@ -39,6 +39,7 @@ from mgpumanager.config_reader import (
     file_keys,
     kind_of,
 )
+from mgpumanager.scheduling_config import SchedulingConfig, SchedulingConfigError
 
 __all__ = [
     "ADAPTER_ONLY_KEYS",
@@ -147,6 +148,7 @@ class Config:
     #: The bearer token every route but /healthz requires, when set.
     auth_token: bytes | None = attrs.field(default=None, repr=False, metadata={FILE_KEY: "auth"})
     openai: OpenAIConfig = OpenAIConfig()
+    scheduling: SchedulingConfig = attrs.field(factory=SchedulingConfig)
 
     def body_limit_for(self, kind: str | None) -> int:
         """The request-body limit in bytes for a job of ``kind`` (None: not a job)."""
@@ -251,6 +253,7 @@ def parse_config(document: object, source: str = "<config>") -> Config:
                 "queue": read.nested(QueueConfig, {"max_depth": partial(_queue_depth, read)}),
                 "allowed_origins": lambda v, p: frozenset(read.names(v, p)),
                 "auth": partial(_auth, read),
+                "scheduling": partial(_scheduling, read),
                 "openai": read.nested(
                     OpenAIConfig, {**dict.fromkeys(OPENAI_ROLES, consumer_name), "models": models}
                 ),
@@ -259,6 +262,14 @@ def parse_config(document: object, source: str = "<config>") -> Config:
     )
     _check_ports(read, config, consumers_table)
     return config
+
+
+def _scheduling(read: Reader, value: object, key_path: str) -> SchedulingConfig:
+    try:
+        return SchedulingConfig.from_mapping(value)
+    except SchedulingConfigError as e:
+        raise read.fail(f"{key_path}.{e.key}" if e.key != key_path else key_path,
+                        e.problem) from None
 
 
 def _card_size(read: Reader, value: object, key_path: str) -> int | None:

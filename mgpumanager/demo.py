@@ -25,10 +25,12 @@ log = Logger()
 _REQUIRED = ("mvoice", "ollama", "comfyui", "whisper")
 
 
-def simulated_in_process(config: Config, reactor: Any) -> StandIns:
+def simulated_in_process(config: Config, reactor: Any, time_scale: float = 1.0) -> StandIns:
     """
     Stand-ins for ``--simulate``: the simulated host runs inside the daemon on
     the ports of the config's consumers, and the daemon reads its card.
+
+    :param time_scale: every duration of the simulated servers is divided by it.
     """
     from mgpumanager.simulate.host import PIDS, HostConfig, SimulatedHost, consumer_pids
     from mgpumanager.simulate.nvml import SimulatedNvml
@@ -42,7 +44,7 @@ def simulated_in_process(config: Config, reactor: Any) -> StandIns:
             )
         # A server the config does not name still runs, on a free port.
         ports[name] = (urlsplit(consumer.url).port or 0) if consumer is not None else 0
-    host_config = HostConfig().with_ports(ports)
+    host_config = HostConfig().with_ports(ports).scaled(time_scale)
     host = SimulatedHost(host_config, clock=reactor)
     nvml = SimulatedNvml(host.card)
     return StandIns(

@@ -84,6 +84,11 @@ FORWARDING = frozenset(
 _PLAIN_HOST = re.compile(rb"\A(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?\Z")
 
 
+#: The daemon's own request headers (``X-Mgpu-Class``, ``X-Mgpu-Priority``):
+#: instructions to the scheduler, never sent on to a consumer.
+_DAEMON_PREFIX = b"x-mgpu-"
+
+
 def upstream_headers(
     inbound: Headers,
     client: str | None = None,
@@ -100,7 +105,8 @@ def upstream_headers(
         never = never | {b"authorization"}
     outbound = Headers()
     for name, values in end_to_end(inbound, never):
-        outbound.setRawHeaders(name, values)
+        if not name.lower().startswith(_DAEMON_PREFIX):
+            outbound.setRawHeaders(name, values)
     if client is not None:
         raw_host = (inbound.getRawHeaders(b"host") or [b""])[0]
         host = raw_host.decode("ascii") if _PLAIN_HOST.match(raw_host) else ""

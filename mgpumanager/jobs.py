@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,34 +22,15 @@ from twisted.web.server import Request
 from mgpumanager.adapters.base import ANSWER_COPY_BYTES
 from mgpumanager.adapters.following import Completions
 from mgpumanager.config import ConsumerConfig
-from mgpumanager.errors import CONSUMER_DOWN, ApiError
+from mgpumanager.errors import BAD_REQUEST, CONSUMER_DOWN, ApiError
 from mgpumanager.proxy import ConsumerProxy
+from mgpumanager.queued import COMPLETING
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
+from mgpumanager.scheduling_config import JOB_CLASSES
 from mgpumanager.telemetry import COMPLETION_TIMEOUT, NO_TELEMETRY, Telemetry
 
 log = Logger()
-
-#: The phases of a job holding the GPU, as :attr:`RunningJob.phase` names them.
-RELAYING = "relaying"
-COMPLETING = "completing"
-
-
-@attrs.define
-class RunningJob:
-    """
-    The job whose request is being relayed or whose work is being followed.
-
-    :ivar phase: ``relaying`` (the HTTP exchange), then ``completing`` (the
-        answer is with the client, the server's work goes on).
-    :ivar work_id: the server's name for that work (ComfyUI's ``prompt_id``),
-        once known.
-    """
-
-    consumer: str
-    kind: str
-    phase: str = RELAYING
-    work_id: str | None = None
 
 
 class GpuJobs:
@@ -59,9 +39,6 @@ class GpuJobs:
 
     :param completions: follows work that outlives its answer (a ComfyUI
         prompt); without it every job ends with its exchange.
-    :ivar running: the job past its preparation that holds the GPU, if any
-        (while a job's consumer is being made room for and loaded it is
-        ``None``): what ``/v1/status`` shows of the running job.
     """
 
     def __init__(
@@ -77,7 +54,6 @@ class GpuJobs:
         self._scheduler = scheduler
         self._proxy = proxy
         self._telemetry = telemetry
-        self.running: RunningJob | None = None
 
     def run(
         self, request: Request, consumer: ConsumerConfig, method: str, path: str, kind: str
@@ -99,6 +75,13 @@ class GpuJobs:
                 f"upstream {consumer.name}: last health probe failed: {state.last_error}",
                 consumer.name,
             )
+        try:
+            job_class, priority = job_class_and_priority(
+                request, self._scheduler.scheduling.class_of(kind), consumer.priority
+            )
+        except ApiError as refusal:
+            self._telemetry.job_refused(consumer.name, kind, refusal.kind.code)
+            raise
         answered: Deferred[None] = Deferred(lambda _: job.cancel())
         watch = self._telemetry.job(consumer.name, kind)
         job: Deferred[str | None] = watch.ended(
@@ -106,9 +89,12 @@ class GpuJobs:
                 consumer.name,
                 watch.running(
                     lambda: Deferred.fromCoroutine(
-                        self._job(request, consumer, method, path, kind, answered)
+                        self._job(request, consumer, method, path, answered)
                     )
                 ),
+                kind=kind,
+                job_class=job_class,
+                priority=priority,
             )
         )
         job.addBoth(_answer_once, answered)
@@ -120,30 +106,30 @@ class GpuJobs:
         consumer: ConsumerConfig,
         method: str,
         path: str,
-        kind: str,
         answered: Deferred[None],
     ) -> str | None:
         """The job under the lock; its result is the outcome label when not plain ``ok``."""
-        running = self.running = RunningJob(consumer.name, kind)
-        try:
-            completions = self._completions
-            state = self._registry[consumer.name]
-            if completions is None or not completions.completes_later(state, method, path):
-                await self._proxy.relay(request, consumer, method, path)
-                return None
-            answer = await self._proxy.relay_keeping(
-                request, consumer, method, path, ANSWER_COPY_BYTES
+        running = self._scheduler.running
+        if running is not None:
+            request.setHeader(
+                b"server-timing", server_timing(running.queue_ms, running.prepare_ms or 0)
             )
-            work = completions.work_started_by(state, answer)
-            if work is None:
-                return None
-            running.phase, running.work_id = COMPLETING, work.work_id
-            answered.callback(None)
-            how = await self._follow(completions, state.name, work)
-            return COMPLETION_TIMEOUT if how == "timeout" else None
-        finally:
-            if self.running is running:
-                self.running = None
+        completions = self._completions
+        state = self._registry[consumer.name]
+        if completions is None or not completions.completes_later(state, method, path):
+            await self._proxy.relay(request, consumer, method, path)
+            return None
+        answer = await self._proxy.relay_keeping(
+            request, consumer, method, path, ANSWER_COPY_BYTES
+        )
+        work = completions.work_started_by(state, answer)
+        if work is None:
+            return None
+        if running is not None:
+            running.phase, running.prompt_id = COMPLETING, work.work_id
+        answered.callback(None)
+        how = await self._follow(completions, state.name, work)
+        return COMPLETION_TIMEOUT if how == "timeout" else None
 
     async def _follow(self, completions: Completions, name: str, work: Any) -> str:
         how = await work.until_done()
@@ -169,3 +155,40 @@ def _answer_once(result: Failure | str | None, answered: Deferred[None]) -> None
             answered.callback(None)
     elif isinstance(result, Failure) and not result.check(CancelledError):
         log.failure("a job failed after its answer was sent", result)
+
+
+def server_timing(queue_ms: int, prepare_ms: int) -> bytes:
+    """How long the job waited for the GPU and how long making room and loading took."""
+    return f"queue;dur={queue_ms}, prepare;dur={prepare_ms}".encode("ascii")
+
+
+def job_class_and_priority(request: Request, job_class: str, priority: int) -> tuple[str, int]:
+    """
+    The job's class and priority: the defaults given, unless the request sets
+    ``X-Mgpu-Class`` (``interactive`` | ``batch``) or ``X-Mgpu-Priority`` (0-4).
+
+    :raises ApiError: ``bad_request`` for any other value, before the job queues.
+    """
+    given_class = _header(request, b"x-mgpu-class")
+    if given_class is not None:
+        job_class = given_class.strip().lower()
+        if job_class not in JOB_CLASSES:
+            raise ApiError(
+                BAD_REQUEST,
+                f"X-Mgpu-Class must be one of {', '.join(JOB_CLASSES)}, not {given_class!r}",
+            )
+    given_priority = _header(request, b"x-mgpu-priority")
+    if given_priority is not None:
+        text = given_priority.strip()
+        if not (text.isascii() and text.isdigit() and 0 <= int(text) <= 4):
+            raise ApiError(
+                BAD_REQUEST,
+                f"X-Mgpu-Priority must be a whole number from 0 to 4, not {given_priority!r}",
+            )
+        priority = int(text)
+    return job_class, priority
+
+
+def _header(request: Request, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return None if value is None else value.decode("latin-1")

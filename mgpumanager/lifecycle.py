@@ -63,8 +63,9 @@ class Decision:
     unload_ms: int | None = None
     recovery_ms: int | None = None
     recovered_mib: int | None = None
-    #: "evict" for a make-room step; "timeout" for a job given up on.
-    kind: str = "evict"
+    #: "evict" for a make-room step; "timeout" for work given up on (the
+    #: scheduler's own log adds "pick" entries beside these).
+    type: str = "evict"
 
 class Lifecycle:
     """
@@ -213,7 +214,7 @@ class Lifecycle:
                 candidates=[],
                 victim=None,
                 outcome="timeout",
-                kind="timeout",
+                type="timeout",
             )
         )
 

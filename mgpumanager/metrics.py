@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from mgpumanager.queued import QueuedJob
 from mgpumanager.telemetry import JobWatch, job_outcome
 
 _T = TypeVar("_T")
@@ -85,10 +86,8 @@ class Metrics:
     def job_refused(self, consumer: str, kind: str, code: str) -> None:
         self._jobs.labels(consumer, kind, code).inc()
 
-    def waited(self, job: Any, seconds: float) -> None:
-        # The queue view carries the job's class once a policy sets one.
-        job_class = getattr(job, "job_class", "") or ""
-        self._waits.labels(job.consumer, job_class).observe(seconds)
+    def waited(self, job: QueuedJob, seconds: float) -> None:
+        self._waits.labels(job.consumer, job.job_class).observe(seconds)
 
     def unloaded(self, victim: str, seconds: float) -> None:
         self._unloads.labels(victim).observe(seconds)

@@ -16,18 +16,29 @@ full queue on every release stays cheap.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import attrs
 
-INTERACTIVE = "interactive"
-BATCH = "batch"
-JOB_CLASSES = (INTERACTIVE, BATCH)
+from mgpumanager.estimates import Estimates, SwapTest
+from mgpumanager.scheduling_config import (
+    BATCH,
+    DEFAULT_CLASSES,
+    FIFO,
+    INTERACTIVE,
+    INTERACTIVE_FIRST,
+    JOB_CLASSES,
+    POLICIES,
+    SchedulingConfig,
+    SchedulingConfigError,
+)
 
-INTERACTIVE_FIRST = "interactive-first"
-FIFO = "fifo"
-POLICIES = (INTERACTIVE_FIRST, FIFO)
+#: Re-exported: the policies' configuration and the pricing of their run order.
+__all__ = [
+    "BATCH", "DEFAULT_CLASSES", "FIFO", "INTERACTIVE", "INTERACTIVE_FIRST", "JOB_CLASSES",
+    "POLICIES", "Estimates", "SchedulingConfig", "SchedulingConfigError", "SwapTest",
+]
 
 #: The rules a :class:`Pick` names, for the decision log.
 GUARD = "guard"
@@ -37,105 +48,6 @@ NO_SWAP = "no-swap"
 SWAP = "swap"
 LINGER = "linger"
 EMPTY = "empty"
-
-DEFAULT_CLASSES: Mapping[str, str] = {
-    "tts": INTERACTIVE,
-    "stt": INTERACTIVE,
-    "llm": INTERACTIVE,
-    "image": BATCH,
-}
-
-_KEYS = ("policy", "batch_guard_seconds", "swap_bound_seconds", "max_bypass",
-         "linger_seconds", "classes")
-
-
-class SchedulingConfigError(ValueError):
-    """
-    The ``scheduling`` mapping cannot be used.  ``key`` is the path inside it
-    (``classes.image``) so the config module can prefix the file and section.
-    """
-
-    def __init__(self, key: str, problem: str) -> None:
-        self.key = key
-        self.problem = problem
-        super().__init__(f"{key}: {problem}")
-
-
-@attrs.frozen
-class SchedulingConfig:
-    """
-    The ``scheduling`` section.  ``classes`` is stored as sorted pairs so the
-    value stays hashable; :meth:`class_of` reads it.  A kind it does not name
-    (``other``) is interactive: unknown work is someone waiting, not a batch.
-    """
-
-    policy: str = INTERACTIVE_FIRST
-    batch_guard_seconds: float = 300.0
-    swap_bound_seconds: float = 30.0
-    max_bypass: int = 8
-    linger_seconds: float = 1.0
-    classes: tuple[tuple[str, str], ...] = tuple(sorted(DEFAULT_CLASSES.items()))
-
-    def class_of(self, kind: str) -> str:
-        return dict(self.classes).get(kind, INTERACTIVE)
-
-    @classmethod
-    def from_mapping(cls, table: object) -> SchedulingConfig:
-        """
-        Validate the parsed YAML of the ``scheduling`` section (``None`` means
-        all defaults).  Kinds named under ``classes`` override the defaults one
-        by one, so ``classes: {llm: batch}`` keeps images batch.
-
-        :raises SchedulingConfigError: naming the key and the problem.
-        """
-        if table is None:
-            return cls()
-        given = _mapping(table, "")
-        for key in given:
-            if key not in _KEYS:
-                raise SchedulingConfigError(key, f"unknown key; known keys: {', '.join(_KEYS)}")
-        policy = given.get("policy", INTERACTIVE_FIRST)
-        if policy not in POLICIES:
-            raise SchedulingConfigError(
-                "policy", f"must be one of {', '.join(POLICIES)}, not {policy!r}")
-        classes = dict(DEFAULT_CLASSES)
-        for kind, job_class in _mapping(given.get("classes", {}), "classes").items():
-            if job_class not in JOB_CLASSES:
-                raise SchedulingConfigError(
-                    f"classes.{kind}", f"must be interactive or batch, not {job_class!r}")
-            classes[kind] = job_class
-        return cls(
-            policy=policy,
-            batch_guard_seconds=_seconds(given, "batch_guard_seconds", 300.0, positive=True),
-            swap_bound_seconds=_seconds(given, "swap_bound_seconds", 30.0, positive=True),
-            max_bypass=_count(given, "max_bypass", 8),
-            linger_seconds=_seconds(given, "linger_seconds", 1.0, positive=False),
-            classes=tuple(sorted(classes.items())),
-        )
-
-
-def _mapping(value: object, key: str) -> dict[str, object]:
-    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
-        raise SchedulingConfigError(key or "scheduling", "must be a mapping with names as keys")
-    return value
-
-
-def _seconds(table: Mapping[str, object], key: str, default: float, positive: bool) -> float:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SchedulingConfigError(key, f"must be a number of seconds, not {value!r}")
-    if not (0 < value if positive else 0 <= value) or value == float("inf"):
-        bound = "positive" if positive else "zero or more"
-        raise SchedulingConfigError(key, f"must be {bound} and finite (got {value})")
-    return float(value)
-
-
-def _count(table: Mapping[str, object], key: str, default: int) -> int:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SchedulingConfigError(key, f"must be a whole number of at least 1, not {value!r}")
-    return value
-
 
 @attrs.frozen
 class Waiting:
@@ -376,75 +288,3 @@ class InteractiveFirstPolicy:
         if (job_class, False) in groups:
             return Pick(groups[(job_class, False)], NO_SWAP)
         return Pick(groups[(job_class, True)], SWAP)
-
-
-#: Answers whether ``job`` would need a swap if it ran right after ``previous``
-#: (``None``: after what holds the card now).
-SwapTest = Callable[[Waiting, "Waiting | None"], bool]
-
-
-class Estimates:
-    """
-    Per-consumer exponential moving averages of run, load and unload seconds,
-    from which ``/v1/status`` tells each waiting job when it should start.
-    """
-
-    def __init__(self, weight: float = 0.3) -> None:
-        """:param weight: how much the newest observation counts, in (0, 1]."""
-        if not 0 < weight <= 1:
-            raise ValueError(f"weight must be in (0, 1], not {weight}")
-        self._weight = weight
-        self._averages: dict[tuple[str, str], float] = {}
-
-    def observe(self, what: str, consumer: str, seconds: float) -> None:
-        """Record one ``run``, ``load`` or ``unload`` of ``consumer``."""
-        key = (what, consumer)
-        old = self._averages.get(key)
-        self._averages[key] = seconds if old is None else old + self._weight * (seconds - old)
-
-    def average(self, what: str, consumer: str) -> float | None:
-        return self._averages.get((what, consumer))
-
-    def eta_seconds(
-        self,
-        order: Sequence[Waiting],
-        running_remaining: float | None,
-        needs_swap_of: SwapTest,
-        running_consumer: str | None = None,
-    ) -> list[float | None]:
-        """
-        Seconds until each job of ``order`` starts: what the running job has
-        left, then each job before it, priced as its consumer's run average
-        plus, when it needs a swap, its load average and the unload average of
-        the consumer it follows.  A consumer never unloaded is taken to leave
-        without cost; a missing run or load average makes this job's successors
-        unknown (``None``), and so does an unknown ``running_remaining``.
-
-        :param running_remaining: seconds the running job still needs, 0 when idle.
-        :param running_consumer: the consumer that holds the card now, if any.
-        """
-        etas: list[float | None] = []
-        clock = running_remaining
-        previous: Waiting | None = None
-        for job in order:
-            etas.append(clock)
-            if clock is not None:
-                clock = self._cost(job, previous, running_consumer, needs_swap_of, clock)
-            previous = job
-        return etas
-
-    def _cost(self, job: Waiting, previous: Waiting | None, running_consumer: str | None,
-              needs_swap_of: SwapTest, clock: float) -> float | None:
-        run = self.average("run", job.consumer)
-        if run is None:
-            return None
-        if not needs_swap_of(job, previous):
-            return clock + run
-        load = self.average("load", job.consumer)
-        if load is None:
-            return None
-        before = previous.consumer if previous is not None else running_consumer
-        unload = 0.0
-        if before is not None and before != job.consumer:
-            unload = self.average("unload", before) or 0.0
-        return clock + unload + load + run

@@ -18,11 +18,11 @@ The scheduler knows nothing of HTTP: it runs a job callable and keeps the number
 
 from __future__ import annotations
 
+import collections
 import math
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
-import attrs
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -37,10 +37,28 @@ from twisted.python.failure import Failure
 
 from mgpumanager.config import QueueConfig
 from mgpumanager.errors import QUEUE_FULL, QUEUE_TIMEOUT, SCHEDULER_ERROR, SHUTTING_DOWN, ApiError
+from mgpumanager.queued import (
+    Chooser,
+    PriorityThenArrival,
+    QueueDecision,
+    QueuedJob,
+    QueueEntry,
+    RunningJob,
+    WatchingChooser,
+)
 from mgpumanager.registry import ConsumerState, Registry
+from mgpumanager.scheduling_config import INTERACTIVE, SchedulingConfig
 from mgpumanager.telemetry import NO_TELEMETRY, Telemetry
+from mgpumanager.waiting_room import Waiter, WaitingRoom
 
 log = Logger()
+
+#: Re-exported: the queue's views and the chooser seam live in :mod:`mgpumanager.queued`.
+__all__ = ["Chooser", "GpuScheduler", "PriorityThenArrival", "QueuedJob", "RunningJob",
+           "WatchingChooser"]
+
+#: How many pick and timeout decisions ``/v1/status`` keeps.
+DECISIONS_KEPT = 20
 
 _T = TypeVar("_T")
 
@@ -54,69 +72,6 @@ async def _nothing_to_prepare(consumer: str) -> None:
     return None
 
 
-@attrs.frozen
-class QueuedJob:
-    """
-    What a :class:`Chooser` may know of a waiting job: a read-only view, so
-    that a policy can rank the queue but never change it.
-
-    :ivar id: unique and increasing: a larger id arrived later, even when two
-        jobs share an arrival time.
-    :ivar arrived: the clock's time when the job was submitted.
-    :ivar bypassed: how many jobs that arrived after this one started before it.
-    """
-
-    id: int
-    consumer: str
-    priority: int
-    arrived: float
-    bypassed: int = 0
-
-
-class Chooser(Protocol):
-    """
-    Decides which waiting job gets the GPU when it frees.  ``waiting`` is
-    never empty and is in arrival order; every method should be O(n) or
-    O(n log n), as it runs at every release with up to ``max_depth`` waiters.
-    """
-
-    def pick(self, waiting: Sequence[QueuedJob], now: float) -> QueuedJob | None:
-        """The job to start now, or ``None`` to leave the GPU idle for now."""
-
-    def recheck_at(self, waiting: Sequence[QueuedJob], now: float) -> float | None:
-        """After :meth:`pick` chose nothing: when to ask again if no job arrives,
-        leaves or ends before then (``None``: not before such an event)."""
-
-    def run_order(self, waiting: Sequence[QueuedJob], now: float) -> list[QueuedJob]:
-        """Every waiting job, in the order they would start if the GPU freed now."""
-
-
-def _priority_then_arrival(job: QueuedJob) -> tuple[int, int]:
-    return (-job.priority, job.id)
-
-
-class PriorityThenArrival:
-    """Highest consumer priority first, first come first served within a priority."""
-
-    def pick(self, waiting: Sequence[QueuedJob], now: float) -> QueuedJob | None:
-        return min(waiting, key=_priority_then_arrival)
-
-    def recheck_at(self, waiting: Sequence[QueuedJob], now: float) -> float | None:
-        return None
-
-    def run_order(self, waiting: Sequence[QueuedJob], now: float) -> list[QueuedJob]:
-        return sorted(waiting, key=_priority_then_arrival)
-
-
-@attrs.define
-class _Waiter:
-    """A queued job: its public view, the Deferred it starts on, its timeout."""
-
-    view: QueuedJob
-    granted: Deferred[None]
-    timer: IDelayedCall | None = None
-
-
 class GpuScheduler:
     """
     :param clock: for wait and run timings, timeouts and the chooser's rechecks.
@@ -126,6 +81,7 @@ class GpuScheduler:
         ``queue_full``), each for at most ``max_wait_seconds`` (then ``queue_timeout``).
     :param chooser: which waiting job runs next.
     :param telemetry: told of each job's wait.
+    :param scheduling: the ``scheduling`` section (job classes by kind).
     """
 
     def __init__(
@@ -137,6 +93,7 @@ class GpuScheduler:
         queue: QueueConfig,
         chooser: Chooser | None = None,
         telemetry: Telemetry = NO_TELEMETRY,
+        scheduling: SchedulingConfig | None = None,
     ) -> None:
         self._clock = clock
         self._max_depth = queue.max_depth
@@ -145,9 +102,11 @@ class GpuScheduler:
         self._prepare = prepare
         self._chooser: Chooser = chooser or PriorityThenArrival()
         self._telemetry = telemetry
+        #: The classes of job kinds, read by whoever submits jobs.
+        self.scheduling = scheduling if scheduling is not None else SchedulingConfig()
         self._lock = DeferredLock()
         #: By id, so in arrival order.
-        self._waiting: dict[int, _Waiter] = {}
+        self._waiting = WaitingRoom()
         self._next_id = 0
         self._recheck: IDelayedCall | None = None
         self._dispatching = False
@@ -163,6 +122,24 @@ class GpuScheduler:
         self.last_run_ms: int | None = None
         self.refused_queue_full = 0
         self.queue_timeouts = 0
+        #: The job holding the GPU, if any.
+        self.running: RunningJob | None = None
+        self.decisions: collections.deque[QueueDecision] = collections.deque(
+            maxlen=DECISIONS_KEPT)
+
+    @property
+    def policy_name(self) -> str:
+        """The chooser's policy name for status (``priority-then-arrival`` by default)."""
+        return str(getattr(self._chooser, "name", "fifo"))
+
+    def queue_entries(self) -> list[QueueEntry]:
+        """The waiting jobs in run order, with swap and ETA where the chooser knows them."""
+        if not self._waiting:
+            return []
+        now = self._clock.seconds()
+        if isinstance(self._chooser, WatchingChooser):
+            return self._chooser.entries(self._views(), now, self.running)
+        return [QueueEntry(job) for job in self._chooser.run_order(self._views(), now)]
 
     @property
     def queue_depth(self) -> int:
@@ -174,12 +151,22 @@ class GpuScheduler:
             return []
         return self._chooser.run_order(self._views(), self._clock.seconds())
 
-    def submit(self, consumer: str, job: Callable[[], Deferred[_T]]) -> Deferred[_T]:
+    def submit(
+        self,
+        consumer: str,
+        job: Callable[[], Deferred[_T]],
+        *,
+        kind: str = "",
+        job_class: str = INTERACTIVE,
+        priority: int | None = None,
+    ) -> Deferred[_T]:
         """
         Run ``job`` for ``consumer`` when the chooser gives it the GPU and the
         consumer is ready.  Cancelling the result while queued leaves the queue
         at once; cancelling it while running cancels the job.  Either way the
         lock is released.
+
+        :param priority: the job's own; the consumer's when not given.
         """
         if self._closed is not None:
             return fail(self._closed)
@@ -190,17 +177,19 @@ class GpuScheduler:
             retry = {"Retry-After": str(self._retry_after())}
             return fail(ApiError(QUEUE_FULL, waiting, headers=retry))
         self._next_id += 1
-        priority = self._registry[consumer].config.priority
-        view = QueuedJob(self._next_id, consumer, priority, self._clock.seconds())
-        waiter = _Waiter(view, Deferred(lambda _: self._cancelled(waiter)))
-        self._waiting[view.id] = waiter
+        if priority is None:
+            priority = self._registry[consumer].config.priority
+        view = QueuedJob(self._next_id, consumer, priority, self._clock.seconds(),
+                         kind=kind, job_class=job_class)
+        waiter = Waiter(view, Deferred(lambda _: self._cancelled(waiter)))
+        self._waiting.add(waiter)
         self._dispatch()
         if not waiter.granted.called:
             waiter.timer = self._clock.callLater(self._max_wait, self._give_up, waiter)
         return waiter.granted.addCallback(lambda _: self._start(view, job))
 
     def _views(self) -> list[QueuedJob]:
-        return [waiter.view for waiter in self._waiting.values()]
+        return self._waiting.views()
 
     def _dispatch(self) -> None:
         """
@@ -232,29 +221,24 @@ class GpuScheduler:
             if at is not None:
                 self._recheck = self._clock.callLater(max(0.0, at - now), self._dispatch)
             return
-        waiter = self._leave(chosen.id)
-        for other in self._waiting.values():
-            if other.view.id < chosen.id:
-                other.view = attrs.evolve(other.view, bypassed=other.view.bypassed + 1)
+        waiter = self._waiting.leave(chosen.id)
+        ahead_of = self._waiting.started(chosen)
+        if isinstance(self._chooser, WatchingChooser):
+            rule = self._chooser.job_started(chosen, now)
+            if ahead_of:
+                self.decisions.append(QueueDecision(now, "pick", chosen, rule, tuple(ahead_of)))
         acquired = self._lock.acquire()
         assert acquired.called, "the GPU lock is only ever taken here, when it is free"
         waiter.granted.callback(None)
 
-    def _leave(self, job_id: int) -> _Waiter:
-        """Take a waiter out of the queue, with its timeout."""
-        waiter = self._waiting.pop(job_id)
-        if waiter.timer is not None and waiter.timer.active():
-            waiter.timer.cancel()
-        return waiter
-
-    def _cancelled(self, waiter: _Waiter) -> None:
+    def _cancelled(self, waiter: Waiter) -> None:
         """The caller gave up waiting (its client went away)."""
         self.cancelled_jobs += 1
         self._refuse(waiter, None)
 
-    def _refuse(self, waiter: _Waiter, refusal: ApiError | None) -> None:
+    def _refuse(self, waiter: Waiter, refusal: ApiError | None) -> None:
         """Take a waiter out of the queue; an idle chooser may now decide otherwise."""
-        self._leave(waiter.view.id)
+        self._waiting.leave(waiter.view.id)
         if refusal is not None:
             waiter.granted.errback(refusal)
         self._dispatch()
@@ -263,6 +247,7 @@ class GpuScheduler:
     def _start(self, view: QueuedJob, job: Callable[[], Deferred[_T]]) -> Deferred[_T]:
         """The job holds the GPU lock: count it, prepare its consumer, run it."""
         started = self._clock.seconds()
+        self.running = RunningJob(view, started)
         self.last_wait_ms = round((started - view.arrived) * 1000)
         self._telemetry.waited(view, started - view.arrived)
         self.in_flight += 1
@@ -287,6 +272,8 @@ class GpuScheduler:
             raise ApiError(
                 SCHEDULER_ERROR, f"scheduler failed to prepare {consumer}: {e}", consumer
             ) from e
+        if self.running is not None:
+            self.running.relaying(self._clock.seconds())
         return await self._hold(job())
 
     def _finish(self, result: _T | Failure, state: ConsumerState, started: float) -> _T | Failure:
@@ -301,6 +288,9 @@ class GpuScheduler:
         else:
             self.failed_jobs += 1
         self.in_flight -= 1
+        running, self.running = self.running, None
+        if running is not None and isinstance(self._chooser, WatchingChooser):
+            self._chooser.job_ended(running, finished, not isinstance(result, Failure))
         self._lock.release()
         self._dispatch()
         self._notify_if_idle()
@@ -320,13 +310,15 @@ class GpuScheduler:
         ``shutting_down`` error; jobs already running carry on.
         """
         self._closed = ApiError(SHUTTING_DOWN, reason)
-        for waiter in list(self._waiting.values()):
+        for waiter in self._waiting:
             self._refuse(waiter, self._closed)
         self._notify_if_idle()
 
-    def _give_up(self, waiter: _Waiter) -> None:
+    def _give_up(self, waiter: Waiter) -> None:
         self.queue_timeouts += 1
         waiter.timer = None
+        self.decisions.append(
+            QueueDecision(self._clock.seconds(), "timeout", waiter.view, "max_wait_seconds"))
         self._refuse(
             waiter,
             ApiError(
@@ -348,7 +340,7 @@ class GpuScheduler:
 
     def oldest_arrival(self) -> float | None:
         """When the longest-waiting job arrived, or None when none waits."""
-        return min((w.view.arrived for w in self._waiting.values()), default=None)
+        return self._waiting.oldest_arrival()
 
     def abort_running(self) -> None:
         """Cancel every running job, preparing or relaying (the shutdown grace is over)."""

@@ -28,10 +28,12 @@ from twisted.web.client import URI, Agent, HTTPConnectionPool
 from mgpumanager.adapters.following import Completions
 from mgpumanager.api import ManagerApp, job_kind
 from mgpumanager.attribution import PidMap, ProcessAttributor, find_consumer_pids
+from mgpumanager.choosing import PolicyChooser
 from mgpumanager.commands import CommandResult, run_command
 from mgpumanager.config import Config
 from mgpumanager.config_consumers import Timeouts
 from mgpumanager.control import ConsumerControl
+from mgpumanager.eviction import dry_run_plan
 from mgpumanager.gpu import GpuReading, GpuSampler
 from mgpumanager.guard import Guard
 from mgpumanager.headers import reuse_for
@@ -39,6 +41,7 @@ from mgpumanager.jobs import GpuJobs
 from mgpumanager.lifecycle import Lifecycle
 from mgpumanager.metrics import Metrics
 from mgpumanager.openai_routes import OpenAIRoutes, error_shape, family_consumer
+from mgpumanager.policy import make_policy
 from mgpumanager.ports import ConsumerPorts
 from mgpumanager.probes import HealthProber
 from mgpumanager.proxy import ConsumerProxy, ReusedEndpoints
@@ -232,12 +235,18 @@ def build(
     lifecycle = Lifecycle(
         config, registry, sampler, control, reactor, prober.probe, attributor, metrics
     )
+    chooser = PolicyChooser(
+        make_policy(config.scheduling),
+        lambda name: dry_run_plan(config, registry, name, sampler.latest).needs_swap,
+    )
     scheduler = GpuScheduler(
         reactor,
         registry,
         lifecycle.prepare,
         queue=config.queue,
         telemetry=metrics,
+        chooser=chooser,
+        scheduling=config.scheduling,
     )
     proxy = ConsumerProxy(
         lambda consumer: agent_for_timeout(consumer.timeouts.connect_seconds),

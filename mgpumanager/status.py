@@ -16,6 +16,7 @@ from mgpumanager.config import Config
 from mgpumanager.eviction import Candidate, Fit, Plan, Step
 from mgpumanager.gpu import GpuSample
 from mgpumanager.lifecycle import Decision, Lifecycle
+from mgpumanager.queued import QueueDecision, QueuedJob, RunningJob
 from mgpumanager.registry import ConsumerState, Registry
 from mgpumanager.scheduler import GpuScheduler
 from mgpumanager.times import rfc3339
@@ -40,7 +41,12 @@ def status_document(
         "gpu": gpu_status(sample, config.gpu.total_mib, config.gpu.reserved_mib),
         "routing": dict(config.routing),
         "consumers": [consumer_status(state) for state in registry],
-        "scheduler": {**scheduler_status(scheduler), **lifecycle_status(lifecycle)},
+        "scheduler": {
+            **scheduler_status(scheduler),
+            **lifecycle_status(lifecycle),
+            **queue_status(scheduler, now),
+            "decisions": decision_log(lifecycle, scheduler),
+        },
     }
 
 
@@ -130,6 +136,67 @@ def lifecycle_status(lifecycle: Lifecycle) -> JsonObject:
         "failed_loads": lifecycle.failed_loads,
         "decisions": [decision_status(d) for d in lifecycle.decisions],
     }
+
+
+def queue_status(scheduler: GpuScheduler, now: float) -> JsonObject:
+    """The policy, the running job, and the waiting jobs in the order they would run."""
+    running = scheduler.running
+    return {
+        "policy": scheduler.policy_name,
+        "running": None if running is None else running_status(running),
+        "queue": [
+            {**job_status(entry.job), "waited_ms": round((now - entry.job.arrived) * 1000),
+             "bypassed": entry.job.bypassed, "needs_swap": entry.needs_swap,
+             "eta_seconds": entry.eta_seconds}
+            for entry in scheduler.queue_entries()
+        ],
+    }
+
+
+def job_status(job: QueuedJob) -> JsonObject:
+    return {"id": job.id, "consumer": job.consumer, "kind": job.kind, "class": job.job_class,
+            "priority": job.priority}
+
+
+def running_status(running: RunningJob) -> JsonObject:
+    status = {**job_status(running.view), "phase": running.phase,
+              "started": rfc3339(running.started)}
+    if running.prompt_id is not None:
+        status["prompt_id"] = running.prompt_id
+    return status
+
+
+def decision_log(lifecycle: Lifecycle, scheduler: GpuScheduler) -> list[JsonObject]:
+    """Evictions, picks out of arrival order and timeouts, oldest first."""
+    entries = [(d.time, {**decision_status(d), "type": d.type}) for d in lifecycle.decisions]
+    entries += [(d.time, queue_decision_status(d)) for d in scheduler.decisions]
+    return [entry for _, entry in sorted(entries, key=lambda pair: pair[0])]
+
+
+def queue_decision_status(decision: QueueDecision) -> JsonObject:
+    return {
+        "time": rfc3339(decision.time),
+        "type": decision.type,
+        "target": decision.job.consumer,
+        "job": job_status(decision.job),
+        "rule": decision.rule,
+        "ahead_of": list(decision.ahead_of),
+        "why": _WHY.get(decision.rule, decision.rule) + (
+            f"; started ahead of job {', '.join(map(str, decision.ahead_of))}"
+            if decision.ahead_of else ""),
+    }
+
+
+#: The rules of a pick or timeout, as the status page says them.
+_WHY = {
+    "no-swap": "needs no swap while earlier jobs do",
+    "swap": "every job waiting needs a swap",
+    "due-bypass": "due: bypassed max_bypass times",
+    "due-swap": "due: interactive, needing a swap, waited swap_bound_seconds",
+    "guard": "batch guard expired",
+    "linger": "arrived during the linger and needs no swap",
+    "max_wait_seconds": "waited queue.max_wait_seconds without the GPU",
+}
 
 
 def decision_status(decision: Decision) -> JsonObject:

@@ -10,13 +10,14 @@ the calls into Prometheus counters and histograms.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 
 from mgpumanager.errors import INTERNAL_ERROR, ApiError
 from mgpumanager.proxy import UpstreamBroke
+from mgpumanager.queued import QueuedJob
 
 _T = TypeVar("_T")
 
@@ -49,7 +50,7 @@ class Telemetry(Protocol):
     def job_refused(self, consumer: str, kind: str, code: str) -> None:
         """A job refused before it could queue (``consumer`` is "" when none)."""
 
-    def waited(self, job: Any, seconds: float) -> None:
+    def waited(self, job: QueuedJob, seconds: float) -> None:
         """A queued job got the GPU after ``seconds``; ``job`` is its queue view."""
 
     def unloaded(self, victim: str, seconds: float) -> None:
@@ -99,7 +100,7 @@ class NoTelemetry:
     def job_refused(self, consumer: str, kind: str, code: str) -> None:
         pass
 
-    def waited(self, job: Any, seconds: float) -> None:
+    def waited(self, job: QueuedJob, seconds: float) -> None:
         pass
 
     def unloaded(self, victim: str, seconds: float) -> None:

@@ -303,10 +303,6 @@ def test_bad_openai_settings_are_refused(
     assert_error(document(openai=openai), key_path, *hints)
 
 
-def test_scheduling_is_not_yet_a_key() -> None:
-    assert_error(document(scheduling={"policy": "fifo"}), "scheduling", "unknown key")
-
-
 def test_with_an_adapter_health_and_paths_may_be_left_out() -> None:
     doc = document()
     doc["consumers"]["comfy"] = {"url": "http://127.0.0.1:8188", "adapter": "comfyui"}

@@ -89,8 +89,8 @@ def test_the_scheduler_reports_each_wait_for_the_gpu() -> None:
     jobs.finish("first")
     found = samples(metrics)
     wait = "mgpumanager_queue_wait_seconds_sum"
-    assert found[(wait, (("class", ""), ("consumer", "voice")))] == 0
-    assert found[(wait, (("class", ""), ("consumer", "llm")))] == 3.0
+    assert found[(wait, (("class", "interactive"), ("consumer", "voice")))] == 0
+    assert found[(wait, (("class", "interactive"), ("consumer", "llm")))] == 3.0
 
 
 def test_metrics_route_serves_the_text_format_with_the_gauges_from_status() -> None:

@@ -11,6 +11,7 @@ from mgpumanager.replay.report import (
     JobRecord,
     class_rows,
     format_table,
+    longest_batch_gap,
     percentile,
     turn_seconds,
 )
@@ -60,3 +61,17 @@ def test_the_table_is_aligned_plain_text_with_notes() -> None:
     assert lines[2].split()[:6] == ["interactive", "20", "10.0", "s", "19.0", "s"]
     assert len(lines[0]) == len(lines[1]) == len(lines[2])
     assert lines[-1] == "time scale 20, poll floor 50 ms"
+
+
+def batch(arrival: float, start: float) -> JobRecord:
+    return JobRecord(arrival, "image", "batch", OK, start - arrival, start + 10)
+
+
+def test_the_batch_gap_counts_only_while_batch_work_waits() -> None:
+    # The first waited 10 s for its start; the second arrived at 45, 5 s before its own.
+    assert longest_batch_gap([batch(0, 10), batch(45, 50)]) == 10.0
+    # Both waiting from 0: the second waited from the first start, 40 s.
+    assert longest_batch_gap([batch(0, 10), batch(0, 50)]) == 40.0
+    # An earlier arrival that starts later keeps the clock running from its arrival.
+    assert longest_batch_gap([batch(30, 40), batch(5, 300)]) == 260.0
+    assert longest_batch_gap([JobRecord(0, "tts", "interactive", OK, 1.0)]) is None

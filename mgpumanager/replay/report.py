@@ -84,6 +84,29 @@ def turn_seconds(records: Sequence[JobRecord]) -> list[float]:
     return turns
 
 
+def longest_batch_gap(records: Sequence[JobRecord]) -> float | None:
+    """
+    The longest time batch work waited without a batch job starting: between
+    two batch starts, from the later of the first start and the arrival of the
+    oldest batch job still waiting.  What the batch guard bounds (plus the job
+    running when it expires).
+    """
+    batch = sorted((r.arrival + r.wait, r.arrival) for r in records
+                   if r.job_class == "batch" and r.wait is not None)
+    # The oldest arrival among the jobs starting at or after each start.
+    oldest = [arrival for _, arrival in batch]
+    for n in range(len(oldest) - 2, -1, -1):
+        oldest[n] = min(oldest[n], oldest[n + 1])
+    longest: float | None = None
+    previous: float | None = None
+    for (start, _), since in zip(batch, oldest, strict=True):
+        if previous is not None:
+            since = max(previous, since)
+        longest = max(longest or 0.0, start - since)
+        previous = start
+    return longest
+
+
 def format_table(records: Sequence[JobRecord], notes: Sequence[str] = ()) -> str:
     """Plain aligned text; ``notes`` (scale, floor, CPU use) follow the table."""
     header = ("class", "jobs", "p50 wait", "p95 wait", "max wait", "refused", "timeouts",
@@ -99,6 +122,9 @@ def format_table(records: Sequence[JobRecord], notes: Sequence[str] = ()) -> str
     turns = turn_seconds(records)
     if turns:
         text.append(f"voice turns: {len(turns)}, p95 {_seconds(percentile(turns, 0.95))}")
+    gap = longest_batch_gap(records)
+    if gap is not None:
+        text.append(f"longest wait of batch work without a batch start: {_seconds(gap)}")
     return "\n".join([*text, *notes]) + "\n"
 
 

@@ -101,6 +101,28 @@ class HostConfig:
         }
         return attrs.evolve(base, **{**profiles, "ollama_interval": 0.01, **changes})
 
+    def scaled(self, scale: float) -> HostConfig:
+        """
+        Every duration divided by ``scale``, so that a replay runs hours of
+        traffic in minutes; the sizes stay as they are.
+        """
+        if scale <= 0:
+            raise ValueError(f"time scale must be above 0, not {scale}")
+        timings = ("load_seconds", "work_seconds", "unload_seconds")
+        profiles = {
+            name: attrs.evolve(
+                getattr(self, name),
+                **{key: getattr(getattr(self, name), key) / scale for key in timings},
+            )
+            for name in PROFILE_FIELDS.values()
+        }
+        return attrs.evolve(
+            self,
+            **profiles,
+            keep_alive_seconds=self.keep_alive_seconds / scale,
+            ollama_interval=self.ollama_interval / scale,
+        )
+
     def with_base_port(self, base_port: int) -> HostConfig:
         """Ports ``base_port`` and up for mvoice, ollama, comfyui, whisper, speech."""
         return self.with_ports({name: base_port + i for i, name in enumerate(PIDS)})
