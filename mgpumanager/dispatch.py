@@ -50,13 +50,16 @@ Handler = Callable[[Request, bytes], "bytes | Deferred[Any]"]
 
 #: Renders a daemon error for a raw request path: the JSON document to send.
 #: (OpenAI-compatible paths answer in OpenAI's shape; everything else in ours.)
-ErrorShape = Callable[[bytes, ApiError], dict[str, Any]]
+ErrorShape = Callable[[bytes, ApiError], "JsonObject"]
+
+#: A JSON document as the dispatcher renders it.
+JsonObject = dict[str, object]
 
 #: Any method (a passthrough forwards whatever the client sends).
 ANY_METHOD = b"*"
 
 
-def envelope_shape(path: bytes, error: ApiError) -> dict[str, Any]:
+def envelope_shape(path: bytes, error: ApiError) -> JsonObject:
     """The daemon's own error envelope, whatever the path."""
     return error.envelope()
 
@@ -147,7 +150,7 @@ class Dispatcher(Resource):
             return self._answer_now(request, path, error)
         return serve(request, lambda: handler(request, rest), self._shape_for(path))
 
-    def _shape_for(self, path: bytes) -> Callable[[ApiError], dict[str, Any]]:
+    def _shape_for(self, path: bytes) -> Callable[[ApiError], JsonObject]:
         return lambda error: self._error_shape(path, error)
 
     def _answer_now(self, request: Request, path: bytes, error: ApiError) -> int:
@@ -167,7 +170,7 @@ def _unknown(path: bytes) -> ApiError:
 def serve(
     request: Request,
     produce: Callable[[], bytes | Deferred[Any]],
-    shape: Callable[[ApiError], dict[str, Any]],
+    shape: Callable[[ApiError], JsonObject],
 ) -> int:
     """
     Answer ``request`` with what ``produce`` does: its bytes, or what it
@@ -203,7 +206,7 @@ def serve(
 
 
 def answer_failure(
-    request: Request, failure: Failure, shape: Callable[[ApiError], dict[str, Any]]
+    request: Request, failure: Failure, shape: Callable[[ApiError], JsonObject]
 ) -> bytes | None:
     """
     The body answering ``failure`` (status and headers set on ``request``),
@@ -230,7 +233,7 @@ def answer_failure(
 
 
 def render_error(
-    request: Request, error: ApiError, shape: Callable[[ApiError], dict[str, Any]]
+    request: Request, error: ApiError, shape: Callable[[ApiError], JsonObject]
 ) -> bytes:
     """Set the error's status and headers on ``request``; return its body."""
     for name, value in error.response_headers().items():

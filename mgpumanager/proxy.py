@@ -44,14 +44,14 @@ from zope.interface import implementer
 
 from mgpumanager.config import ConsumerConfig
 from mgpumanager.control import Answer
-from mgpumanager.deadline import TimedOut, within
+from mgpumanager.deadline import within
 from mgpumanager.errors import (
     BAD_CONSUMER_URL,
     CONSUMER_UNREACHABLE,
     UPSTREAM_TIMEOUT,
     ApiError,
+    classify_call_failure,
     describe_connection_error,
-    is_cancellation,
 )
 from mgpumanager.headers import relay_response_headers, upstream_headers
 from mgpumanager.twisted_private import RequestNotSent
@@ -158,26 +158,23 @@ class ConsumerProxy:
                 self._clock,
                 f"upstream {consumer.name}",
             )
-        except CancelledError:
-            raise
-        except TimedOut:
-            raise ApiError(
-                UPSTREAM_TIMEOUT,
-                f"upstream {consumer.name}: no response within "
-                f"{timeouts.response_seconds:g} s",
-                consumer.name,
-            ) from None
         except SchemeNotSupported as e:
             raise ApiError(
                 BAD_CONSUMER_URL, f"upstream {consumer.name}: {e}", consumer.name
             ) from None
         except Exception as e:
-            if is_cancellation(e):
+            how, why = classify_call_failure(e)
+            if how == "cancelled":
                 raise CancelledError() from None
+            if how == "timed_out":
+                raise ApiError(
+                    UPSTREAM_TIMEOUT,
+                    f"upstream {consumer.name}: no response within "
+                    f"{timeouts.response_seconds:g} s",
+                    consumer.name,
+                ) from None
             raise ApiError(
-                CONSUMER_UNREACHABLE,
-                f"upstream {consumer.name}: {describe_connection_error(e)}",
-                consumer.name,
+                CONSUMER_UNREACHABLE, f"upstream {consumer.name}: {why}", consumer.name
             ) from None
 
         request.setResponseCode(response.code, response.phrase)

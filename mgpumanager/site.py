@@ -17,6 +17,8 @@ from typing import Any
 
 from twisted.logger import Logger
 from twisted.web.http import RESPONSES
+from twisted.web.http_headers import Headers
+from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from mgpumanager.dispatch import ErrorShape, envelope_shape
@@ -120,7 +122,7 @@ class ManagerSite(Site):
 
     def __init__(
         self,
-        resource: Any,
+        resource: IResource,
         body_limit_for: Callable[[bytes], int],
         guard: Guard | None = None,
         error_shape: ErrorShape = envelope_shape,
@@ -132,7 +134,7 @@ class ManagerSite(Site):
         self._guard = guard
         self.error_shape = error_shape
 
-    def refusal(self, method: bytes, target: bytes, headers: Any) -> ApiError | None:
+    def refusal(self, method: bytes, target: bytes, headers: Headers) -> ApiError | None:
         """Why the guard refuses a request for ``target`` (path and query), or None."""
         return None if self._guard is None else self._guard.refusal(method, target, headers)
 
