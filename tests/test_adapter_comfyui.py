@@ -10,16 +10,15 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 
 from mgpumanager.adapters import adapter_named
 from mgpumanager.adapters.comfy_completion import PromptCompletion
 from mgpumanager.control import Answer, ControlFailed
 from mgpumanager.registry import ConsumerState
 from tests.adapter_fakes import ScriptedControl, registry_of
+from tests.support import assert_no_result, failure_result_of, success_result_of
 
 ADAPTER = adapter_named("comfyui")
-CHECK = SynchronousTestCase()
 MIB = 1024 * 1024
 
 
@@ -61,10 +60,10 @@ def test_the_job_lasts_until_history_shows_the_prompt() -> None:
     done = follow(control, comfy(), clock)
     for _ in range(4):
         clock.advance(0.5)
-    CHECK.assertNoResult(done)
+    assert_no_result(done)
     history["p1"] = {"status": {"status_str": "success"}}
     clock.advance(0.5)
-    assert CHECK.successResultOf(done) == "done"
+    assert success_result_of(done) == "done"
     assert control.paths("GET").count("/history/p1") == 6
 
 
@@ -77,9 +76,9 @@ def test_a_prompt_in_neither_queue_twice_running_ends_the_job() -> None:
     )
     clock = Clock()
     done = follow(control, comfy(), clock)
-    CHECK.assertNoResult(done)  # one miss may be the step from queue to history
+    assert_no_result(done)  # one miss may be the step from queue to history
     clock.advance(0.5)
-    assert CHECK.successResultOf(done) == "gone"
+    assert success_result_of(done) == "gone"
 
 
 def test_a_failed_probe_ends_the_wait() -> None:
@@ -93,10 +92,10 @@ def test_a_failed_probe_ends_the_wait() -> None:
     state = comfy()
     done = follow(control, state, clock)
     clock.advance(0.5)
-    CHECK.assertNoResult(done)
+    assert_no_result(done)
     state.healthy = False
     clock.advance(0.5)
-    assert CHECK.successResultOf(done) == "probe failed"
+    assert success_result_of(done) == "probe failed"
 
 
 def test_after_the_timeout_the_prompt_is_deleted_then_interrupted() -> None:
@@ -112,9 +111,9 @@ def test_after_the_timeout_the_prompt_is_deleted_then_interrupted() -> None:
     done = follow(control, comfy(poll=1, timeout=5), clock)
     for _ in range(4):
         clock.advance(1)
-    CHECK.assertNoResult(done)
+    assert_no_result(done)
     clock.advance(1)
-    assert CHECK.successResultOf(done) == "timeout"
+    assert success_result_of(done) == "timeout"
     posts = [(path, body) for method, path, body in control.calls if method == "POST"]
     assert posts == [("/queue", {"delete": ["p1"]}), ("/interrupt", {"prompt_id": "p1"})]
 
@@ -137,12 +136,12 @@ def test_residency_and_measured_vram_come_from_torch_vram_total() -> None:
     control = ScriptedControl({("GET", "/queue"): lambda _: (200, queue_of())})
     state = comfy()
     health = {"devices": [{"torch_vram_total": 8600 * MIB + 1}]}
-    seen = CHECK.successResultOf(
+    seen = success_result_of(
         Deferred.fromCoroutine(ADAPTER.observe(control, state.config, health, 1.0))
     )
     assert (seen.resident, seen.measured_mib, seen.busy) == (True, 8601, False)
     health = {"devices": [{"torch_vram_total": 4000 * MIB}]}
-    seen = CHECK.successResultOf(
+    seen = success_result_of(
         Deferred.fromCoroutine(ADAPTER.observe(control, state.config, health, 1.0))
     )
     assert seen.resident is False  # under half of the declared 9000
@@ -159,11 +158,11 @@ def test_foreign_work_delays_free_until_the_queue_drains() -> None:
     clock = Clock()
     unloaded = Deferred.fromCoroutine(ADAPTER.unload(control, comfy(), clock, 5.0))
     clock.advance(0.5)
-    CHECK.assertNoResult(unloaded)
+    assert_no_result(unloaded)
     assert "/free" not in control.paths("POST")
     queue[0] = queue_of()
     clock.advance(0.5)
-    CHECK.successResultOf(unloaded)
+    success_result_of(unloaded)
     assert control.paths("POST") == ["/free"]
 
 
@@ -173,6 +172,6 @@ def test_a_queue_that_never_drains_fails_the_unload_as_busy() -> None:
     unloaded = Deferred.fromCoroutine(ADAPTER.unload(control, comfy(timeout=3), clock, 5.0))
     for _ in range(7):
         clock.advance(0.5)
-    failure = CHECK.failureResultOf(unloaded, ControlFailed)
+    failure = failure_result_of(unloaded, ControlFailed)
     assert "busy with work submitted around the daemon" in str(failure.value)
     assert control.paths("POST") == []

@@ -9,16 +9,15 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 
 from mgpumanager.adapters import adapter_named
 from mgpumanager.adapters.ollama_ps import parse_ps
 from mgpumanager.control import ControlFailed
 from mgpumanager.registry import ConsumerState, ModelResidency
 from tests.adapter_fakes import ScriptedControl, registry_of
+from tests.support import assert_no_result, failure_result_of, success_result_of
 
 ADAPTER = adapter_named("ollama")
-CHECK = SynchronousTestCase()
 MIB = 1024 * 1024
 
 
@@ -51,13 +50,13 @@ def test_every_listed_model_counts_towards_what_ollama_holds() -> None:
     control = ScriptedControl(
         {("GET", "/api/ps"): lambda _: (200, ps(("a", 1000 * MIB), ("b", 500 * MIB)))}
     )
-    seen = CHECK.successResultOf(
+    seen = success_result_of(
         Deferred.fromCoroutine(ADAPTER.observe(control, ollama().config, None, 1.0))
     )
     assert (seen.resident, seen.measured_mib) == (True, 1500)
     assert [m.name for m in seen.models] == ["a", "b"]
     empty = ScriptedControl({("GET", "/api/ps"): lambda _: (200, {"models": []})})
-    seen = CHECK.successResultOf(
+    seen = success_result_of(
         Deferred.fromCoroutine(ADAPTER.observe(empty, ollama().config, None, 1.0))
     )
     assert (seen.resident, seen.measured_mib, seen.models) == (False, 0, ())
@@ -83,10 +82,10 @@ def test_unload_sends_keep_alive_0_for_each_model_and_waits_until_ps_is_empty() 
     unloaded = Deferred.fromCoroutine(ADAPTER.unload(control, ollama(), clock, 5.0))
     sent = [body for method, _, body in control.calls if method == "POST"]
     assert sent == [{"model": "a", "keep_alive": 0}, {"model": "b", "keep_alive": 0}]
-    CHECK.assertNoResult(unloaded)
+    assert_no_result(unloaded)
     clock.advance(0.25)
     clock.advance(0.25)
-    CHECK.successResultOf(unloaded)
+    success_result_of(unloaded)
 
 
 def test_models_that_never_leave_fail_the_unload() -> None:
@@ -100,7 +99,7 @@ def test_models_that_never_leave_fail_the_unload() -> None:
     unloaded = Deferred.fromCoroutine(ADAPTER.unload(control, ollama(), clock, 1.0))
     for _ in range(5):
         clock.advance(0.25)
-    assert "still lists" in str(CHECK.failureResultOf(unloaded, ControlFailed).value)
+    assert "still lists" in str(failure_result_of(unloaded, ControlFailed).value)
 
 
 def test_ollama_can_always_be_unloaded() -> None:

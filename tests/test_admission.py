@@ -14,18 +14,13 @@ import attrs
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 
 from mgpumanager.config import parse_config
 from mgpumanager.errors import ApiError
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
 from mgpumanager.status import scheduler_status
-
-_case = SynchronousTestCase()
-success_result_of = _case.successResultOf
-failure_result_of = _case.failureResultOf
-assert_no_result = _case.assertNoResult
+from tests.support import assert_no_result, failure_result_of, success_result_of
 
 CONFIG = parse_config(
     {

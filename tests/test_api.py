@@ -7,7 +7,6 @@ consumer.
 
 from __future__ import annotations
 
-import calendar
 import json
 from typing import Any
 
@@ -15,7 +14,6 @@ import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 
 from mgpumanager.api import ManagerApp, audio_name
@@ -25,11 +23,8 @@ from mgpumanager.gpu import GpuReading, GpuSample, GpuSampler
 from mgpumanager.lifecycle import Lifecycle
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
+from tests.support import EPOCH, success_result_of
 
-_case = SynchronousTestCase()
-success_result_of = _case.successResultOf
-
-EPOCH = calendar.timegm((2026, 5, 15, 10, 0, 0))
 BASE = "http://127.0.0.1:8770"
 
 CONFIG = parse_config(

@@ -18,16 +18,11 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock, deferLater
-from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseNeverReceived
 
 from mgpumanager.commands import MAX_OUTPUT, CommandResult, CommandTimedOut, run_command
 from mgpumanager.deadline import TimedOut, within
-
-_case = SynchronousTestCase()
-success_result_of = _case.successResultOf
-failure_result_of = _case.failureResultOf
-assert_no_result = _case.assertNoResult
+from tests.support import assert_no_result, failure_result_of, success_result_of
 
 
 class SpyReactor:

@@ -13,14 +13,13 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import deferLater
+from twisted.internet.defer import gatherResults
 from twisted.internet.threads import deferToThread
 from twisted.web.client import ResponseFailed
 
 from tests.rawhttp import body_of, closed_after_headers, exchange, status_of
 from tests.stack import ScriptedStack, start_stack
+from tests.support import sleep
 from tests.upstream import ScriptedUpstream
 
 TOKEN = "s3cret-token-for-tests-0123456789"
@@ -57,8 +56,6 @@ def stack(tmp_path_factory: Any) -> Iterator[Stack]:
     assert built.stop() == 0, built.daemon.log()
 
 
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
 
 
 async def idle(stack: Stack, within: float = 5.0) -> dict[str, Any]:

@@ -14,11 +14,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 
 from tests.stack import ScriptedStack, start_stack
+from tests.support import sleep
 
 #: Two consumers that cannot share the 16 GiB card the budget assumes.
 SWAPPING = {
@@ -28,8 +27,6 @@ SWAPPING = {
 }
 
 
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
 
 
 def stack_with(workdir: Path, scheduling: dict[str, Any],

@@ -20,11 +20,11 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.web.client import Agent, FileBodyProducer, ResponseFailed
 from twisted.web.http_headers import Headers
 
 from tests.stack import ScriptedStack, start_stack
+from tests.support import sleep
 
 Stack = ScriptedStack
 
@@ -58,8 +58,6 @@ async def wait_until_idle(stack: Stack, within: float = 5.0) -> dict[str, Any]:
         await sleep(0.02)
 
 
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
 
 
 @pytest_twisted.ensureDeferred

@@ -18,13 +18,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from mgpumanager.dispatch import Dispatcher
 from mgpumanager.events import EventFeed
+from tests.support import sleep
 
 READERS = 50
 #: Each document is this big and changes at each tick: a stalled socket
@@ -78,8 +78,6 @@ def stalled_client(port: int, stop: threading.Event, received: list[int]) -> Non
         received.append(total)
 
 
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 @pytest_twisted.ensureDeferred

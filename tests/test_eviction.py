@@ -8,7 +8,6 @@ the dry run behind ``GET /v1/plan/<kind>``, which must touch nothing.
 
 from __future__ import annotations
 
-import calendar
 from typing import Any
 
 import attrs
@@ -29,9 +28,7 @@ from mgpumanager.gpu import GpuReading, GpuSample
 from mgpumanager.registry import ConsumerState, Registry
 from mgpumanager.status import candidate_status, plan_document
 from tests.builders import consumer as _consumer
-
-EPOCH = calendar.timegm((2026, 5, 15, 10, 0, 0))
-
+from tests.support import EPOCH
 
 
 def plan_of(*args: Any) -> dict[str, Any]:

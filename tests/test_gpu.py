@@ -7,7 +7,6 @@ the loop; subscribers see every sample; ``gpu_status`` is the ``gpu`` object of
 
 from __future__ import annotations
 
-import calendar
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -15,18 +14,13 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 
 from mgpumanager.gpu import MIB, GpuReading, GpuSample, GpuSampler
 from mgpumanager.status import gpu_status
-
-_case = SynchronousTestCase()
-success_result_of = _case.successResultOf
-assert_no_result = _case.assertNoResult
+from tests.support import EPOCH, assert_no_result, success_result_of
 
 INTERVAL = 2.0
 TIMEOUT = 5.0
-EPOCH = calendar.timegm((2026, 5, 15, 10, 0, 0))
 
 
 class NVMLError(Exception):

@@ -11,7 +11,6 @@ a job would do without doing any of it.
 
 from __future__ import annotations
 
-import calendar
 import json
 from collections.abc import Callable, Iterator, Sequence
 from types import SimpleNamespace
@@ -25,7 +24,6 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 
 from mgpumanager.api import ManagerApp
@@ -40,14 +38,9 @@ from mgpumanager.scheduler import GpuScheduler
 from mgpumanager.status import lifecycle_status
 from tests.builders import consumer as _consumer
 from tests.fakes import static_pids
-
-_case = SynchronousTestCase()
-success_result_of = _case.successResultOf
-failure_result_of = _case.failureResultOf
-assert_no_result = _case.assertNoResult
+from tests.support import EPOCH, assert_no_result, failure_result_of, success_result_of
 
 #: 2026-05-15T10:00:00Z, so decision times read like real ones.
-EPOCH = calendar.timegm((2026, 5, 15, 10, 0, 0))
 BASE = "http://127.0.0.1:8770"
 SYSTEMCTL = ["sudo", "-n", "systemctl"]
 

@@ -34,10 +34,10 @@ from mgpumanager.registry import Registry
 from mgpumanager.status import plan_document
 from tests.builders import consumer as _consumer
 from tests.fakes import static_pids
+from tests.support import EPOCH
 
 CARD_MIB = 24576
 #: 2026-05-15T10:00:00Z.
-EPOCH = 1778839200.0
 
 
 def plan_of(*args: Any) -> dict[str, Any]:

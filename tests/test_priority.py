@@ -13,19 +13,13 @@ from collections.abc import Callable, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 
 from mgpumanager.config import parse_config
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import Chooser, GpuScheduler, QueuedJob
 from mgpumanager.status import scheduler_status
 from tests.builders import consumer
-
-_case = SynchronousTestCase()
-failure_result_of = _case.failureResultOf
-success_result_of = _case.successResultOf
-assert_no_result = _case.assertNoResult
-
+from tests.support import assert_no_result, failure_result_of, success_result_of
 
 CONFIG = parse_config(
     {

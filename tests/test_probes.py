@@ -15,7 +15,6 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -24,10 +23,7 @@ from mgpumanager.control import ConsumerControl
 from mgpumanager.probes import HealthProber
 from mgpumanager.registry import Registry
 from mgpumanager.status import consumer_status
-
-_case = SynchronousTestCase()
-success_result_of = _case.successResultOf
-assert_no_result = _case.assertNoResult
+from tests.support import assert_no_result, success_result_of
 
 INTERVAL = 5.0
 TIMEOUT = 3.0

@@ -17,7 +17,6 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http
 from twisted.web.client import URI, ResponseDone
 from twisted.web.error import SchemeNotSupported
@@ -25,11 +24,7 @@ from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyRequest
 
 from mgpumanager.proxy import ReusedEndpoints, UpstreamBroke, _BodyRelay
-
-_case = SynchronousTestCase()
-success_result_of = _case.successResultOf
-failure_result_of = _case.failureResultOf
-assert_no_result = _case.assertNoResult
+from tests.support import assert_no_result, failure_result_of, success_result_of
 
 IDLE = 5.0
 

@@ -7,14 +7,12 @@ shutdown that answers queued jobs instead of dropping them.
 
 from __future__ import annotations
 
-import calendar
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 
 from mgpumanager.config import parse_config
 from mgpumanager.errors import LOAD_FAILED, ApiError
@@ -22,14 +20,9 @@ from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
 from mgpumanager.status import consumer_status, scheduler_status
 from tests.builders import consumer as _consumer
-
-_case = SynchronousTestCase()
-success_result_of = _case.successResultOf
-failure_result_of = _case.failureResultOf
-assert_no_result = _case.assertNoResult
+from tests.support import EPOCH, assert_no_result, failure_result_of, success_result_of
 
 #: 2026-05-15T10:00:00Z, so status times read like real ones.
-EPOCH = calendar.timegm((2026, 5, 15, 10, 0, 0))
 
 
 CONFIG = parse_config(

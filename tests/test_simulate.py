@@ -22,7 +22,6 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -36,13 +35,12 @@ from mgpumanager.simulate.card import CudaOutOfMemory, SimulatedCard, read_card_
 from mgpumanager.simulate.consumers import fake_wav
 from mgpumanager.simulate.host import HostConfig, SimulatedHost
 from mgpumanager.simulate.nvml import SimulatedNvml
+from tests.support import sleep
 
 reactor: Any = global_reactor
 MIB = 1024 * 1024
 
 
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds)
 
 
 async def eventually(check: Any, within: float = 2.0) -> None:

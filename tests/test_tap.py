@@ -19,24 +19,22 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 
 from mgpumanager import service, tap
 from mgpumanager.adapters import load_resolved_config
 from mgpumanager.config import load_config
 from tests.daemon import REPO, TWISTD, Daemon, free_port
+from tests.support import sleep
 from tests.upstream import ScriptedUpstream, Tracker, listen
 
 EXAMPLE = REPO / "config" / "consumers.yaml"
 
 
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
 
 
 def test_help_documents_every_option() -> None:

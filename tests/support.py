@@ -1,0 +1,30 @@
+"""
+Scaffolding every suite shares: trial's synchronous Deferred assertions under
+pytest, a fixed instant to start clocks at, and a real-reactor pause for the
+tests that run against loopback sockets.
+"""
+
+from __future__ import annotations
+
+import calendar
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase
+
+_case = SynchronousTestCase()
+#: The result of a Deferred that has fired (fails the test otherwise).
+success_result_of = _case.successResultOf
+#: The failure of a Deferred that has failed, optionally of given types.
+failure_result_of = _case.failureResultOf
+#: Fails the test if a Deferred has fired.
+assert_no_result = _case.assertNoResult
+
+#: 2026-05-15T10:00:00Z: where the unit tests' clocks start.
+EPOCH = calendar.timegm((2026, 5, 15, 10, 0, 0))
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    """Let the real reactor run for ``seconds`` (end-to-end tests only)."""
+    return deferLater(reactor, seconds, lambda: None)
