@@ -18,8 +18,9 @@ from typing import Any, Protocol
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+from mgpumanager.periodic import Periodic
 
 log = Logger()
 
@@ -145,7 +146,7 @@ def _describe(error: BaseException) -> str:
     return text if text else name
 
 
-class GpuSampler:
+class GpuSampler(Periodic):
     """
     Samples the card every ``interval`` seconds and keeps the latest result.
 
@@ -168,7 +169,6 @@ class GpuSampler:
         self._load_nvml = load_nvml
         self._run_blocking = run_blocking
         self._clock = clock
-        self._interval = interval
         self._timeout = timeout
         self._device_index = device_index
         self._pending: Deferred[GpuReading] | None = None
@@ -178,28 +178,12 @@ class GpuSampler:
         self._waiters: list[Deferred[GpuSample]] = []
         self.latest = GpuSample()
         self.samples_taken = 0
-        self._loop = LoopingCall(self.sample)
-        self._loop.clock = clock
+        Periodic.__init__(self, self.sample, clock, interval)
 
     def subscribe(self, sink: SampleSink) -> None:
         """Call ``sink`` with every new sample."""
         self._sinks.append(sink)
 
-    def start(self) -> None:
-        self._loop.start(self._interval, now=True)
-
-    def stop(self) -> None:
-        if self._loop.running:
-            self._loop.stop()
-
-    def set_interval(self, interval: float) -> None:
-        """Run every ``interval`` seconds from now on (a reload changed it)."""
-        if interval == self._interval:
-            return
-        self._interval = interval
-        if self._loop.running:
-            self._loop.stop()
-            self._loop.start(interval, now=False)
 
     def sample(self) -> Deferred[GpuSample]:
         """

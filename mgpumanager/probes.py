@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mgpumanager.adapters import adapter_named
 from mgpumanager.adapters.base import Observation
 from mgpumanager.control import ConsumerControl, ControlFailed, JsonObject
+from mgpumanager.periodic import Periodic
 from mgpumanager.registry import ConsumerState, Registry
 
 log = Logger()
@@ -27,7 +27,7 @@ log = Logger()
 MAX_HEALTH_BODY = 64 * 1024
 
 
-class HealthProber:
+class HealthProber(Periodic):
     """
     :param control: calls the health routes, each within ``timeout`` seconds.
     :param clock: drives the loop and dates the probes.
@@ -44,31 +44,14 @@ class HealthProber:
         self._registry = registry
         self._control = control
         self._clock = clock
-        self._interval = interval
         self._timeout = timeout
         self._in_flight: dict[str, list[Deferred[bool]]] = {}
-        self._loop = LoopingCall(self.probe_all)
-        self._loop.clock = clock
-
-    def start(self) -> None:
-        self._loop.start(self._interval, now=True)
-
-    def stop(self) -> None:
-        if self._loop.running:
-            self._loop.stop()
+        Periodic.__init__(self, self.probe_all, clock, interval)
 
     def set_timeout(self, timeout: float) -> None:
         """Bound each probe by ``timeout`` seconds from the next one on."""
         self._timeout = timeout
 
-    def set_interval(self, interval: float) -> None:
-        """Run every ``interval`` seconds from now on (a reload changed it)."""
-        if interval == self._interval:
-            return
-        self._interval = interval
-        if self._loop.running:
-            self._loop.stop()
-            self._loop.start(interval, now=False)
 
     def probe_all(self) -> None:
         """

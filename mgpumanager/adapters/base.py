@@ -138,3 +138,22 @@ class IConsumerAdapter(Interface):
         the GPU.  ``None`` when the answer started nothing (an error, no id):
         the job ends with it.
         """
+
+
+class WorkEndsWithTheAnswer:
+    """
+    For servers whose GPU work is over when their answer is: nothing to
+    follow after the exchange (every adapter but ComfyUI's).
+    """
+
+    def completes_later(self, method: str, path: str) -> bool:
+        return False
+
+    def follow(
+        self,
+        control: ConsumerControl,
+        state: ConsumerState,
+        answer: Answer,
+        clock: IReactorTime,
+    ) -> None:
+        return None

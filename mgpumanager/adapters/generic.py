@@ -9,10 +9,15 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from mgpumanager.adapters.base import AdapterDefaults, IConsumerAdapter, Observation
+from mgpumanager.adapters.base import (
+    AdapterDefaults,
+    IConsumerAdapter,
+    Observation,
+    WorkEndsWithTheAnswer,
+)
 from mgpumanager.adapters.polling import unload_as_configured
 from mgpumanager.config import ConsumerConfig
-from mgpumanager.control import Answer, ConsumerControl, JsonObject
+from mgpumanager.control import ConsumerControl, JsonObject
 from mgpumanager.paths import under
 from mgpumanager.registry import ConsumerState
 
@@ -21,7 +26,7 @@ OTHER_KIND = "other"
 
 
 @implementer(IPlugin, IConsumerAdapter)
-class GenericAdapter:
+class GenericAdapter(WorkEndsWithTheAnswer):
     """
     Part 1's behaviour.  Through the passthrough, a request is a GPU job when
     it matches one of ``gpu_routes`` (every ``POST`` when there are none).
@@ -67,18 +72,6 @@ class GenericAdapter:
         self, control: ConsumerControl, state: ConsumerState, clock: IReactorTime, timeout: float
     ) -> None:
         await unload_as_configured(control, state.config, timeout)
-
-    def completes_later(self, method: str, path: str) -> bool:
-        return False
-
-    def follow(
-        self,
-        control: ConsumerControl,
-        state: ConsumerState,
-        answer: Answer,
-        clock: IReactorTime,
-    ) -> None:
-        return None
 
 
 def kind_of_path(consumer: ConsumerConfig, path: str) -> str:

@@ -16,11 +16,16 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from mgpumanager.adapters.base import AdapterDefaults, IConsumerAdapter, Observation
+from mgpumanager.adapters.base import (
+    AdapterDefaults,
+    IConsumerAdapter,
+    Observation,
+    WorkEndsWithTheAnswer,
+)
 from mgpumanager.adapters.ollama_ps import loaded_models
 from mgpumanager.adapters.polling import poll_until
 from mgpumanager.config import ConsumerConfig, Route
-from mgpumanager.control import Answer, ConsumerControl, ControlFailed, JsonObject
+from mgpumanager.control import ConsumerControl, ControlFailed, JsonObject
 from mgpumanager.paths import under
 from mgpumanager.registry import ConsumerState
 
@@ -33,7 +38,7 @@ UNLOAD_POLL_SECONDS = 0.25
 
 
 @implementer(IPlugin, IConsumerAdapter)
-class OllamaAdapter:
+class OllamaAdapter(WorkEndsWithTheAnswer):
     name = "ollama"
 
     def defaults(self) -> AdapterDefaults:
@@ -94,18 +99,6 @@ class OllamaAdapter:
 
         if not await poll_until(clock, UNLOAD_POLL_SECONDS, timeout, none_listed):
             raise ControlFailed(f"/api/ps still lists models after {timeout:g} s")
-
-    def completes_later(self, method: str, path: str) -> bool:
-        return False
-
-    def follow(
-        self,
-        control: ConsumerControl,
-        state: ConsumerState,
-        answer: Answer,
-        clock: IReactorTime,
-    ) -> None:
-        return None
 
 
 def is_unload_request(body: Mapping[str, Any]) -> bool:
