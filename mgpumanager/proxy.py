@@ -24,21 +24,19 @@ from typing import Any
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
     IDelayedCall,
     IPushProducer,
     IReactorTime,
-    IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import client as web_client
 from twisted.web import http
-from twisted.web.client import URI, FileBodyProducer
+from twisted.web.client import FileBodyProducer
 from twisted.web.error import SchemeNotSupported
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -350,43 +348,6 @@ class _BodyRelay(Protocol):
             request.producer = None
         else:
             request.unregisterProducer()
-
-
-@implementer(IAgentEndpointFactory)
-class ReusedEndpoints:
-    """
-    One client endpoint per consumer address, built once: the standard
-    factory builds a ``HostnameEndpoint`` for every request, IDNA-encoding the
-    host name each time, which costs more than the rest of a pooled request.
-    """
-
-    def __init__(self, reactor: Any, connect_timeout: float) -> None:
-        self._reactor = reactor
-        self._connect_timeout = connect_timeout
-        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            endpoint = self._endpoints[key] = self._build(uri)
-        return endpoint
-
-    def _build(self, uri: URI) -> IStreamClientEndpoint:
-        tcp = HostnameEndpoint(
-            self._reactor, uri.host, uri.port, timeout=self._connect_timeout
-        )
-        if uri.scheme == b"http":
-            return tcp
-        if uri.scheme != b"https":
-            raise SchemeNotSupported(f"unsupported scheme {uri.scheme!r}")
-        try:
-            from twisted.internet.ssl import optionsForClientTLS
-        except ImportError:
-            raise SchemeNotSupported(
-                "https consumers need TLS support (pip install 'twisted[tls]')"
-            ) from None
-        return wrapClientTLS(optionsForClientTLS(uri.host.decode("ascii")), tcp)
 
 
 def _abort_client(request: Request) -> None:

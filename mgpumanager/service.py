@@ -33,6 +33,7 @@ from mgpumanager.commands import CommandResult, run_command
 from mgpumanager.config import Config
 from mgpumanager.config_consumers import Timeouts
 from mgpumanager.control import ConsumerControl
+from mgpumanager.endpoints import ReusedEndpoints
 from mgpumanager.eviction import dry_run_plan
 from mgpumanager.gpu import GpuReading, GpuSampler
 from mgpumanager.guard import Guard
@@ -44,7 +45,7 @@ from mgpumanager.openai_routes import OpenAIRoutes, error_shape, family_consumer
 from mgpumanager.policy import make_policy
 from mgpumanager.ports import ConsumerPorts
 from mgpumanager.probes import HealthProber
-from mgpumanager.proxy import ConsumerProxy, ReusedEndpoints
+from mgpumanager.proxy import ConsumerProxy
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
 from mgpumanager.site import ManagerSite

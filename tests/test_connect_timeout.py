@@ -17,8 +17,9 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.test.requesthelper import DummyRequest
 
 from mgpumanager.config import parse_config
+from mgpumanager.endpoints import ReusedEndpoints
 from mgpumanager.errors import ApiError
-from mgpumanager.proxy import ConsumerProxy, ReusedEndpoints
+from mgpumanager.proxy import ConsumerProxy
 
 
 @pytest.fixture

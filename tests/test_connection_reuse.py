@@ -23,9 +23,10 @@ from twisted.web.client import Agent, ResponseNeverReceived
 from twisted.web.test.requesthelper import DummyRequest
 
 from mgpumanager.config import parse_config
+from mgpumanager.endpoints import ReusedEndpoints
 from mgpumanager.errors import ApiError
 from mgpumanager.headers import reuse_for
-from mgpumanager.proxy import ConsumerProxy, ReusedEndpoints
+from mgpumanager.proxy import ConsumerProxy
 from mgpumanager.service import idle_limit
 from mgpumanager.twisted_private import RequestNotSent, ReusePool
 

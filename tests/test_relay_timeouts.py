@@ -23,7 +23,8 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyRequest
 
-from mgpumanager.proxy import ReusedEndpoints, UpstreamBroke, _BodyRelay
+from mgpumanager.endpoints import ReusedEndpoints
+from mgpumanager.proxy import UpstreamBroke, _BodyRelay
 from tests.support import assert_no_result, failure_result_of, success_result_of
 
 IDLE = 5.0

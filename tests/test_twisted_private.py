@@ -31,8 +31,8 @@ from twisted.web import client as web_client
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http import HTTPChannel, Request
 
+from mgpumanager.endpoints import ReusedEndpoints
 from mgpumanager.errors import is_cancellation
-from mgpumanager.proxy import ReusedEndpoints
 from mgpumanager.twisted_private import (
     QuietClientFactory,
     WrapperException,

@@ -26,9 +26,10 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from mgpumanager.config import Config, parse_config
 from mgpumanager.control import ConsumerControl
 from mgpumanager.dispatch import Dispatcher
+from mgpumanager.endpoints import ReusedEndpoints
 from mgpumanager.jobs import GpuJobs
 from mgpumanager.openai_routes import OpenAIRoutes, error_shape
-from mgpumanager.proxy import ConsumerProxy, ReusedEndpoints
+from mgpumanager.proxy import ConsumerProxy
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
 from mgpumanager.service import body_limit_for_path
