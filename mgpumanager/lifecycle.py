@@ -155,8 +155,15 @@ class Lifecycle:
     async def _evict(self, victim: ConsumerState, before: GpuSample, decision: Decision) -> None:
         started = self._clock.seconds()
         pids = self._pids.pids_of(victim.name)
-        # What it held just before: the memory that must come back.
-        size = victim.size_mib
+        # What it held just before: the memory that must come back.  Not its
+        # size (the most it ever held): a server that once held more would
+        # never seem to give enough back.
+        size = (
+            victim.measured_resident_mib
+            or victim.reported_resident_mib
+            or victim.config.vram_resident_mib
+            or victim.size_mib
+        )
         try:
             timeout = self._config.lifecycle.unload_timeout_seconds
             adapter = adapter_named(victim.config.adapter)

@@ -1360,3 +1360,17 @@ def test_a_load_abandoned_by_its_client_counts_as_loaded() -> None:
 
     failure_result_of(d, CancelledError)
     assert "voice" in world.resident()
+
+
+def test_an_unload_is_verified_against_what_the_victim_held_not_its_peak() -> None:
+    # The image server once held 20 GiB; it holds its declared 13000 MiB now.
+    world = voice_world()
+    world.card.per_process = False  # only free memory to go by
+    world.registry["image"].note_resident_mib(20000)
+    assert world.registry["image"].size_mib == 20000
+
+    d = world.run("voice", limit=20)
+
+    success_result_of(d)
+    assert world.lifecycle.decisions[0].outcome == "unloaded"
+    assert world.lifecycle.decisions[0].recovered_mib == 13000
