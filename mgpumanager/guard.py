@@ -26,6 +26,7 @@ from twisted.web.http_headers import Headers
 
 from mgpumanager.config import Config
 from mgpumanager.errors import BAD_REQUEST, FORBIDDEN, UNAUTHORIZED, ApiError
+from mgpumanager.headers import TOKEN_COOKIE as COOKIE_NAME
 
 #: Routes open without the bearer token: liveness checks carry no secrets.
 OPEN_PATHS = frozenset({b"/healthz"})
@@ -36,7 +37,7 @@ COOKIE_PATHS = frozenset({b"/", b"/v1/status", b"/v1/events"})
 #: The page route that takes the token once in its query.
 TOKEN_QUERY_PATH = b"/"
 #: The cookie holding the token for the page routes.
-TOKEN_COOKIE = "mgpumanager_token"
+TOKEN_COOKIE = COOKIE_NAME.decode("ascii")
 
 
 def is_loopback_host(host: bytes) -> bool:
@@ -64,10 +65,16 @@ class Guard:
     """
     :param loopback: whether the daemon listens on loopback only; the Host
         check only makes sense then.
+    :param own_routes: the daemon's main port (its page takes the token
+        cookie and ``?token=``, and ``/healthz`` is open); False for a
+        consumer's own port, where only the bearer token opens any path.
     """
 
-    def __init__(self, config: Config, loopback: bool) -> None:
+    def __init__(self, config: Config, loopback: bool, own_routes: bool = True) -> None:
         self._loopback = loopback
+        # The page's cookie, its ?token= and the open /healthz are the daemon's
+        # own routes: on a consumer's port every path is the consumer's.
+        self._own_routes = own_routes
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -99,7 +106,7 @@ class Guard:
                 origin = origin.rstrip(b"/")
                 if origin not in self._origins and origin.lower() != same_origin:
                     return ApiError(FORBIDDEN, "cross-origin requests are not allowed")
-        if self._token is not None and path not in OPEN_PATHS:
+        if self._token is not None and not (self._own_routes and path in OPEN_PATHS):
             if not self._authorized(method, path, query, headers):
                 return ApiError(
                     UNAUTHORIZED,
@@ -115,6 +122,8 @@ class Guard:
             scheme, _, credential = presented[0].partition(b" ")
             return scheme.lower() == b"bearer" and self.is_token(credential.strip())
         if presented or method not in (b"GET", b"HEAD") or path not in COOKIE_PATHS:
+            return False
+        if not self._own_routes:
             return False
         if path == TOKEN_QUERY_PATH and self.is_token(query_token(query)):
             return True

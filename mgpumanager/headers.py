@@ -89,6 +89,25 @@ _PLAIN_HOST = re.compile(rb"\A(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5
 _DAEMON_PREFIX = b"x-mgpu-"
 
 
+#: The cookie that holds the daemon's token for its status page: the daemon's
+#: own, never sent on to a consumer (a browser sends it to every port).
+TOKEN_COOKIE = b"mgpumanager_token"
+
+
+def without_token_cookie(values: Iterable[bytes]) -> list[bytes]:
+    """``Cookie`` header values less the daemon's token cookie (and empty ones)."""
+    kept = []
+    for value in values:
+        pairs = [
+            pair.strip()
+            for pair in value.split(b";")
+            if pair.strip() and pair.strip().partition(b"=")[0].strip() != TOKEN_COOKIE
+        ]
+        if pairs:
+            kept.append(b"; ".join(pairs))
+    return kept
+
+
 def upstream_headers(
     inbound: Headers,
     client: str | None = None,
@@ -98,14 +117,18 @@ def upstream_headers(
     The headers of the request we make on the consumer.  A client's own
     forwarding headers are replaced with what the daemon saw (``client`` is
     the peer address; None leaves them out); ``drop_authorization`` keeps the
-    daemon's bearer token from reaching a consumer.
+    daemon's bearer token from reaching a consumer, and its token cookie never
+    does.
     """
     never = NOT_FORWARDED_UP | FORWARDING
     if drop_authorization:
         never = never | {b"authorization"}
     outbound = Headers()
     for name, values in end_to_end(inbound, never):
-        if not name.lower().startswith(_DAEMON_PREFIX):
+        lowered = name.lower()
+        if lowered == b"cookie":
+            values = without_token_cookie(values)
+        if values and not lowered.startswith(_DAEMON_PREFIX):
             outbound.setRawHeaders(name, values)
     if client is not None:
         raw_host = (inbound.getRawHeaders(b"host") or [b""])[0]

@@ -106,7 +106,9 @@ class ConsumerPorts(Service):
     def _site(self, config: Config, key: _PortKey, description: str) -> ManagerSite:
         routes = Dispatcher()
         routes.add("/", ["*"], self._passthrough.handler_for(key.consumer), prefix=True)
-        guard = self._guards[key] = Guard(config, self._loopback(description))
+        guard = self._guards[key] = Guard(
+            config, self._loopback(description), own_routes=False
+        )
         return ManagerSite(routes, lambda target: self._body_limit(key.consumer), guard)
 
     def _body_limit(self, name: str) -> int:

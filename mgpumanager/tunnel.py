@@ -33,7 +33,7 @@ from mgpumanager.errors import (
     ApiError,
     describe_connection_error,
 )
-from mgpumanager.headers import FORWARDING
+from mgpumanager.headers import FORWARDING, without_token_cookie
 from mgpumanager.twisted_private import take_over_connection
 
 log = Logger()
@@ -185,6 +185,8 @@ class WebSocketTunnels:
         never = _NOT_COPIED | ({b"authorization"} if self.drop_authorization else set())
         lines = [b"GET " + target + b" HTTP/1.1", b"Host: " + netloc.encode("ascii")]
         for name, values in request.requestHeaders.getAllRawHeaders():
+            if name.lower() == b"cookie":
+                values = without_token_cookie(values)
             if name.lower() not in never:
                 lines.extend(name + b": " + value for value in values)
         return b"\r\n".join(lines) + b"\r\n\r\n"

@@ -366,3 +366,23 @@ def test_the_token_cookie_is_http_only_and_same_site_strict() -> None:
     assert value.startswith(TOKEN_COOKIE.encode() + b"=" + TOKEN + b";")
     attributes = {part.strip().lower() for part in value.split(b";")[1:]}
     assert {b"httponly", b"samesite=strict", b"path=/"} <= attributes
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        (b"/", cookie(TOKEN)),
+        (b"/v1/status", cookie(TOKEN)),
+        (b"/?token=" + TOKEN, {}),
+        (b"/healthz", {}),
+    ],
+)
+def test_on_a_consumers_port_only_the_bearer_token_opens_a_path(
+    path: bytes, headers: dict[bytes, list[bytes]]
+) -> None:
+    port_guard = Guard(WITH_TOKEN, True, own_routes=False)
+    request = make_request(b"GET", path, headers=headers)
+
+    assert refusal(port_guard, request).status == 401
+    bearer = make_request(b"GET", path, headers={b"authorization": [b"Bearer " + TOKEN]})
+    check(port_guard, bearer)

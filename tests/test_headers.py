@@ -122,3 +122,19 @@ def test_response_relay_drops_what_the_separate_connection_header_names() -> Non
     relay_response_headers(upstream, outbound, [b"X-Hop, close", b"x-also-hop"])
 
     assert _names(outbound) == {b"x-kept"}
+
+
+def test_the_daemons_token_cookie_never_goes_upstream() -> None:
+    inbound = Headers(
+        {
+            b"cookie": [b"theme=dark; mgpumanager_token=s3cret; lang=en",
+                        b"mgpumanager_token=s3cret"],
+            b"accept": [b"*/*"],
+        }
+    )
+
+    outbound = upstream_headers(inbound)
+
+    assert outbound.getRawHeaders(b"cookie") == [b"theme=dark; lang=en"]
+    only_ours = upstream_headers(Headers({b"cookie": [b"mgpumanager_token=s3cret"]}))
+    assert not only_ours.hasHeader(b"cookie")
