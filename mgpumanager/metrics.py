@@ -154,7 +154,7 @@ class _StatusGauges(Collector):
             name = [consumer["name"]]
             up.add_metric(name, 1.0 if consumer["healthy"] else 0.0)
             resident.add_metric(name, 1.0 if consumer["loaded"] else 0.0)
-            vram.add_metric(name, float(consumer["gpu_resident_mib"] * MIB))
+            vram.add_metric(name, float(consumer["size_mib"] * MIB))
         yield from (up, resident, vram)
         gpu = document["gpu"]
         if gpu["used_mib"] is None:

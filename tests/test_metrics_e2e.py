@@ -117,7 +117,7 @@ async def test_metrics_count_jobs_evictions_loads_and_a_refusal(tmp_path: Path) 
         resident = value(samples, "mgpumanager_consumer_resident", consumer=name)
         assert resident == (1 if consumer["loaded"] else 0), name
         vram = value(samples, "mgpumanager_consumer_vram_bytes", consumer=name)
-        assert vram == consumer["gpu_resident_mib"] * MIB
+        assert vram == consumer["size_mib"] * MIB, "the size the budget uses"
     assert value(samples, "mgpumanager_consumer_resident", consumer="mvoice") == 1
     assert value(samples, "mgpumanager_consumer_up", consumer="ollama") == 1
     assert value(samples, "mgpumanager_gpu_memory_total_bytes") == config.total_mib * MIB

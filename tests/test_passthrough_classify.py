@@ -56,6 +56,13 @@ def test_paths_are_classified_as_the_server_will_resolve_them(raw: bytes, normal
         ("POST", "/api/chat", {"model": "m", "keep_alive": 0, "messages": []}, None),
         # keep_alive 0 with a prompt still runs the model first.
         ("POST", "/api/generate", {"model": "m", "prompt": "x", "keep_alive": 0}, "llm"),
+        # Ollama matches field names whatever their case: so no spelling slips by.
+        ("POST", "/api/generate", {"model": "m", "keep_alive": 0, "Prompt": "x"}, "llm"),
+        ("POST", "/api/chat", {"model": "m", "KEEP_ALIVE": 0, "Messages": [{}]}, "llm"),
+        ("POST", "/api/generate", {"model": "m", "keep_alive": 0, "suffix": "x"}, "llm"),
+        # What the Python client sends for generate(model, keep_alive=0).
+        ("POST", "/api/generate", {"model": "m", "prompt": "", "stream": False,
+                                   "keep_alive": 0, "options": {}}, None),
         ("GET", "/api/tags", None, None),
         ("GET", "/api/ps", None, None),
         ("POST", "/api/pull", None, None),

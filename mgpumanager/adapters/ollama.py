@@ -86,13 +86,17 @@ class OllamaAdapter(WorkEndsWithTheAnswer):
         """
         consumer = state.config
         for model in await loaded_models(control, consumer, timeout):
-            await control.get_json(
+            code, _ = await control.get_json(
                 consumer,
                 "POST",
                 "/api/generate",
                 timeout,
                 body={"model": model.name, "keep_alive": 0},
             )
+            if not 200 <= code < 300:
+                raise ControlFailed(
+                    f"POST /api/generate keep_alive 0 for {model.name} answered HTTP {code}"
+                )
 
         async def none_listed() -> bool:
             return not await loaded_models(control, consumer, timeout)
@@ -106,6 +110,10 @@ def is_unload_request(body: Mapping[str, Any]) -> bool:
     ``keep_alive: 0`` without a prompt or messages (what ``ollama stop``
     sends) only unloads a model: no GPU work, so it never waits for the GPU.
     """
-    keep_alive = body.get("keep_alive")
+    # Ollama decodes JSON field names without regard to case: so must we, or
+    # {"keep_alive": 0, "Prompt": "…"} would generate without the GPU lock.
+    fields = {str(key).lower(): value for key, value in body.items()}
+    keep_alive = fields.get("keep_alive")
     unloads = keep_alive in (0, "0", "0s", "0m") and not isinstance(keep_alive, bool)
-    return unloads and not body.get("prompt") and not body.get("messages")
+    work = {key: value for key, value in fields.items() if key not in ("model", "keep_alive")}
+    return unloads and not any(work.values())
