@@ -124,13 +124,14 @@ class ManagerApp:
         target = self._config.route_for(kind)
         if target is None:
             name = self._config.routing.get(kind)
-            self._metrics.job_refused(name or "", kind, NO_CONSUMER.code)
             why = (
                 f"consumer {name} has no paths.{kind}"
                 if name
                 else f"no consumer is routed for {kind}"
             )
-            raise ApiError(NO_CONSUMER, why, name)
+            refusal = ApiError(NO_CONSUMER, why, name)
+            self._jobs.refused(name or "", kind, refusal)
+            raise refusal
         consumer, route = target
         return self._jobs.run(request, consumer, route.method, route.path, kind)
 

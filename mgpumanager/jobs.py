@@ -55,6 +55,10 @@ class GpuJobs:
         self._proxy = proxy
         self._telemetry = telemetry
 
+    def refused(self, consumer: str, kind: str, refusal: ApiError) -> None:
+        """Count a job a door refused before it got here (``consumer`` "" when none)."""
+        self._telemetry.job_refused(consumer, kind, refusal.kind.code)
+
     def run(
         self, request: Request, consumer: ConsumerConfig, method: str, path: str, kind: str
     ) -> Deferred[None]:
@@ -80,7 +84,7 @@ class GpuJobs:
                 request, self._scheduler.scheduling.class_of(kind), consumer.priority
             )
         except ApiError as refusal:
-            self._telemetry.job_refused(consumer.name, kind, refusal.kind.code)
+            self.refused(consumer.name, kind, refusal)
             raise
         answered: Deferred[None] = Deferred(lambda _: job.cancel())
         watch = self._telemetry.job(consumer.name, kind)

@@ -94,7 +94,11 @@ class OpenAIRoutes:
         """Run an OpenAI-compatible request as a GPU job on the consumer serving it."""
         path = request.uri.partition(b"?")[0]
         family, kind = GPU_ROUTES[path]
-        consumer = self.consumer_for(request, family)
+        try:
+            consumer = self.consumer_for(request, family)
+        except ApiError as refusal:
+            self._jobs.refused("", kind, refusal)
+            raise
         return self._jobs.run(request, consumer, "POST", path.decode("ascii"), kind)
 
     def consumer_for(self, request: Request, family: str) -> ConsumerConfig:
