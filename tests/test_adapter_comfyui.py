@@ -175,3 +175,28 @@ def test_a_queue_that_never_drains_fails_the_unload_as_busy() -> None:
     failure = failure_result_of(unloaded, ControlFailed)
     assert "busy with work submitted around the daemon" in str(failure.value)
     assert control.paths("POST") == []
+
+
+def test_a_failed_queue_poll_delays_free_but_does_not_fail_the_unload() -> None:
+    answers = [(500, None), (200, queue_of())]
+    control = ScriptedControl(
+        {
+            ("GET", "/queue"): lambda _: answers.pop(0),
+            ("POST", "/free"): lambda _: (200, {}),
+        }
+    )
+    clock = Clock()
+    unloaded = Deferred.fromCoroutine(ADAPTER.unload(control, comfy(), clock, 5.0))
+    assert "/free" not in control.paths("POST")
+    clock.advance(0.5)
+    success_result_of(unloaded)
+    assert control.paths("POST") == ["/free"]
+
+
+def test_a_failed_queue_read_keeps_the_residency_reading() -> None:
+    control = ScriptedControl({("GET", "/queue"): lambda _: (500, None)})
+    health = {"devices": [{"torch_vram_total": 9000 * MIB}]}
+    seen = success_result_of(
+        Deferred.fromCoroutine(ADAPTER.observe(control, comfy().config, health, 1.0))
+    )
+    assert (seen.resident, seen.measured_mib, seen.busy) == (True, 9000, None)

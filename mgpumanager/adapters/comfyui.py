@@ -68,7 +68,10 @@ class ComfyAdapter:
             return None
         declared = consumer.vram_resident_mib
         resident = held >= RESIDENT_SHARE * declared if declared > 0 else held > 0
-        busy = await _queue_busy(control, consumer, timeout)
+        try:
+            busy: bool | None = await _queue_busy(control, consumer, timeout)
+        except ControlFailed:
+            busy = None  # the residency reading stands without it
         return Observation(resident=resident, measured_mib=held, busy=busy)
 
     def can_unload(self, consumer: ConsumerConfig) -> bool:
@@ -85,7 +88,10 @@ class ComfyAdapter:
         completion = consumer.completion
 
         async def idle() -> bool:
-            return not await _queue_busy(control, consumer, timeout)
+            try:
+                return not await _queue_busy(control, consumer, timeout)
+            except ControlFailed:
+                return False  # one failed poll proves nothing: ask again
 
         if not await poll_until(
             clock, completion.poll_seconds, completion.timeout_seconds, idle
