@@ -17,8 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from mgpumanager.estimates import Estimates
-from mgpumanager.policy import EMPTY, LINGER, NO_SWAP, History, Policy, Waiting
+from mgpumanager.policy import EMPTY, LINGER, NO_SWAP, History, Policy, Waiting, make_policy
 from mgpumanager.queued import QueuedJob, QueueEntry, RunningJob
+from mgpumanager.scheduling_config import SchedulingConfig
 
 #: Whether a job of this consumer would unload or load anything if it ran now.
 NeedsSwap = Callable[[str], bool]
@@ -46,6 +47,14 @@ class PolicyChooser:
     @property
     def name(self) -> str:
         return self.policy.name
+
+    def reconfigure(self, scheduling: SchedulingConfig) -> None:
+        """
+        Pick by a reloaded ``scheduling`` section.  The history (batch starts,
+        interactive ends) and the estimates are facts about the past, so the
+        guard and the ETAs carry on from them.
+        """
+        self.policy = make_policy(scheduling)
 
     def _views(self, waiting: Sequence[QueuedJob]) -> list[Waiting]:
         cache: dict[str, bool] = {}

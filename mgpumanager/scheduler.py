@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any, TypeVar
 
 from twisted.internet.defer import (
@@ -36,13 +36,21 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mgpumanager.config import QueueConfig
-from mgpumanager.errors import QUEUE_FULL, QUEUE_TIMEOUT, SCHEDULER_ERROR, SHUTTING_DOWN, ApiError
+from mgpumanager.errors import (
+    NO_CONSUMER,
+    QUEUE_FULL,
+    QUEUE_TIMEOUT,
+    SCHEDULER_ERROR,
+    SHUTTING_DOWN,
+    ApiError,
+)
 from mgpumanager.queued import (
     Chooser,
     PriorityThenArrival,
     QueueDecision,
     QueuedJob,
     QueueEntry,
+    ReconfigurableChooser,
     RunningJob,
     WatchingChooser,
 )
@@ -312,6 +320,34 @@ class GpuScheduler:
         self._closed = ApiError(SHUTTING_DOWN, reason)
         for waiter in self._waiting:
             self._refuse(waiter, self._closed)
+        self._notify_if_idle()
+
+    def reconfigure(
+        self,
+        queue: QueueConfig,
+        scheduling: SchedulingConfig,
+        removed: Collection[str] = (),
+    ) -> None:
+        """
+        Work to a reloaded configuration.  The new queue limits hold for jobs
+        that queue from now on (a waiting job keeps the wait it was promised);
+        the next pick follows the new policy; every waiting job of a
+        ``removed`` consumer is refused with ``no_consumer``, as it would have
+        been had it arrived now.  Running jobs carry on as they were.
+        """
+        self._max_depth = queue.max_depth
+        self._max_wait = queue.max_wait_seconds
+        self.scheduling = scheduling
+        if isinstance(self._chooser, ReconfigurableChooser):
+            self._chooser.reconfigure(scheduling)
+        # All of them leave before any is answered: a pick in between would
+        # ask about a consumer the registry no longer knows.
+        for waiter in self._waiting.leave_consumers(removed):
+            name = waiter.view.consumer
+            waiter.granted.errback(
+                ApiError(NO_CONSUMER, f"consumer {name} was removed by a reload", name)
+            )
+        self._dispatch()
         self._notify_if_idle()
 
     def _give_up(self, waiter: Waiter) -> None:

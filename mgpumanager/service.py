@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 
+from mgpumanager.adapters import load_resolved_config
 from mgpumanager.adapters.following import Completions
 from mgpumanager.api import ManagerApp, job_kind
 from mgpumanager.attribution import PidMap, ProcessAttributor, find_consumer_pids
@@ -47,6 +48,8 @@ from mgpumanager.ports import ConsumerPorts
 from mgpumanager.probes import HealthProber
 from mgpumanager.proxy import ConsumerProxy
 from mgpumanager.registry import Registry
+from mgpumanager.reload import Reloader
+from mgpumanager.reloading import ReloadTargets, holder_release
 from mgpumanager.scheduler import GpuScheduler
 from mgpumanager.site import ManagerSite
 from mgpumanager.tunnel import WebSocketTunnels
@@ -134,7 +137,8 @@ class ManagerService(MultiService):
         self._scheduler = scheduler
         self._pool = pool
         self._clock = clock
-        self._grace = grace
+        #: How long running jobs may finish after SIGTERM (a reload may change it).
+        self.grace = grace
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
@@ -146,8 +150,8 @@ class ManagerService(MultiService):
         idle = self._scheduler.when_idle()
         if self._scheduler.in_flight:
             log.info("waiting up to {grace} s for {n} running job(s)",
-                     grace=self._grace, n=self._scheduler.in_flight)
-            idle.addTimeout(self._grace, self._clock)
+                     grace=self.grace, n=self._scheduler.in_flight)
+            idle.addTimeout(self.grace, self._clock)
             try:
                 await idle
             except Exception:
@@ -180,11 +184,14 @@ def build(
     config: Config, listen: str | None, reactor: Any, stand_ins: StandIns | None = None
 ) -> ManagerService:
     """Build and wire every component of the daemon."""
-    if stand_ins is not None and stand_ins.systemctl is not None:
-        config = attrs.evolve(
-            config, lifecycle=attrs.evolve(config.lifecycle, systemctl=stand_ins.systemctl)
-        )
-    pool = ReusePool(reactor, reuse_for, partial(idle_limit, config))
+    config = _with_stand_ins(config, stand_ins)
+    # Built first: whatever reads the configuration per call reads its current one.
+    reloader = Reloader(
+        config,
+        reactor,
+        load=lambda path: _with_stand_ins(load_resolved_config(path), stand_ins),
+    )
+    pool = ReusePool(reactor, reuse_for, lambda key: idle_limit(reloader.current, key))
     quiet_connections(pool)
     pool.maxPersistentPerHost = 8
     agents: dict[float, Agent] = {}
@@ -223,23 +230,26 @@ def build(
         interval=config.probes.interval_seconds,
         timeout=config.probes.timeout_seconds,
     )
-    find_pids: Callable[[], PidMap] = partial(
+    def find_pids() -> PidMap:
         # "systemctl show" needs no privilege: not the configured (sudo) prefix.
-        find_consumer_pids, config, ("systemctl",)
-    )
+        return find_consumer_pids(reloader.current, ("systemctl",))
+
+    pids: Callable[[], PidMap] = find_pids
     if stand_ins is not None and stand_ins.find_pids is not None:
-        find_pids = stand_ins.find_pids
-    attributor = ProcessAttributor(registry, find_pids, deferToThread, reactor)
+        pids = stand_ins.find_pids
+    attributor = ProcessAttributor(registry, pids, deferToThread, reactor)
     sampler.subscribe(attributor.on_sample)
+    sampler.subscribe(holder_release(registry))
 
     metrics = Metrics(reactor)
     lifecycle = Lifecycle(
         config, registry, sampler, control, reactor, prober.probe, attributor, metrics
     )
-    chooser = PolicyChooser(
-        make_policy(config.scheduling),
-        lambda name: dry_run_plan(config, registry, name, sampler.latest).needs_swap,
-    )
+    def needs_swap(name: str) -> bool:
+        # The registry's configuration is the current one, consumers and all.
+        return dry_run_plan(registry.config, registry, name, sampler.latest).needs_swap
+
+    chooser = PolicyChooser(make_policy(config.scheduling), needs_swap)
     scheduler = GpuScheduler(
         reactor,
         registry,
@@ -266,8 +276,11 @@ def build(
     passthrough = Passthrough(config, jobs, proxy, tunnels)
     routes = app.resource()
     passthrough.register(routes)
-    OpenAIRoutes(config, jobs, control, config.probes.timeout_seconds).register(routes)
-    site = ManagerSite(routes, partial(body_limit_for_path, config), guard, error_shape)
+    openai = OpenAIRoutes(config, jobs, control, config.probes.timeout_seconds)
+    openai.register(routes)
+    site = ManagerSite(
+        routes, lambda target: body_limit_for_path(reloader.current, target), guard, error_shape
+    )
     endpoint = serverFromString(reactor, description)
     http = StreamServerEndpointService(endpoint, site)
     fail_start_on_listen_error(http)
@@ -276,6 +289,23 @@ def build(
     service = ManagerService(
         (http, ports), scheduler, pool, reactor, config.shutdown_grace_seconds
     )
+    ReloadTargets(
+        registry=registry,
+        attributor=attributor,
+        scheduler=scheduler,
+        lifecycle=lifecycle,
+        control=control,
+        prober=prober,
+        sampler=sampler,
+        guard=guard,
+        app=app,
+        passthrough=passthrough,
+        openai=openai,
+        relays=(proxy, tunnels),
+        service=service,
+        ports=ports,
+    ).register(reloader)
+    reloader.setServiceParent(service)
     for extra in stand_ins.services if stand_ins else ():
         extra.setServiceParent(service)
     _ThreadPoolService(nvml_threads).setServiceParent(service)
@@ -292,6 +322,15 @@ def build(
             hint="" if config.auth_token else " (consider auth.token_file)",
         )
     return service
+
+
+def _with_stand_ins(config: Config, stand_ins: StandIns | None) -> Config:
+    """The configuration with a simulated host's ``systemctl`` in place of the file's."""
+    if stand_ins is None or stand_ins.systemctl is None:
+        return config
+    return attrs.evolve(
+        config, lifecycle=attrs.evolve(config.lifecycle, systemctl=stand_ins.systemctl)
+    )
 
 
 def endpoint_is_loopback(description: str) -> bool:

@@ -38,7 +38,10 @@ def status_document(
     return {
         "listen": listen,
         "time": rfc3339(now),
-        "gpu": gpu_status(sample, config.gpu.total_mib, config.gpu.reserved_mib),
+        "gpu": {
+            **gpu_status(sample, config.gpu.total_mib, config.gpu.reserved_mib),
+            "holders": holders_status(registry),
+        },
         "routing": dict(config.routing),
         "consumers": [consumer_status(state) for state in registry],
         "scheduler": {
@@ -70,6 +73,14 @@ def gpu_status(sample: GpuSample, total_mib: int | None, reserved_mib: int) -> J
     if sample.err:
         status["err"] = sample.err
     return status
+
+
+def holders_status(registry: Registry) -> list[JsonObject]:
+    """Memory that consumers a reload removed still hold, which the budget counts."""
+    return [
+        {"name": holder.name, "size_mib": holder.size_mib}
+        for holder in sorted(registry.holders.values(), key=lambda holder: holder.name)
+    ]
 
 
 def consumer_status(state: ConsumerState) -> JsonObject:

@@ -6,7 +6,7 @@ the others (they have been bypassed once more).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -45,6 +45,14 @@ class WaitingRoom:
         if waiter.timer is not None and waiter.timer.active():
             waiter.timer.cancel()
         return waiter
+
+    def leave_consumers(self, consumers: Collection[str]) -> list[Waiter]:
+        """Take out every waiter of ``consumers`` (a reload removed them), in arrival order."""
+        return [
+            self.leave(job_id)
+            for job_id, waiter in list(self._waiters.items())
+            if waiter.view.consumer in consumers
+        ]
 
     def views(self) -> list[QueuedJob]:
         return [waiter.view for waiter in self._waiters.values()]
