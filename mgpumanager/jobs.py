@@ -25,7 +25,7 @@ from mgpumanager.config import ConsumerConfig
 from mgpumanager.errors import BAD_REQUEST, CONSUMER_DOWN, ApiError
 from mgpumanager.proxy import ConsumerProxy
 from mgpumanager.queued import COMPLETING
-from mgpumanager.registry import Registry
+from mgpumanager.registry import ConsumerState, Registry
 from mgpumanager.scheduler import GpuScheduler
 from mgpumanager.scheduling_config import JOB_CLASSES
 from mgpumanager.telemetry import COMPLETION_TIMEOUT, NO_TELEMETRY, Telemetry
@@ -132,18 +132,19 @@ class GpuJobs:
         if running is not None:
             running.phase, running.prompt_id = COMPLETING, work.work_id
         answered.callback(None)
-        how = await self._follow(completions, state.name, work)
+        how = await self._follow(completions, state, work)
         return COMPLETION_TIMEOUT if how == "timeout" else None
 
-    async def _follow(self, completions: Completions, name: str, work: Any) -> str:
+    async def _follow(self, completions: Completions, state: ConsumerState, work: Any) -> str:
+        # The state the job began with: a reload may have removed the consumer since.
         how = await work.until_done()
         log.info(
             "{consumer}: {work_id} ended ({how}); the GPU is free",
-            consumer=name,
+            consumer=state.name,
             work_id=work.work_id,
             how=how,
         )
-        completions.outcome(self._registry[name], work.work_id, how)
+        completions.outcome(state, work.work_id, how)
         return str(how)
 
 

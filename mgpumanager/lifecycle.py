@@ -116,13 +116,17 @@ class Lifecycle:
     async def _make_room(self, target: ConsumerState) -> None:
         """Carry out :func:`~mgpumanager.eviction.plan_step` until it stops."""
         evicted: list[str] = []
-        states = list(self._registry)
+        # One view of the consumers for the whole step, whatever a reload does
+        # meanwhile: the plan never names a consumer it cannot find.
+        config = self._config
+        states = {state.name: state for state in self._registry}
         while True:
             sample = await self._sampler.sample()
             if why_no_room_needed(target) is not None:
                 return  # the fresh sample shows it loaded after all
             step = plan_step(
-                self._config, states, target, sample, evicted, self._registry.held_elsewhere_mib
+                config, list(states.values()), target, sample, evicted,
+                self._registry.held_elsewhere_mib,
             )
             if step.fit.fits:
                 return
@@ -149,7 +153,7 @@ class Lifecycle:
                 target=target.name,
                 why=step.fit.why,
             )
-            await self._evict(self._registry[step.victim.name], sample, decision)
+            await self._evict(states[step.victim.name], sample, decision)
             evicted.append(step.victim.name)
 
     async def _evict(self, victim: ConsumerState, before: GpuSample, decision: Decision) -> None:

@@ -82,7 +82,8 @@ class OpenAIRoutes:
         self.config = config
         self._jobs = jobs
         self._control = control
-        self._timeout = timeout
+        #: How long one consumer may take to list its models (a reload may change it).
+        self.timeout = timeout
 
     def register(self, routes: Dispatcher) -> None:
         """Serve the OpenAI-compatible routes on ``routes``."""
@@ -132,7 +133,7 @@ class OpenAIRoutes:
             consumer = self.config.consumers[name]
             try:
                 code, document = await self._control.get_json(
-                    consumer, "GET", MODELS_PATH.decode(), self._timeout
+                    consumer, "GET", MODELS_PATH.decode(), self.timeout
                 )
             except ControlFailed as e:
                 log.info("{consumer} listed no models: {why}", consumer=name, why=str(e))

@@ -74,6 +74,19 @@ STATUS: JsonObject = {
                 "free_mib": _NULLABLE_INT,
                 "reserved_mib": {"type": "integer"},
                 "last_sample": _NULLABLE_TIME,
+                "holders": {
+                    "type": "array",
+                    "description": "memory of consumers a reload removed, until the card "
+                    "shows it gone",
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "size_mib"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "size_mib": {"type": "integer"},
+                        },
+                    },
+                },
             },
         },
         "routing": {"type": "object", "additionalProperties": {"type": "string"}},
@@ -85,6 +98,9 @@ STATUS: JsonObject = {
                 "queue_depth": {"type": "integer"},
                 "in_flight": {"type": "integer"},
                 "total_jobs": {"type": "integer"},
+                "policy": {"type": "string", "enum": ["interactive-first", "fifo"]},
+                "running": {"type": ["object", "null"]},
+                "queue": {"type": "array", "items": {"type": "object"}},
                 "decisions": {"type": "array", "items": {"type": "object"}},
             },
         },

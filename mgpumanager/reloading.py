@@ -92,6 +92,7 @@ class ReloadTargets:
         self.app.reconfigure(config)
         self.passthrough.config = config
         self.openai.config = config
+        self.openai.timeout = config.probes.timeout_seconds
         for relay in self.relays:
             relay.drop_authorization = config.auth_token is not None
         self.service.grace = config.shutdown_grace_seconds
