@@ -254,6 +254,13 @@ class GpuScheduler:
 
     def _start(self, view: QueuedJob, job: Callable[[], Deferred[_T]]) -> Deferred[_T]:
         """The job holds the GPU lock: count it, prepare its consumer, run it."""
+        if view.consumer not in self._registry:
+            # Gone since it queued (a reload refuses such jobs first; this is
+            # the belt to those braces): hand the GPU on, never keep it.
+            self._lock.release()
+            self._dispatch()
+            self._notify_if_idle()
+            return fail(ApiError(NO_CONSUMER, f"consumer {view.consumer} no longer exists"))
         started = self._clock.seconds()
         self.running = RunningJob(view, started)
         self.last_wait_ms = round((started - view.arrived) * 1000)

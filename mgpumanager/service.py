@@ -8,7 +8,6 @@ module) as arguments and be tested with stand-ins.
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -23,26 +22,27 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
-from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from mgpumanager.adapters import load_resolved_config
 from mgpumanager.adapters.following import Completions
-from mgpumanager.api import ManagerApp, job_kind
+from mgpumanager.api import ManagerApp
 from mgpumanager.attribution import PidMap, ProcessAttributor, find_consumer_pids
 from mgpumanager.choosing import PolicyChooser
 from mgpumanager.commands import CommandResult, run_command
 from mgpumanager.config import Config
-from mgpumanager.config_consumers import Timeouts
 from mgpumanager.control import ConsumerControl
 from mgpumanager.endpoints import ReusedEndpoints
 from mgpumanager.eviction import dry_run_plan
+from mgpumanager.exposure import endpoint_is_loopback
 from mgpumanager.gpu import GpuReading, GpuSampler
 from mgpumanager.guard import Guard
 from mgpumanager.headers import reuse_for
 from mgpumanager.jobs import GpuJobs
 from mgpumanager.lifecycle import Lifecycle
+from mgpumanager.limits import body_limit_for_path, idle_limit
 from mgpumanager.metrics import Metrics
-from mgpumanager.openai_routes import OpenAIRoutes, error_shape, family_consumer
+from mgpumanager.openai_routes import OpenAIRoutes, error_shape
 from mgpumanager.policy import make_policy
 from mgpumanager.ports import ConsumerPorts
 from mgpumanager.probes import HealthProber
@@ -59,7 +59,7 @@ from mgpumanager.twisted_private import (
     forget_exit_signal,
     quiet_connections,
 )
-from mgpumanager.upstream import Passthrough, passthrough_consumer
+from mgpumanager.upstream import Passthrough
 
 log = Logger()
 
@@ -331,75 +331,3 @@ def _with_stand_ins(config: Config, stand_ins: StandIns | None) -> Config:
     return attrs.evolve(
         config, lifecycle=attrs.evolve(config.lifecycle, systemctl=stand_ins.systemctl)
     )
-
-
-def endpoint_is_loopback(description: str) -> bool:
-    """Whether a server endpoint string listens on a loopback interface only."""
-    words = _endpoint_words(description)
-    kind = words[0] if words else ""
-    if kind == "unix":
-        return True
-    if kind not in ("tcp", "tcp6"):
-        return False
-    interface = ""
-    for word in words[1:]:
-        key, equals, value = word.partition("=")
-        if equals and key == "interface":
-            interface = value
-    if not interface:
-        return False  # every interface
-    if interface == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(interface).is_loopback
-    except ValueError:
-        return False
-
-
-def _endpoint_words(description: str) -> list[str]:
-    """Split an endpoint string on ':' as Twisted does, honouring '\\:' escapes."""
-    words, word, escaped = [], "", False
-    for character in description:
-        if escaped:
-            word += character
-            escaped = False
-        elif character == "\\":
-            escaped = True
-        elif character == ":":
-            words.append(word)
-            word = ""
-        else:
-            word += character
-    words.append(word)
-    return words
-
-
-def idle_limit(config: Config, key: Any) -> float:
-    """
-    How long an idle pooled connection to the server at ``key`` (the pool's
-    ``(scheme, host, port)``) is kept: the shortest ``timeouts.keepalive_seconds``
-    of the consumers there.
-    """
-    limits = [
-        consumer.timeouts.keepalive_seconds
-        for consumer in config.consumers.values()
-        if _pool_key(consumer.url) == tuple(key)
-    ]
-    return min(limits, default=Timeouts().keepalive_seconds)
-
-
-def _pool_key(url: str) -> tuple[bytes, bytes, int]:
-    uri = URI.fromBytes(url.encode("ascii"))
-    return uri.scheme, uri.host, uri.port
-
-
-def body_limit_for_path(config: Config, target: bytes) -> int:
-    """
-    The body limit for a request target: the consumer's it goes to (a job,
-    the passthrough, an OpenAI route), else the global one.
-    """
-    path = target.partition(b"?")[0]
-    consumer = passthrough_consumer(config, path) or family_consumer(config, path)
-    if consumer is not None:
-        return (consumer.max_body_mib or config.max_body_mib) * 1024 * 1024
-    return config.body_limit_for(job_kind(path))

@@ -21,7 +21,8 @@ from mgpumanager.config import (
     load_config,
     parse_config,
 )
-from mgpumanager.service import body_limit_for_path, endpoint_is_loopback
+from mgpumanager.exposure import endpoint_is_loopback
+from mgpumanager.limits import body_limit_for_path
 from tests.builders import consumer
 
 MiB = 2**20
@@ -367,7 +368,7 @@ def test_an_auth_key_typo_gets_a_suggestion() -> None:
     assert "did you mean 'token_file'?" in error(document(auth={"token_fil": "t"})).problem
 
 
-# --- service.endpoint_is_loopback ----------------------------------------------------
+# --- exposure.endpoint_is_loopback -------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -403,7 +404,7 @@ def test_endpoint_is_loopback_with_arguments_after_the_interface(description: st
     assert endpoint_is_loopback(description) is True
 
 
-# --- service.body_limit_for_path -----------------------------------------------------
+# --- limits.body_limit_for_path ----------------------------------------------------
 
 LIMITED = parse_config(document(limits={"max_body_mib": 16}))
 

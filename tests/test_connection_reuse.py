@@ -26,8 +26,8 @@ from mgpumanager.config import parse_config
 from mgpumanager.endpoints import ReusedEndpoints
 from mgpumanager.errors import ApiError
 from mgpumanager.headers import reuse_for
+from mgpumanager.limits import idle_limit
 from mgpumanager.proxy import ConsumerProxy
-from mgpumanager.service import idle_limit
 from mgpumanager.twisted_private import RequestNotSent, ReusePool
 
 

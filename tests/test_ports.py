@@ -20,8 +20,8 @@ from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
 
 from mgpumanager.config import parse_config
+from mgpumanager.exposure import endpoint_is_loopback
 from mgpumanager.ports import ConsumerPorts
-from mgpumanager.service import endpoint_is_loopback
 from tests.builders import consumer
 from tests.daemon import free_port
 from tests.test_upstream import Stage, start_stage, stop_stage

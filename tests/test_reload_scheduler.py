@@ -12,7 +12,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 
 from mgpumanager.choosing import PolicyChooser
 from mgpumanager.config import Config, parse_config
@@ -23,11 +22,7 @@ from mgpumanager.scheduler import GpuScheduler
 from mgpumanager.scheduling_config import BATCH, INTERACTIVE
 from mgpumanager.status import queue_status, scheduler_status
 from tests.builders import consumer
-
-_case = SynchronousTestCase()
-success_result_of = _case.successResultOf
-failure_result_of = _case.failureResultOf
-assert_no_result = _case.assertNoResult
+from tests.support import assert_no_result, failure_result_of, success_result_of
 
 
 def _config(**extra: Any) -> Config:
@@ -156,3 +151,23 @@ def test_the_next_pick_follows_a_reloaded_policy() -> None:
     assert [job.consumer for job in scheduler.queued_in_run_order()] == ["voice", "image"]
     done.callback("done")
     assert started == ["voice"]
+
+
+def test_a_job_whose_consumer_vanished_unseen_never_keeps_the_gpu() -> None:
+    clock = Clock()
+    scheduler, registry = _scheduler(_config(), clock)
+    first, first_done = _pending()
+    scheduler.submit("voice", first, kind="tts")
+    orphan = scheduler.submit("image", lambda: Deferred(), kind="image")
+    after, after_done = _pending()
+    later = scheduler.submit("voice", after, kind="tts")
+    # The registry forgets "image" without the scheduler being told.
+    registry.reconfigure(_config(consumers={"voice": consumer(9001, "tts")}),
+                         lambda name: frozenset())
+
+    first_done.callback("first")
+
+    assert failure_result_of(orphan, ApiError).value.kind == NO_CONSUMER
+    after_done.callback("after")
+    assert success_result_of(later) == "after"
+    assert scheduler.in_flight == 0

@@ -28,11 +28,11 @@ from mgpumanager.control import ConsumerControl
 from mgpumanager.dispatch import Dispatcher
 from mgpumanager.endpoints import ReusedEndpoints
 from mgpumanager.jobs import GpuJobs
+from mgpumanager.limits import body_limit_for_path
 from mgpumanager.openai_routes import OpenAIRoutes, error_shape
 from mgpumanager.proxy import ConsumerProxy
 from mgpumanager.registry import Registry
 from mgpumanager.scheduler import GpuScheduler
-from mgpumanager.service import body_limit_for_path
 from mgpumanager.site import ManagerSite
 from mgpumanager.tunnel import WebSocketTunnels
 from mgpumanager.upstream import Passthrough
