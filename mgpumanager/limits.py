@@ -5,6 +5,7 @@ request target reaches, and how long an idle connection to a server is kept.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from twisted.web.client import URI
@@ -30,7 +31,9 @@ def idle_limit(config: Config, key: Any) -> float:
     return min(limits, default=Timeouts().keepalive_seconds)
 
 
+@functools.lru_cache(maxsize=256)
 def _pool_key(url: str) -> tuple[bytes, bytes, int]:
+    # Asked every time a connection goes back to the pool: parse each URL once.
     uri = URI.fromBytes(url.encode("ascii"))
     return uri.scheme, uri.host, uri.port
 

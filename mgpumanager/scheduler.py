@@ -109,6 +109,8 @@ class GpuScheduler:
         self._registry = registry
         self._prepare = prepare
         self._chooser: Chooser = chooser or PriorityThenArrival()
+        # Asked for every job: a runtime Protocol check costs more than the pick.
+        self._watcher = self._chooser if isinstance(self._chooser, WatchingChooser) else None
         self._telemetry = telemetry
         #: The classes of job kinds, read by whoever submits jobs.
         self.scheduling = scheduling if scheduling is not None else SchedulingConfig()
@@ -145,8 +147,8 @@ class GpuScheduler:
         if not self._waiting:
             return []
         now = self._clock.seconds()
-        if isinstance(self._chooser, WatchingChooser):
-            return self._chooser.entries(self._views(), now, self.running)
+        if self._watcher is not None:
+            return self._watcher.entries(self._views(), now, self.running)
         return [QueueEntry(job) for job in self._chooser.run_order(self._views(), now)]
 
     @property
@@ -231,8 +233,8 @@ class GpuScheduler:
             return
         waiter = self._waiting.leave(chosen.id)
         ahead_of = self._waiting.started(chosen)
-        if isinstance(self._chooser, WatchingChooser):
-            rule = self._chooser.job_started(chosen, now)
+        if self._watcher is not None:
+            rule = self._watcher.job_started(chosen, now)
             if ahead_of:
                 self.decisions.append(QueueDecision(now, "pick", chosen, rule, tuple(ahead_of)))
         acquired = self._lock.acquire()
@@ -304,8 +306,8 @@ class GpuScheduler:
             self.failed_jobs += 1
         self.in_flight -= 1
         running, self.running = self.running, None
-        if running is not None and isinstance(self._chooser, WatchingChooser):
-            self._chooser.job_ended(running, finished, not isinstance(result, Failure))
+        if running is not None and self._watcher is not None:
+            self._watcher.job_ended(running, finished, not isinstance(result, Failure))
         self._lock.release()
         self._dispatch()
         self._notify_if_idle()
