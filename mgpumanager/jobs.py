@@ -24,7 +24,7 @@ from mgpumanager.adapters.following import Completions
 from mgpumanager.config import ConsumerConfig
 from mgpumanager.errors import BAD_REQUEST, CONSUMER_DOWN, ApiError
 from mgpumanager.proxy import ConsumerProxy
-from mgpumanager.queued import COMPLETING
+from mgpumanager.queued import COMPLETING, server_timing
 from mgpumanager.registry import ConsumerState, Registry
 from mgpumanager.scheduler import GpuScheduler
 from mgpumanager.scheduling_config import JOB_CLASSES
@@ -116,7 +116,8 @@ class GpuJobs:
         running = self._scheduler.running
         if running is not None:
             request.setHeader(
-                b"server-timing", server_timing(running.queue_ms, running.prepare_ms or 0)
+                b"server-timing",
+                server_timing(running.queue_ms, running.prepare_ms or 0).encode("ascii"),
             )
         completions = self._completions
         state = self._registry[consumer.name]
@@ -160,11 +161,6 @@ def _answer_once(result: Failure | str | None, answered: Deferred[None]) -> None
             answered.callback(None)
     elif isinstance(result, Failure) and not result.check(CancelledError):
         log.failure("a job failed after its answer was sent", result)
-
-
-def server_timing(queue_ms: int, prepare_ms: int) -> bytes:
-    """How long the job waited for the GPU and how long making room and loading took."""
-    return f"queue;dur={queue_ms}, prepare;dur={prepare_ms}".encode("ascii")
 
 
 def job_class_and_priority(request: Request, job_class: str, priority: int) -> tuple[str, int]:

@@ -138,6 +138,14 @@ class RunningJob:
         return round((self.relaying_since - self.started) * 1000)
 
 
+def server_timing(queue_ms: int, prepare_ms: int) -> str:
+    """
+    The ``Server-Timing`` of a job's answer, errors included: how long it
+    waited for the GPU, and how long making room and loading took.
+    """
+    return f"queue;dur={queue_ms}, prepare;dur={prepare_ms}"
+
+
 @attrs.frozen
 class QueueEntry:
     """One waiting job as status shows it: its view, whether it needs a swap, its ETA."""

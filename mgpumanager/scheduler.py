@@ -53,6 +53,7 @@ from mgpumanager.queued import (
     ReconfigurableChooser,
     RunningJob,
     WatchingChooser,
+    server_timing,
 )
 from mgpumanager.registry import ConsumerState, Registry
 from mgpumanager.scheduling_config import INTERACTIVE, SchedulingConfig
@@ -64,6 +65,9 @@ log = Logger()
 #: Re-exported: the queue's views and the chooser seam live in :mod:`mgpumanager.queued`.
 __all__ = ["Chooser", "GpuScheduler", "PriorityThenArrival", "QueuedJob", "RunningJob",
            "WatchingChooser"]
+
+#: The ``Server-Timing`` of a job refused before it queued.
+_NOT_RUN = server_timing(0, 0)
 
 #: How many pick and timeout decisions ``/v1/status`` keeps.
 DECISIONS_KEPT = 20
@@ -184,8 +188,8 @@ class GpuScheduler:
         if must_wait and len(self._waiting) >= self._max_depth:
             self.refused_queue_full += 1
             waiting = f"{len(self._waiting)} jobs are already waiting for the GPU"
-            retry = {"Retry-After": str(self._retry_after())}
-            return fail(ApiError(QUEUE_FULL, waiting, headers=retry))
+            headers = {"Retry-After": str(self._retry_after()), "Server-Timing": _NOT_RUN}
+            return fail(ApiError(QUEUE_FULL, waiting, headers=headers))
         self._next_id += 1
         if priority is None:
             priority = self._registry[consumer].config.priority
@@ -306,6 +310,8 @@ class GpuScheduler:
             self.failed_jobs += 1
         self.in_flight -= 1
         running, self.running = self.running, None
+        if running is not None and isinstance(result, Failure):
+            _time_the_error(result, running, finished)
         if running is not None and self._watcher is not None:
             self._watcher.job_ended(running, finished, not isinstance(result, Failure))
         self._lock.release()
@@ -370,7 +376,10 @@ class GpuScheduler:
                 QUEUE_TIMEOUT,
                 f"waited {self._max_wait:g} s for the GPU without getting it",
                 waiter.view.consumer,
-                headers={"Retry-After": str(self._retry_after())},
+                headers={
+                    "Retry-After": str(self._retry_after()),
+                    "Server-Timing": server_timing(round(self._max_wait * 1000), 0),
+                },
             ),
         )
 
@@ -407,3 +416,16 @@ class GpuScheduler:
         for waiter in waiters:
             waiter.callback(None)
 
+
+
+def _time_the_error(result: Failure, running: RunningJob, finished: float) -> None:
+    """
+    A job that failed with one of the daemon's errors answers with the same
+    ``Server-Timing`` a success would (the prepare step runs to its failure).
+    """
+    error = result.value
+    if isinstance(error, ApiError):
+        prepare_ms = running.prepare_ms
+        if prepare_ms is None:
+            prepare_ms = round((finished - running.started) * 1000)
+        error.headers.setdefault("Server-Timing", server_timing(running.queue_ms, prepare_ms))
