@@ -83,11 +83,18 @@ class Browser:
         The first truthy ``condition(driver)`` within ``timeout`` seconds; a
         failure that says what never happened otherwise.
         """
-        from selenium.common.exceptions import TimeoutException
+        from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
         from selenium.webdriver.support.ui import WebDriverWait
 
         def wait(driver: Any) -> _T:
-            return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition)
+            # The page re-renders on every event: an element read between its
+            # lookup and its text may be gone; that is "not yet", not an error.
+            return WebDriverWait(
+                driver,
+                timeout,
+                poll_frequency=0.05,
+                ignored_exceptions=(StaleElementReferenceException,),
+            ).until(condition)
 
         try:
             return await self.call(wait)
