@@ -124,9 +124,16 @@ class GpuJobs:
         if completions is None or not completions.completes_later(state, method, path):
             await self._proxy.relay(request, consumer, method, path)
             return None
-        answer = await self._proxy.relay_keeping(
-            request, consumer, method, path, ANSWER_COPY_BYTES
-        )
+        try:
+            answer = await self._proxy.relay_keeping(
+                request, consumer, method, path, ANSWER_COPY_BYTES
+            )
+        except Exception:
+            # Broken before the answer said what it started (the client left
+            # mid-answer, the server cut it): the server may be at work all
+            # the same, so the GPU stays held until it is idle again.
+            await completions.settle(state)
+            raise
         work = completions.work_started_by(state, answer)
         if work is None:
             return None

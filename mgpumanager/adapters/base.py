@@ -139,6 +139,14 @@ class IConsumerAdapter(Interface):
         the job ends with it.
         """
 
+    def settle(control: ConsumerControl, state: ConsumerState, clock: IReactorTime) -> Any:
+        """
+        An exchange that may have started work beyond itself broke before
+        its answer said which (the client left mid-answer): an awaitable that
+        fires once the server is idle again, or has stopped answering, so that
+        the GPU is not handed on under work nobody follows.
+        """
+
 
 class WorkEndsWithTheAnswer:
     """
@@ -155,5 +163,10 @@ class WorkEndsWithTheAnswer:
         state: ConsumerState,
         answer: Answer,
         clock: IReactorTime,
+    ) -> None:
+        return None
+
+    async def settle(
+        self, control: ConsumerControl, state: ConsumerState, clock: IReactorTime
     ) -> None:
         return None

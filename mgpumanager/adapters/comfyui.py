@@ -102,6 +102,16 @@ class ComfyAdapter:
     def completes_later(self, method: str, path: str) -> bool:
         return method == "POST" and path in PROMPT_PATHS
 
+    async def settle(
+        self, control: ConsumerControl, state: ConsumerState, clock: IReactorTime
+    ) -> None:
+        """
+        ``POST /prompt`` broke before its ``prompt_id`` was read: ComfyUI may
+        have queued it all the same, so wait until its queue is empty (or it
+        stops answering), at most ``completion.timeout_seconds``.
+        """
+        await _settle(control, state, clock)
+
     def follow(
         self,
         control: ConsumerControl,
@@ -116,6 +126,24 @@ class ComfyAdapter:
         if not isinstance(prompt_id, str) or not prompt_id:
             return None
         return PromptCompletion(control, state, clock, prompt_id)
+
+
+async def _settle(control: ConsumerControl, state: ConsumerState, clock: IReactorTime) -> None:
+    consumer = state.config
+    completion = consumer.completion
+    failures = 0
+
+    async def idle() -> bool:
+        nonlocal failures
+        try:
+            busy = await _queue_busy(control, consumer, completion.poll_seconds * 4)
+        except ControlFailed:
+            failures += 1
+            return failures >= 2  # not answering: nothing of ours runs there
+        failures = 0
+        return not busy
+
+    await poll_until(clock, completion.poll_seconds, completion.timeout_seconds, idle)
 
 
 def torch_vram_mib(health: JsonObject | None) -> int | None:

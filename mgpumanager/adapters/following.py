@@ -52,6 +52,10 @@ class Completions:
             self.control, state, answer, self.clock
         )
 
+    async def settle(self, state: ConsumerState) -> None:
+        """Wait until the consumer is idle after an exchange that broke (its adapter's way)."""
+        await adapter_named(state.config.adapter).settle(self.control, state, self.clock)
+
     def outcome(self, state: ConsumerState, work_id: str, how: str) -> None:
         """Record how followed work ended; only a timeout is worth a decision entry."""
         if how == TIMED_OUT:
