@@ -26,6 +26,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from mgpumanager.simulate.host import HostConfig, SimulatedHost
+from tests.comfy_feed import messages_until_idle
 from tests.daemon import Daemon, free_port
 
 LLM, EMBED = "sim-llm:7b", "sim-embed:latest"
@@ -185,15 +186,7 @@ async def test_a_comfyui_script_through_the_passthrough(stage: Stage) -> None:
         history = await treq.get(f"{base}/history/{prompt_id}")
         assert history.code == 200 and time.monotonic() - started < 1.0, "polling never waits"
 
-        def read_until_done() -> list[dict[str, Any]]:
-            messages = []
-            while True:
-                message = json.loads(socket.recv())
-                messages.append(message)
-                if message["type"] == "executing" and message["data"]["node"] is None:
-                    return messages
-
-        messages = await in_thread(read_until_done)
+        messages = await in_thread(lambda: messages_until_idle(socket))
     finally:
         await in_thread(socket.close)
     assert [m["data"]["value"] for m in messages if m["type"] == "progress"] == [1, 2, 3, 4]

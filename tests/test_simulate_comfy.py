@@ -31,6 +31,7 @@ from mgpumanager.simulate.websocket import (
     accept_key,
     encode_frame,
 )
+from tests.comfy_feed import messages_until_idle
 from tests.test_simulate import body_json, eventually, started
 
 GRAPH = {
@@ -216,15 +217,7 @@ async def test_the_websocket_reports_a_prompts_progress(comfy_host: SimulatedHos
         }
         answer = await submit(url, client_id="watcher")
 
-        def read_until_done() -> list[dict[str, Any]]:
-            messages = []
-            while True:
-                message = json.loads(socket.recv())
-                messages.append(message)
-                if message["type"] == "executing" and message["data"]["node"] is None:
-                    return messages
-
-        messages = await deferToThread(read_until_done)
+        messages = await deferToThread(messages_until_idle, socket)
         socket.ping(b"still there?")
         opcode, frame = await deferToThread(socket.recv_data_frame, True)
         assert (opcode, frame.data) == (websocket.ABNF.OPCODE_PONG, b"still there?")
