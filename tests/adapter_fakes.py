@@ -5,16 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from mgpumanager.config import parse_config
-from mgpumanager.control import Answer, ControlFailed, JsonObject
-from mgpumanager.registry import Registry
+from mgpumanager.common.answers import Answer, JsonObject
+from mgpumanager.config.document import parse_config
+from mgpumanager.consumers.control import ControlFailed
+from mgpumanager.state.registry import Registry
 
 Reply = Callable[[JsonObject | None], tuple[int, JsonObject | None]]
 
 
 class ScriptedControl:
     """
-    Stands in for :class:`~mgpumanager.control.ConsumerControl`: each
+    Stands in for :class:`~mgpumanager.consumers.control.ConsumerControl`: each
     ``(method, path)`` answers with its reply function (given the JSON body),
     and every call is recorded as ``(method, path, body)``.
     """
@@ -49,6 +50,6 @@ class ScriptedControl:
 
 
 def registry_of(consumers: dict[str, Any]) -> Registry:
-    from mgpumanager.adapters import with_adapter_defaults
+    from mgpumanager.consumers.adapters import with_adapter_defaults
 
     return Registry(with_adapter_defaults(parse_config({"consumers": consumers})))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mgpumanager.lifecycle import PidLookup
+from mgpumanager.scheduling.lifecycle import PidLookup
 
 
 def static_pids(pids: dict[str, frozenset[int]]) -> PidLookup:

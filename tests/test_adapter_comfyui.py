@@ -11,10 +11,11 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from mgpumanager.adapters import adapter_named
-from mgpumanager.adapters.comfy_completion import PromptCompletion
-from mgpumanager.control import Answer, ControlFailed
-from mgpumanager.registry import ConsumerState
+from mgpumanager.common.answers import Answer
+from mgpumanager.consumers.adapters import adapter_named
+from mgpumanager.consumers.adapters.comfy_completion import PromptCompletion
+from mgpumanager.consumers.control import ControlFailed
+from mgpumanager.state.registry import ConsumerState
 from tests.adapter_fakes import ScriptedControl, registry_of
 from tests.support import assert_no_result, failure_result_of, success_result_of
 

@@ -10,10 +10,10 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from mgpumanager.adapters import adapter_named
-from mgpumanager.adapters.ollama_ps import parse_ps
-from mgpumanager.control import ControlFailed
-from mgpumanager.registry import ConsumerState, ModelResidency
+from mgpumanager.consumers.adapters import adapter_named
+from mgpumanager.consumers.adapters.ollama_ps import parse_ps
+from mgpumanager.consumers.control import ControlFailed
+from mgpumanager.state.registry import ConsumerState, ModelResidency
 from tests.adapter_fakes import ScriptedControl, registry_of
 from tests.support import assert_no_result, failure_result_of, success_result_of
 

@@ -6,8 +6,8 @@ work sent around the daemon is the last victim chosen.
 
 from __future__ import annotations
 
-from mgpumanager.eviction import rank_candidates, why_no_room_needed
-from mgpumanager.registry import Registry
+from mgpumanager.scheduling.eviction import rank_candidates, why_no_room_needed
+from mgpumanager.state.registry import Registry
 from tests.adapter_fakes import registry_of
 
 

@@ -15,11 +15,11 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from mgpumanager.config import parse_config
-from mgpumanager.errors import ApiError
-from mgpumanager.registry import Registry
-from mgpumanager.scheduler import GpuScheduler
-from mgpumanager.status import scheduler_status
+from mgpumanager.common.errors import ApiError
+from mgpumanager.config.document import parse_config
+from mgpumanager.scheduling.scheduler import GpuScheduler
+from mgpumanager.state.registry import Registry
+from mgpumanager.web.status import scheduler_status
 from tests.support import assert_no_result, failure_result_of, success_result_of
 
 CONFIG = parse_config(

@@ -1,5 +1,5 @@
 """
-Tests for :mod:`mgpumanager.api` through ``StubTreq``: the fixed routes, the status
+Tests for :mod:`mgpumanager.web.api` through ``StubTreq``: the fixed routes, the status
 document, the refusals a client can act on (each one the JSON envelope, never an
 HTML page or a traceback), and the audio file names that must never reach a
 consumer.
@@ -16,13 +16,13 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.web.server import Request
 
-from mgpumanager.api import ManagerApp, audio_name
-from mgpumanager.config import ConsumerConfig, parse_config
-from mgpumanager.errors import ApiError
-from mgpumanager.gpu import GpuReading, GpuSample, GpuSampler
-from mgpumanager.lifecycle import Lifecycle
-from mgpumanager.registry import Registry
-from mgpumanager.scheduler import GpuScheduler
+from mgpumanager.common.errors import ApiError
+from mgpumanager.config.document import ConsumerConfig, parse_config
+from mgpumanager.scheduling.lifecycle import Lifecycle
+from mgpumanager.scheduling.scheduler import GpuScheduler
+from mgpumanager.state.gpu import GpuReading, GpuSample, GpuSampler
+from mgpumanager.state.registry import Registry
+from mgpumanager.web.api import ManagerApp, audio_name
 from tests.support import EPOCH, success_result_of
 
 BASE = "http://127.0.0.1:8770"

@@ -20,8 +20,8 @@ from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from mgpumanager.cli import main
-from mgpumanager.config import load_config
+from mgpumanager.app.cli import main
+from mgpumanager.config.document import load_config
 from tests.test_page_browser import status_document, with_image_job
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """
-Tests for :mod:`mgpumanager.commands` (real processes on the real reactor: exit
+Tests for :mod:`mgpumanager.consumers.commands` (real processes on the real reactor: exit
 codes, captured output, a missing executable, a command killed at its time
-limit) and :mod:`mgpumanager.deadline` (with a ``Clock``: an answer in time passes
+limit) and :mod:`mgpumanager.common.deadline` (with a ``Clock``: an answer in time passes
 through, a late one is a :class:`TimedOut` whatever the cancelled operation said).
 """
 
@@ -20,8 +20,8 @@ from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock, deferLater
 from twisted.web.client import ResponseNeverReceived
 
-from mgpumanager.commands import MAX_OUTPUT, CommandResult, CommandTimedOut, run_command
-from mgpumanager.deadline import TimedOut, within
+from mgpumanager.common.deadline import TimedOut, within
+from mgpumanager.consumers.commands import MAX_OUTPUT, CommandResult, CommandTimedOut, run_command
 from tests.support import assert_no_result, failure_result_of, success_result_of
 
 

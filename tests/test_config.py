@@ -1,5 +1,5 @@
 """
-Tests for :mod:`mgpumanager.config`: the shipped example loads, every mistake the
+Tests for :mod:`mgpumanager.config.document`: the shipped example loads, every mistake the
 spec lists is refused with the right key path and a helpful one-line message, and no
 document whatever makes the loader raise anything but :class:`ConfigError`.
 """
@@ -18,7 +18,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mgpumanager.config import (
+from mgpumanager.config.document import (
     Config,
     ConfigError,
     ConsumerConfig,
@@ -104,7 +104,7 @@ def test_example_loads(config: Config) -> None:
 
 
 def test_example_defaults(config: Config) -> None:
-    from mgpumanager.adapters import with_adapter_defaults
+    from mgpumanager.consumers.adapters import with_adapter_defaults
 
     ollama = with_adapter_defaults(config).consumers["ollama"]
     assert ollama.adapter == "ollama"
@@ -115,8 +115,8 @@ def test_example_defaults(config: Config) -> None:
 
 
 def test_example_lifecycle(config: Config) -> None:
-    from mgpumanager.adapters import with_adapter_defaults
-    from mgpumanager.adapters.comfyui import FREE_BODY
+    from mgpumanager.consumers.adapters import with_adapter_defaults
+    from mgpumanager.consumers.adapters.comfyui import FREE_BODY
 
     resolved = with_adapter_defaults(config)
     assert resolved.consumers["comfyui"].unload == Route("POST", "/free", FREE_BODY)

@@ -1,7 +1,7 @@
 """
 Tests for the configuration's hardening keys: ``limits.max_body_mib`` and the
 per-consumer override, ``queue``, ``allowed_origins``, per-consumer
-``timeouts`` and ``auth.token_file``; and the two helpers :mod:`mgpumanager.tap`
+``timeouts`` and ``auth.token_file``; and the two helpers :mod:`mgpumanager.app.tap`
 builds from them: whether a listen endpoint is loopback only, and the body limit
 for a request path.
 """
@@ -14,15 +14,15 @@ from typing import Any
 import pytest
 import yaml
 
-from mgpumanager.config import (
+from mgpumanager.common.exposure import endpoint_is_loopback
+from mgpumanager.config.document import (
     ConfigError,
     QueueConfig,
     Timeouts,
     load_config,
     parse_config,
 )
-from mgpumanager.exposure import endpoint_is_loopback
-from mgpumanager.limits import body_limit_for_path
+from mgpumanager.web.limits import body_limit_for_path
 from tests.builders import consumer
 
 MiB = 2**20

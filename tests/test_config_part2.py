@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from mgpumanager.config import (
+from mgpumanager.config.document import (
     CompletionConfig,
     Config,
     ConfigError,

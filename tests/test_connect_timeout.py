@@ -16,10 +16,10 @@ from twisted.internet import reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.test.requesthelper import DummyRequest
 
-from mgpumanager.config import parse_config
-from mgpumanager.endpoints import ReusedEndpoints
-from mgpumanager.errors import ApiError
-from mgpumanager.proxy import ConsumerProxy
+from mgpumanager.common.errors import ApiError
+from mgpumanager.config.document import parse_config
+from mgpumanager.relay.endpoints import ReusedEndpoints
+from mgpumanager.relay.proxy import ConsumerProxy
 
 
 @pytest.fixture

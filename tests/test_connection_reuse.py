@@ -22,13 +22,13 @@ from twisted.internet.task import Clock
 from twisted.web.client import Agent, ResponseNeverReceived
 from twisted.web.test.requesthelper import DummyRequest
 
-from mgpumanager.config import parse_config
-from mgpumanager.endpoints import ReusedEndpoints
-from mgpumanager.errors import ApiError
-from mgpumanager.headers import reuse_for
-from mgpumanager.limits import idle_limit
-from mgpumanager.proxy import ConsumerProxy
-from mgpumanager.twisted_private import RequestNotSent, ReusePool
+from mgpumanager.common.errors import ApiError
+from mgpumanager.config.document import parse_config
+from mgpumanager.relay.endpoints import ReusedEndpoints
+from mgpumanager.relay.headers import reuse_for
+from mgpumanager.relay.proxy import ConsumerProxy
+from mgpumanager.relay.twisted_private import RequestNotSent, ReusePool
+from mgpumanager.web.limits import idle_limit
 
 
 @attrs.define

@@ -22,9 +22,10 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from mgpumanager.commands import CommandResult, CommandTimedOut
-from mgpumanager.config import ConsumerConfig, Route, parse_config
-from mgpumanager.control import Answer, ConsumerControl, ControlFailed
+from mgpumanager.common.answers import Answer
+from mgpumanager.config.document import ConsumerConfig, Route, parse_config
+from mgpumanager.consumers.commands import CommandResult, CommandTimedOut
+from mgpumanager.consumers.control import ConsumerControl, ControlFailed
 from tests.builders import consumer
 
 

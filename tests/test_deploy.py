@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from mgpumanager.page import status_page
+from mgpumanager.web.page import status_page
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -74,8 +74,8 @@ def test_the_wheel_carries_the_status_page(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     (wheel,) = tmp_path.glob("mgpumanager-*.whl")
     with zipfile.ZipFile(wheel) as archive:
-        assert archive.read("mgpumanager/page/status.html") == status_page()
+        assert archive.read("mgpumanager/web/page/status.html") == status_page()
         entry_points = archive.read(
             next(n for n in archive.namelist() if n.endswith("entry_points.txt"))
         ).decode()
-    assert "mgpumanager = mgpumanager.cli:main" in entry_points
+    assert "mgpumanager = mgpumanager.app.cli:main" in entry_points

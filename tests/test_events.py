@@ -1,5 +1,5 @@
 """
-Tests for :mod:`mgpumanager.events` over an in-memory HTTP connection and a
+Tests for :mod:`mgpumanager.web.events` over an in-memory HTTP connection and a
 ``Clock``: what a client receives first, on a change, when nothing changes,
 and that a client who leaves or stops reading is forgotten.
 """
@@ -17,8 +17,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.server import Request, Site
 
-from mgpumanager.dispatch import Dispatcher
-from mgpumanager.events import EventFeed
+from mgpumanager.web.dispatch import Dispatcher
+from mgpumanager.web.events import EventFeed
 
 
 class Card:

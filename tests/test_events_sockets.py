@@ -22,8 +22,8 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from mgpumanager.dispatch import Dispatcher
-from mgpumanager.events import EventFeed
+from mgpumanager.web.dispatch import Dispatcher
+from mgpumanager.web.events import EventFeed
 from tests.support import sleep
 
 READERS = 50

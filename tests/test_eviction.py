@@ -1,5 +1,5 @@
 """
-Tests for :mod:`mgpumanager.eviction`, the pure half of making room: whether a
+Tests for :mod:`mgpumanager.scheduling.eviction`, the pure half of making room: whether a
 target fits (by NVML's free memory with a cushion, else by the declared budget of
 the residents that may not share the card with it), which consumers may be
 unloaded and in what order (least recently used first, never used oldest), and
@@ -13,8 +13,8 @@ from typing import Any
 import attrs
 import pytest
 
-from mgpumanager.config import Config, parse_config
-from mgpumanager.eviction import (
+from mgpumanager.config.document import Config, parse_config
+from mgpumanager.scheduling.eviction import (
     CUSHION_MIB,
     MAX_EVICTIONS,
     Candidate,
@@ -24,9 +24,9 @@ from mgpumanager.eviction import (
     rank_candidates,
     why_no_room_needed,
 )
-from mgpumanager.gpu import GpuReading, GpuSample
-from mgpumanager.registry import ConsumerState, Registry
-from mgpumanager.status import candidate_status, plan_document
+from mgpumanager.state.gpu import GpuReading, GpuSample
+from mgpumanager.state.registry import ConsumerState, Registry
+from mgpumanager.web.status import candidate_status, plan_document
 from tests.builders import consumer as _consumer
 from tests.support import EPOCH
 

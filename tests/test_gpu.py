@@ -1,5 +1,5 @@
 """
-Tests for :mod:`mgpumanager.gpu`: what NVML says becomes MiB and a per-process map;
+Tests for :mod:`mgpumanager.state.gpu`: what NVML says becomes MiB and a per-process map;
 no NVML, an NVML error or a hung driver becomes the sample's ``err`` and never stops
 the loop; subscribers see every sample; ``gpu_status`` is the ``gpu`` object of
 ``/v1/status``.
@@ -15,8 +15,8 @@ import pytest
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
-from mgpumanager.gpu import MIB, GpuReading, GpuSample, GpuSampler
-from mgpumanager.status import gpu_status
+from mgpumanager.state.gpu import MIB, GpuReading, GpuSample, GpuSampler
+from mgpumanager.web.status import gpu_status
 from tests.support import EPOCH, assert_no_result, success_result_of
 
 INTERVAL = 2.0
@@ -271,7 +271,7 @@ def test_status_before_the_first_sample_has_no_time_and_no_error() -> None:
 
 
 def test_times_are_rfc3339_utc_with_milliseconds() -> None:
-    from mgpumanager import times
+    from mgpumanager.common import times
 
     assert times.rfc3339(1_700_000_000.25) == "2023-11-14T22:13:20.250Z"
     assert times.rfc3339(None) is None

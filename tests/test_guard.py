@@ -1,5 +1,5 @@
 """
-Tests for :mod:`mgpumanager.guard`: which ``Host`` names count as loopback, and
+Tests for :mod:`mgpumanager.web.guard`: which ``Host`` names count as loopback, and
 the refusals :meth:`Guard.refusal` makes before any route runs (a missing or
 doubled Host, a foreign Host on loopback, a cross-origin POST, a missing or
 wrong bearer token), each the documented :class:`ApiError`.
@@ -14,9 +14,9 @@ import pytest
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyRequest
 
-from mgpumanager.config import Config, parse_config
-from mgpumanager.errors import ApiError
-from mgpumanager.guard import TOKEN_COOKIE, Guard, is_loopback_host, token_cookie
+from mgpumanager.common.errors import ApiError
+from mgpumanager.config.document import Config, parse_config
+from mgpumanager.web.guard import TOKEN_COOKIE, Guard, is_loopback_host, token_cookie
 
 TOKEN = b"s3cret-token-0123456789"
 

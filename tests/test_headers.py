@@ -1,5 +1,5 @@
 """
-Tests for :mod:`mgpumanager.headers`: hop-by-hop headers (and every header a
+Tests for :mod:`mgpumanager.relay.headers`: hop-by-hop headers (and every header a
 ``Connection`` header names) never cross the proxy, Host and framing are left to the
 upstream client, and end-to-end headers cross with every value in order.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from twisted.web.http_headers import Headers
 
-from mgpumanager.headers import relay_response_headers, upstream_headers
+from mgpumanager.relay.headers import relay_response_headers, upstream_headers
 
 HOP_BY_HOP = [
     b"Connection",

@@ -13,9 +13,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.web.test.requesthelper import DummyRequest
 
-from mgpumanager.adapters.following import Completions
-from mgpumanager.jobs import GpuJobs
-from mgpumanager.scheduler import GpuScheduler
+from mgpumanager.consumers.adapters.following import Completions
+from mgpumanager.scheduling.scheduler import GpuScheduler
+from mgpumanager.web.jobs import GpuJobs
 from tests.adapter_fakes import ScriptedControl, registry_of
 from tests.support import failure_result_of
 

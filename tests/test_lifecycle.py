@@ -1,5 +1,5 @@
 """
-Tests for :mod:`mgpumanager.lifecycle`: making room for a job and loading its
+Tests for :mod:`mgpumanager.scheduling.lifecycle`: making room for a job and loading its
 consumer, driven with a ``Clock`` against a scripted card (a stand-in for
 ``pynvml`` whose memory follows the unloads), scripted load/unload routes, a
 scripted ``systemctl`` and scripted health probes.  An unload only counts once
@@ -26,16 +26,16 @@ from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublish
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from mgpumanager.api import ManagerApp
-from mgpumanager.commands import CommandResult, CommandTimedOut
-from mgpumanager.config import Config, parse_config
-from mgpumanager.control import ConsumerControl
-from mgpumanager.errors import ApiError
-from mgpumanager.gpu import MIB, GpuReading, GpuSample, GpuSampler
-from mgpumanager.lifecycle import DECISIONS_KEPT, Lifecycle
-from mgpumanager.registry import ConsumerState, Registry
-from mgpumanager.scheduler import GpuScheduler
-from mgpumanager.status import lifecycle_status
+from mgpumanager.common.errors import ApiError
+from mgpumanager.config.document import Config, parse_config
+from mgpumanager.consumers.commands import CommandResult, CommandTimedOut
+from mgpumanager.consumers.control import ConsumerControl
+from mgpumanager.scheduling.lifecycle import DECISIONS_KEPT, Lifecycle
+from mgpumanager.scheduling.scheduler import GpuScheduler
+from mgpumanager.state.gpu import MIB, GpuReading, GpuSample, GpuSampler
+from mgpumanager.state.registry import ConsumerState, Registry
+from mgpumanager.web.api import ManagerApp
+from mgpumanager.web.status import lifecycle_status
 from tests.builders import consumer as _consumer
 from tests.fakes import static_pids
 from tests.support import EPOCH, assert_no_result, failure_result_of, success_result_of

@@ -1,5 +1,5 @@
 """
-Tests for :mod:`mgpumanager.metrics` in memory: each job outcome under its
+Tests for :mod:`mgpumanager.web.metrics` in memory: each job outcome under its
 label and with its duration, waits observed where the scheduler starts a job,
 the routes that serve the figures, and the page chosen by ``Accept``.
 """
@@ -13,11 +13,11 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from mgpumanager.errors import QUEUE_FULL, ApiError
-from mgpumanager.metrics import Metrics
-from mgpumanager.proxy import UpstreamBroke
-from mgpumanager.registry import Registry
-from mgpumanager.scheduler import GpuScheduler
+from mgpumanager.common.errors import QUEUE_FULL, ApiError
+from mgpumanager.relay.proxy import UpstreamBroke
+from mgpumanager.scheduling.scheduler import GpuScheduler
+from mgpumanager.state.registry import Registry
+from mgpumanager.web.metrics import Metrics
 from tests.test_api import BASE, World, success_result_of
 from tests.test_scheduler import CONFIG, Jobs
 

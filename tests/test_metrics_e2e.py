@@ -14,7 +14,7 @@ import pytest_twisted
 import treq
 from prometheus_client.parser import text_string_to_metric_families
 
-from mgpumanager.metrics import MIB
+from mgpumanager.web.metrics import MIB
 from tests.daemon import Daemon
 from tests.test_e2e_eviction import body_for, profile, started_host, wait_until_healthy
 

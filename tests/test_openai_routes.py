@@ -15,8 +15,8 @@ import pytest
 import pytest_twisted
 import treq
 
-from mgpumanager.errors import NO_CONSUMER, QUEUE_FULL, ApiError
-from mgpumanager.openai_routes import error_shape, is_openai_path
+from mgpumanager.common.errors import NO_CONSUMER, QUEUE_FULL, ApiError
+from mgpumanager.web.openai_routes import error_shape, is_openai_path
 from tests.builders import consumer
 from tests.test_upstream import Stage, start_stage, stop_stage
 

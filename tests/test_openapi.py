@@ -25,8 +25,8 @@ from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from mgpumanager.config import ENDPOINT_KINDS, parse_config
-from mgpumanager.openapi import openapi_document
+from mgpumanager.config.document import ENDPOINT_KINDS, parse_config
+from mgpumanager.web.openapi import openapi_document
 from tests.daemon import Daemon
 
 SCHEMATHESIS = str(Path(sys.executable).with_name("schemathesis"))

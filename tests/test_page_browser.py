@@ -23,7 +23,7 @@ from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from mgpumanager.page import status_page
+from mgpumanager.web.page import status_page
 from tests.browser import LAPTOP, PHONE, Browser, browser_fixture  # noqa: F401
 from tests.daemon import REPO, Daemon, free_port
 from tests.support import sleep

@@ -13,9 +13,14 @@ from typing import Any
 
 import pytest
 
-from mgpumanager.adapters import UnknownAdapter, adapter_named, known, with_adapter_defaults
-from mgpumanager.config import ConfigError, Route, parse_config
-from mgpumanager.paths import normalise
+from mgpumanager.common.paths import normalise
+from mgpumanager.config.document import ConfigError, Route, parse_config
+from mgpumanager.consumers.adapters import (
+    UnknownAdapter,
+    adapter_named,
+    known,
+    with_adapter_defaults,
+)
 
 from .builders import consumer
 
@@ -178,8 +183,8 @@ def test_a_third_party_adapter_is_found_as_a_twisted_plugin(
     (package / "vllm_adapter.py").write_text(
         "from twisted.plugin import IPlugin\n"
         "from zope.interface import implementer\n"
-        "from mgpumanager.adapters import AdapterDefaults, IConsumerAdapter\n"
-        "from mgpumanager.config import Route\n"
+        "from mgpumanager.consumers.adapters import AdapterDefaults, IConsumerAdapter\n"
+        "from mgpumanager.config.document import Route\n"
         "@implementer(IPlugin, IConsumerAdapter)\n"
         "class VllmAdapter:\n"
         "    name = 'vllm'\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 
-from mgpumanager.periodic import Periodic
+from mgpumanager.common.periodic import Periodic
 
 
 def test_work_runs_at_start_then_every_interval_and_a_new_interval_takes_over() -> None:

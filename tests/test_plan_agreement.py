@@ -7,7 +7,7 @@ Each example builds a random set of consumers (sizes, coexistence, residency by
 our books or by their own report, last use, unload routes or systemd units or
 neither, self-managed or not) and a random card (read through NVML or not, with
 or without a configured size), asks the dry run, then runs the real
-:class:`~mgpumanager.lifecycle.Lifecycle` on a fake card that frees a victim's
+:class:`~mgpumanager.scheduling.lifecycle.Lifecycle` on a fake card that frees a victim's
 memory when it is unloaded, and compares.
 """
 
@@ -24,14 +24,14 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from mgpumanager.commands import CommandResult
-from mgpumanager.config import Config, parse_config
-from mgpumanager.control import ConsumerControl
-from mgpumanager.eviction import dry_run_plan
-from mgpumanager.gpu import GpuReading, GpuSample, GpuSampler
-from mgpumanager.lifecycle import Lifecycle
-from mgpumanager.registry import Registry
-from mgpumanager.status import plan_document
+from mgpumanager.config.document import Config, parse_config
+from mgpumanager.consumers.commands import CommandResult
+from mgpumanager.consumers.control import ConsumerControl
+from mgpumanager.scheduling.eviction import dry_run_plan
+from mgpumanager.scheduling.lifecycle import Lifecycle
+from mgpumanager.state.gpu import GpuReading, GpuSample, GpuSampler
+from mgpumanager.state.registry import Registry
+from mgpumanager.web.status import plan_document
 from tests.builders import consumer as _consumer
 from tests.fakes import static_pids
 from tests.support import EPOCH

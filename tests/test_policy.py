@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mgpumanager.policy import (
+from mgpumanager.scheduling.policy import (
     BATCH,
     DUE_BYPASS,
     DUE_SWAP,

@@ -19,9 +19,9 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
 
-from mgpumanager.config import parse_config
-from mgpumanager.exposure import endpoint_is_loopback
-from mgpumanager.ports import ConsumerPorts
+from mgpumanager.common.exposure import endpoint_is_loopback
+from mgpumanager.config.document import parse_config
+from mgpumanager.web.ports import ConsumerPorts
 from tests.builders import consumer
 from tests.daemon import free_port
 from tests.test_upstream import Stage, start_stage, stop_stage

@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import Clock
 
-from mgpumanager.config import parse_config
-from mgpumanager.registry import Registry
-from mgpumanager.scheduler import Chooser, GpuScheduler, QueuedJob
-from mgpumanager.status import scheduler_status
+from mgpumanager.config.document import parse_config
+from mgpumanager.scheduling.scheduler import Chooser, GpuScheduler, QueuedJob
+from mgpumanager.state.registry import Registry
+from mgpumanager.web.status import scheduler_status
 from tests.builders import consumer
 from tests.support import assert_no_result, failure_result_of, success_result_of
 

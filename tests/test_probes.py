@@ -1,5 +1,5 @@
 """
-Tests for :mod:`mgpumanager.probes`: a consumer's health answer decides whether it
+Tests for :mod:`mgpumanager.consumers.probes`: a consumer's health answer decides whether it
 is refused fast, its own ``loaded``/``gpu_resident_mib`` report corrects our
 bookkeeping unless it is stale, and a consumer that never answers is bounded by the
 timeout without delaying anyone else's probe or stopping the loop.
@@ -18,11 +18,11 @@ from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from mgpumanager.config import parse_config
-from mgpumanager.control import ConsumerControl
-from mgpumanager.probes import HealthProber
-from mgpumanager.registry import Registry
-from mgpumanager.status import consumer_status
+from mgpumanager.config.document import parse_config
+from mgpumanager.consumers.control import ConsumerControl
+from mgpumanager.consumers.probes import HealthProber
+from mgpumanager.state.registry import Registry
+from mgpumanager.web.status import consumer_status
 from tests.support import assert_no_result, success_result_of
 
 INTERVAL = 5.0

@@ -1,5 +1,5 @@
 """
-Tests for the response relay's idle timeout (:class:`mgpumanager.proxy._BodyRelay`)
+Tests for the response relay's idle timeout (:class:`mgpumanager.relay.proxy._BodyRelay`)
 with a ``Clock``: each byte from the consumer restarts the clock, silence aborts
 both sides, a client that paused the stream gets a period of its own, and a normal end or a
 cancellation leaves no timer behind.  Also :class:`ReusedEndpoints`: one endpoint
@@ -23,8 +23,8 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyRequest
 
-from mgpumanager.endpoints import ReusedEndpoints
-from mgpumanager.proxy import UpstreamBroke, _BodyRelay
+from mgpumanager.relay.endpoints import ReusedEndpoints
+from mgpumanager.relay.proxy import UpstreamBroke, _BodyRelay
 from tests.support import assert_no_result, failure_result_of, success_result_of
 
 IDLE = 5.0

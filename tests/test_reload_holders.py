@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from mgpumanager.config import Config, parse_config
-from mgpumanager.gpu import GpuReading, GpuSample
-from mgpumanager.registry import Registry
-from mgpumanager.reloading import holder_release
-from mgpumanager.status import holders_status
+from mgpumanager.app.reloading import holder_release
+from mgpumanager.config.document import Config, parse_config
+from mgpumanager.state.gpu import GpuReading, GpuSample
+from mgpumanager.state.registry import Registry
+from mgpumanager.web.status import holders_status
 
 
 def _config(**consumers: dict[str, Any]) -> Config:

@@ -13,14 +13,14 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from mgpumanager.choosing import PolicyChooser
-from mgpumanager.config import Config, parse_config
-from mgpumanager.errors import NO_CONSUMER, QUEUE_FULL, QUEUE_TIMEOUT, ApiError
-from mgpumanager.policy import make_policy
-from mgpumanager.registry import Registry
-from mgpumanager.scheduler import GpuScheduler
-from mgpumanager.scheduling_config import BATCH, INTERACTIVE
-from mgpumanager.status import queue_status, scheduler_status
+from mgpumanager.common.errors import NO_CONSUMER, QUEUE_FULL, QUEUE_TIMEOUT, ApiError
+from mgpumanager.config.document import Config, parse_config
+from mgpumanager.config.scheduling import BATCH, INTERACTIVE
+from mgpumanager.scheduling.choosing import PolicyChooser
+from mgpumanager.scheduling.policy import make_policy
+from mgpumanager.scheduling.scheduler import GpuScheduler
+from mgpumanager.state.registry import Registry
+from mgpumanager.web.status import queue_status, scheduler_status
 from tests.builders import consumer
 from tests.support import assert_no_result, failure_result_of, success_result_of
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from mgpumanager.config import Config, parse_config
-from mgpumanager.eviction import check_fit, dry_run_plan
-from mgpumanager.gpu import GpuSample
-from mgpumanager.registry import Registry
+from mgpumanager.config.document import Config, parse_config
+from mgpumanager.scheduling.eviction import check_fit, dry_run_plan
+from mgpumanager.state.gpu import GpuSample
+from mgpumanager.state.registry import Registry
 
 NO_NVML = GpuSample(time=1.0, err="NVML Shared Library Not Found")
 

@@ -1,5 +1,5 @@
 """
-Tests for :mod:`mgpumanager.scheduler`: one GPU job at a time across every consumer,
+Tests for :mod:`mgpumanager.scheduling.scheduler`: one GPU job at a time across every consumer,
 in arrival order, with the lock released however a job ends (success, failure,
 cancellation, a failed preparation), the numbers ``/v1/status`` shows, and a clean
 shutdown that answers queued jobs instead of dropping them.
@@ -14,11 +14,11 @@ import pytest
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 
-from mgpumanager.config import parse_config
-from mgpumanager.errors import LOAD_FAILED, ApiError
-from mgpumanager.registry import Registry
-from mgpumanager.scheduler import GpuScheduler
-from mgpumanager.status import consumer_status, scheduler_status
+from mgpumanager.common.errors import LOAD_FAILED, ApiError
+from mgpumanager.config.document import parse_config
+from mgpumanager.scheduling.scheduler import GpuScheduler
+from mgpumanager.state.registry import Registry
+from mgpumanager.web.status import consumer_status, scheduler_status
 from tests.builders import consumer as _consumer
 from tests.support import EPOCH, assert_no_result, failure_result_of, success_result_of
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from mgpumanager.config import parse_config
-from mgpumanager.config_reader import ConfigError
+from mgpumanager.config.document import parse_config
+from mgpumanager.config.reader import ConfigError
 from tests.builders import consumer
 
 

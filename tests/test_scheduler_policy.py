@@ -9,11 +9,11 @@ from __future__ import annotations
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 
-from mgpumanager.choosing import PolicyChooser
-from mgpumanager.policy import FIFO, SchedulingConfig, make_policy
-from mgpumanager.registry import Registry
-from mgpumanager.scheduler import GpuScheduler
-from mgpumanager.status import queue_status
+from mgpumanager.scheduling.choosing import PolicyChooser
+from mgpumanager.scheduling.policy import FIFO, SchedulingConfig, make_policy
+from mgpumanager.scheduling.scheduler import GpuScheduler
+from mgpumanager.state.registry import Registry
+from mgpumanager.web.status import queue_status
 from tests.test_priority import CONFIG, Jobs, failure_result_of
 
 

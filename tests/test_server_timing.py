@@ -10,10 +10,10 @@ import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock, deferLater
 
-from mgpumanager.config import parse_config
-from mgpumanager.errors import LOAD_FAILED, ApiError
-from mgpumanager.registry import Registry
-from mgpumanager.scheduler import GpuScheduler
+from mgpumanager.common.errors import LOAD_FAILED, ApiError
+from mgpumanager.config.document import parse_config
+from mgpumanager.scheduling.scheduler import GpuScheduler
+from mgpumanager.state.registry import Registry
 from tests.builders import consumer
 from tests.support import failure_result_of
 

@@ -1,5 +1,5 @@
 """
-Tests for :mod:`mgpumanager.site` through a real twisted.web ``HTTPChannel`` over
+Tests for :mod:`mgpumanager.web.site` through a real twisted.web ``HTTPChannel`` over
 a ``StringTransport``: the body limit is enforced before a body is read (from
 ``Content-Length``, or as a chunked body arrives), per request path, with a raw
 JSON 413 and a closed connection, and no "100 Continue" invitation; a
@@ -20,7 +20,7 @@ from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from mgpumanager.site import ManagerSite
+from mgpumanager.web.site import ManagerSite
 
 MiB = 2**20
 

@@ -25,9 +25,9 @@ from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
 
-from mgpumanager import service, tap
-from mgpumanager.adapters import load_resolved_config
-from mgpumanager.config import load_config
+from mgpumanager.app import service, tap
+from mgpumanager.config.document import load_config
+from mgpumanager.consumers.adapters import load_resolved_config
 from tests.daemon import REPO, TWISTD, Daemon, free_port
 from tests.support import sleep
 from tests.upstream import ScriptedUpstream, Tracker, listen
@@ -111,7 +111,7 @@ def test_wheel_contains_the_plugin(tmp_path: Path) -> None:
     assert "twisted/plugins/mgpumanager_plugin.py" in names
     assert "twisted/plugins/__init__.py" not in names
     assert "twisted/__init__.py" not in names
-    assert "mgpumanager/tap.py" in names
+    assert "mgpumanager/app/tap.py" in names
 
 
 @pytest_twisted.ensureDeferred
@@ -197,7 +197,7 @@ def test_a_non_loopback_listen_address_is_warned_about() -> None:
 def attrs_evolve_listen(config: Any, host: str, port: int) -> Any:
     import attrs
 
-    from mgpumanager.config import Listen
+    from mgpumanager.config.document import Listen
 
     return attrs.evolve(config, listen=Listen(host=host, port=port))
 

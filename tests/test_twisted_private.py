@@ -1,5 +1,5 @@
 """
-Tests for :mod:`mgpumanager.twisted_private`: each private Twisted API the daemon
+Tests for :mod:`mgpumanager.relay.twisted_private`: each private Twisted API the daemon
 relies on still exists and still does what we use it for on the installed Twisted.
 A failure here after a Twisted upgrade names the attribute that changed; the
 matching function's docstring says what it is needed for.
@@ -31,9 +31,9 @@ from twisted.web import client as web_client
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http import HTTPChannel, Request
 
-from mgpumanager.endpoints import ReusedEndpoints
-from mgpumanager.errors import is_cancellation
-from mgpumanager.twisted_private import (
+from mgpumanager.relay.endpoints import ReusedEndpoints
+from mgpumanager.relay.failures import is_cancellation
+from mgpumanager.relay.twisted_private import (
     QuietClientFactory,
     WrapperException,
     fail_start_on_listen_error,
@@ -258,7 +258,7 @@ def test_the_pool_still_hands_connections_back_through_put_connection() -> None:
     """
     from twisted.web._newclient import HTTP11ClientProtocol, HTTPClientParser
 
-    from mgpumanager.twisted_private import RequestNotSent, ReusePool
+    from mgpumanager.relay.twisted_private import RequestNotSent, ReusePool
 
     assert "key, connection" in str(inspect.signature(HTTPConnectionPool._putConnection))
     assert "_parser" in inspect.getsource(HTTP11ClientProtocol._finishResponse_WAITING)

@@ -23,19 +23,19 @@ from twisted.web.client import Agent, ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from mgpumanager.config import Config, parse_config
-from mgpumanager.control import ConsumerControl
-from mgpumanager.dispatch import Dispatcher
-from mgpumanager.endpoints import ReusedEndpoints
-from mgpumanager.jobs import GpuJobs
-from mgpumanager.limits import body_limit_for_path
-from mgpumanager.openai_routes import OpenAIRoutes, error_shape
-from mgpumanager.proxy import ConsumerProxy
-from mgpumanager.registry import Registry
-from mgpumanager.scheduler import GpuScheduler
-from mgpumanager.site import ManagerSite
-from mgpumanager.tunnel import WebSocketTunnels
-from mgpumanager.upstream import Passthrough
+from mgpumanager.config.document import Config, parse_config
+from mgpumanager.consumers.control import ConsumerControl
+from mgpumanager.relay.endpoints import ReusedEndpoints
+from mgpumanager.relay.proxy import ConsumerProxy
+from mgpumanager.relay.tunnel import WebSocketTunnels
+from mgpumanager.scheduling.scheduler import GpuScheduler
+from mgpumanager.state.registry import Registry
+from mgpumanager.web.dispatch import Dispatcher
+from mgpumanager.web.jobs import GpuJobs
+from mgpumanager.web.limits import body_limit_for_path
+from mgpumanager.web.openai_routes import OpenAIRoutes, error_shape
+from mgpumanager.web.passthrough import Passthrough
+from mgpumanager.web.site import ManagerSite
 from tests.builders import consumer
 
 

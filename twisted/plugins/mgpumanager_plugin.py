@@ -1,5 +1,6 @@
 from twisted.application.service import ServiceMaker
 
 mgpumanager = ServiceMaker(
-    "mgpumanager", "mgpumanager.tap", "GPU scheduler and proxy for local AI servers", "mgpumanager"
+    "mgpumanager", "mgpumanager.app.tap", "GPU scheduler and proxy for local AI servers",
+    "mgpumanager",
 )

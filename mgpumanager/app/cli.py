@@ -1,0 +1,222 @@
+"""
+The ``mgpumanager`` command: check a configuration before a restart or reload,
+and read a running daemon's status and plans from a terminal.  It runs
+outside the reactor, so a plain blocking HTTP client is the honest choice.
+
+Exit status: 0 success, 1 the daemon could not be reached or answered an
+error, 2 a bad configuration or a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from mgpumanager.config.document import Config, ConfigError, load_config
+
+DEFAULT_URL = "http://127.0.0.1:8770"
+TIMEOUT_SECONDS = 10.0
+
+
+class DaemonError(Exception):
+    """The daemon could not be asked, or answered with an error; ``str()`` says which."""
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """
+    Run one command; returns the exit status.
+
+    :param out: where answers go (standard output by default); errors always
+        go to standard error, so a script can tell them apart.
+    """
+    out = out or sys.stdout
+    args = _parser().parse_args(argv)
+    if args.command == "check":
+        return _check(args.config, out)
+    try:
+        document = _get(args.url, _path(args), _token(args.token_file))
+    except DaemonError as e:
+        print(f"mgpumanager: {e}", file=sys.stderr)
+        return 1
+    print(render_status(document) if args.command == "status" else render_plan(document), file=out)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mgpumanager", description="Check a configuration or ask a running daemon."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    check = commands.add_parser("check", help="validate a configuration file and summarise it")
+    check.add_argument("config", metavar="CONFIG")
+    for name, helptext in (("status", "the daemon's live state"), ("plan", "a dry run")):
+        command = commands.add_parser(name, help=helptext)
+        if name == "plan":
+            command.add_argument("kind", metavar="KIND", help="tts, stt, llm or image")
+        command.add_argument("--url", default=DEFAULT_URL, help=f"default {DEFAULT_URL}")
+        command.add_argument("--token-file", help="a file holding the daemon's bearer token")
+    return parser
+
+
+def _check(path: str, out: TextIO) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print(f"mgpumanager: {e}", file=sys.stderr)
+        return 2
+    print(render_config(config), file=out)
+    return 0
+
+
+def _path(args: argparse.Namespace) -> str:
+    return "/v1/status" if args.command == "status" else f"/v1/plan/{args.kind}"
+
+
+def _token(token_file: str | None) -> str | None:
+    if token_file is None:
+        return None
+    try:
+        with open(token_file, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError as e:
+        raise DaemonError(f"cannot read the token file: {e}") from None
+
+
+def _get(base_url: str, path: str, token: str | None) -> Any:
+    """The JSON document at ``path``; an error envelope becomes its message."""
+    request = urllib.request.Request(base_url.rstrip("/") + path)
+    request.add_header("Accept", "application/json")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as answer:
+            return json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        raise DaemonError(_error_message(e.code, e.read())) from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise DaemonError(f"cannot reach {base_url}: {reason}") from None
+    except ValueError:
+        raise DaemonError(f"{base_url}{path} did not answer JSON") from None
+
+
+def _error_message(status: int, body: bytes) -> str:
+    """The envelope's message (either shape the daemon uses), else the status."""
+    try:
+        envelope = json.loads(body)
+    except ValueError:
+        return f"the daemon answered {status}"
+    error = envelope.get("error") if isinstance(envelope, dict) else None
+    if isinstance(error, dict):  # OpenAI's shape
+        return f"{status} {error.get('code')}: {error.get('message')}"
+    return f"{status} {error}: {envelope.get('message')}"
+
+
+def table(rows: Sequence[Sequence[object]]) -> str:
+    """Rows as left-aligned columns, the first row a header."""
+    cells = [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def _mib(value: object) -> str:
+    return f"{value} MiB" if isinstance(value, int) else "-"
+
+
+def render_config(config: Config) -> str:
+    """What ``check`` prints: enough to see the file says what was meant."""
+    rows: list[Sequence[object]] = [("consumer", "url", "serves", "vram", "unload by")]
+    for name, consumer in config.consumers.items():
+        kinds = ",".join(k for k, target in config.routing.items() if target == name) or "-"
+        vram = "self-managed" if consumer.vram_managed else _mib(consumer.vram_resident_mib)
+        unload = "route" if consumer.unload else consumer.systemd_unit or "-"
+        rows.append((name, consumer.url, kinds, vram, unload))
+    routing = ", ".join(f"{kind} -> {name}" for kind, name in config.routing.items())
+    return (
+        f"{config.source}: ok\nlisten: {config.listen}\nrouting: {routing or 'none'}\n"
+        f"{table(rows)}"
+    )
+
+
+def render_status(status: dict[str, Any]) -> str:
+    """What ``status`` prints: the card, the consumers, the running job and the queue."""
+    gpu = status.get("gpu") or {}
+    lines = [
+        f"card: {gpu.get('name') or 'GPU'}  total {_mib(gpu.get('total_mib'))}  "
+        f"used {_mib(gpu.get('used_mib'))}  free {_mib(gpu.get('free_mib'))}  "
+        f"reserved {_mib(gpu.get('reserved_mib'))}"
+    ]
+    if gpu.get("err"):
+        lines.append(f"  no NVML reading: {gpu['err']}")
+    rows: list[Sequence[object]] = [
+        ("consumer", "health", "residency", "vram", "loads", "unloads", "jobs", "last error")
+    ]
+    for c in status.get("consumers") or []:
+        health = {True: "healthy", False: "unhealthy"}.get(c.get("healthy"), "unknown")
+        measured = c.get("gpu_resident_mib")
+        vram = f"{measured} MiB" if measured else f"{_mib(c.get('vram_budget_mib'))} declared"
+        rows.append((
+            c.get("name"), health, "resident" if c.get("loaded") else "unloaded", vram,
+            c.get("loads", 0), c.get("unloads", 0), c.get("total_requests", 0),
+            c.get("last_error") or "",
+        ))
+    lines += ["", table(rows), ""]
+    lines += _scheduler_lines(status.get("scheduler") or {})
+    return "\n".join(lines)
+
+
+def _scheduler_lines(scheduler: dict[str, Any]) -> list[str]:
+    running = scheduler.get("running")
+    if running:
+        lines = [
+            f"running: {running.get('consumer')} {running.get('kind')} "
+            f"({running.get('phase', 'running')}, since {running.get('started')})"
+        ]
+    else:
+        lines = [f"running: {scheduler.get('in_flight', 0) or 'nothing'}"]
+    queue = scheduler.get("queue")
+    if not isinstance(queue, list):
+        return [*lines, f"queue: {scheduler.get('queue_depth', 0)} waiting"]
+    if not queue:
+        return [*lines, "queue: empty"]
+    rows: list[Sequence[object]] = [("#", "consumer", "kind", "class", "waited", "eta")]
+    for n, job in enumerate(queue, 1):
+        eta = job.get("eta_seconds")
+        rows.append((
+            n, job.get("consumer"), job.get("kind"), job.get("class"),
+            f"{job.get('waited_ms', 0)} ms", "unknown" if eta is None else f"{eta} s",
+        ))
+    return [*lines, f"queue: {len(queue)} waiting", table(rows)]
+
+
+def render_plan(plan: dict[str, Any]) -> str:
+    """What ``plan`` prints: what a job of that kind would evict and load, and why."""
+    lines = [f"{plan.get('kind')}: served by {plan.get('target')}"]
+    if plan.get("skip_make_room"):
+        lines.append(f"no room to make: {plan['skip_make_room']}")
+    for n, step in enumerate(plan.get("steps") or [], 1):
+        fit = step.get("fit") or {}
+        victim = step.get("victim") or "nobody"
+        verdict = "fits" if fit.get("fits") else f"does not fit; evict {victim}"
+        lines.append(f"step {n}: {fit.get('why')} -> {verdict}")
+        for candidate in step.get("candidates") or []:
+            lines.append(f"    {candidate.get('name')}: {candidate.get('reason')}")
+    evict = plan.get("would_evict") or []
+    lines.append(f"would evict: {', '.join(evict) if evict else 'nothing'}")
+    if plan.get("would_load"):
+        load_by = plan.get("load_by") or "on its first request"
+        lines.append(f"would load: {plan.get('target')} ({load_by})")
+    else:
+        lines.append("would load: nothing (already resident)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,333 @@
+"""
+The daemon as a service: every component built and wired to the others.
+
+This is the only place objects are constructed and handed to each other, so
+the rest of the package can take its collaborators (reactor, HTTP client, NVML
+module) as arguments and be tested with stand-ins.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import attrs
+from treq.client import HTTPClient
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThread, deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from mgpumanager.app.reload import Reloader
+from mgpumanager.app.reloading import ReloadTargets, holder_release
+from mgpumanager.common.exposure import endpoint_is_loopback
+from mgpumanager.config.document import Config
+from mgpumanager.consumers.adapters import load_resolved_config
+from mgpumanager.consumers.adapters.following import Completions
+from mgpumanager.consumers.commands import CommandResult, run_command
+from mgpumanager.consumers.control import ConsumerControl
+from mgpumanager.consumers.probes import HealthProber
+from mgpumanager.relay.endpoints import ReusedEndpoints
+from mgpumanager.relay.headers import reuse_for
+from mgpumanager.relay.proxy import ConsumerProxy
+from mgpumanager.relay.tunnel import WebSocketTunnels
+from mgpumanager.relay.twisted_private import (
+    ReusePool,
+    fail_start_on_listen_error,
+    forget_exit_signal,
+    quiet_connections,
+)
+from mgpumanager.scheduling.choosing import PolicyChooser
+from mgpumanager.scheduling.eviction import dry_run_plan
+from mgpumanager.scheduling.lifecycle import Lifecycle
+from mgpumanager.scheduling.policy import make_policy
+from mgpumanager.scheduling.scheduler import GpuScheduler
+from mgpumanager.state.attribution import PidMap, ProcessAttributor, find_consumer_pids
+from mgpumanager.state.gpu import GpuReading, GpuSampler
+from mgpumanager.state.registry import Registry
+from mgpumanager.web.api import ManagerApp
+from mgpumanager.web.guard import Guard
+from mgpumanager.web.jobs import GpuJobs
+from mgpumanager.web.limits import body_limit_for_path, idle_limit
+from mgpumanager.web.metrics import Metrics
+from mgpumanager.web.openai_routes import OpenAIRoutes, error_shape
+from mgpumanager.web.passthrough import Passthrough
+from mgpumanager.web.ports import ConsumerPorts
+from mgpumanager.web.site import ManagerSite
+
+log = Logger()
+
+#: An NVML read that takes longer than this is treated as a hung driver.
+NVML_TIMEOUT_SECONDS = 5.0
+#: How long we wait for a consumer to accept a TCP connection.
+CONNECT_TIMEOUT_SECONDS = 5.0
+
+
+def load_pynvml() -> Any:
+    """Imported in the sampler's thread: a missing library is just a sample error."""
+    import pynvml
+
+    return pynvml
+
+
+class _Loop(Service):
+    """Adapts a component with ``start()``/``stop()`` to a service."""
+
+    def __init__(self, component: Any) -> None:
+        self._component = component
+
+    def startService(self) -> None:
+        super().startService()
+        self._component.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._component.stop()
+
+
+class _ThreadPoolService(Service):
+    """
+    The NVML thread.  A read stuck in a wedged driver never returns, and
+    joining its thread would hang the shutdown; the thread is a daemon thread,
+    so it is left behind and dies with the process.
+    """
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self._pool = pool
+        pool.threadFactory = partial(threading.Thread, daemon=True)  # type: ignore[assignment]
+
+    def startService(self) -> None:
+        super().startService()
+        self._pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._pool.working:
+            log.warn("an NVML read is still stuck in the driver; not waiting for it")
+            return
+        self._pool.stop()
+
+
+class ManagerService(MultiService):
+    """
+    The whole daemon.  Stops gracefully: no new connections on any port,
+    queued jobs answered ``shutting_down``, running jobs given ``grace`` seconds
+    to finish, then everything else.
+
+    :param listeners: every service that accepts connections: the main port,
+        and the consumers' own ports.
+    """
+
+    def __init__(
+        self,
+        listeners: Sequence[IService],
+        scheduler: GpuScheduler,
+        pool: HTTPConnectionPool,
+        clock: Any,
+        grace: float,
+    ) -> None:
+        super().__init__()
+        self._listeners = listeners
+        self._scheduler = scheduler
+        self._pool = pool
+        self._clock = clock
+        #: How long running jobs may finish after SIGTERM (a reload may change it).
+        self.grace = grace
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        log.info("stopping: no new connections; queued jobs are refused")
+        await DeferredList([maybeDeferred(s.stopService) for s in self._listeners])
+        self._scheduler.close()
+        idle = self._scheduler.when_idle()
+        if self._scheduler.in_flight:
+            log.info("waiting up to {grace} s for {n} running job(s)",
+                     grace=self.grace, n=self._scheduler.in_flight)
+            idle.addTimeout(self.grace, self._clock)
+            try:
+                await idle
+            except Exception:
+                log.warn("grace period over: aborting {n} running job(s)",
+                         n=self._scheduler.in_flight)
+                self._scheduler.abort_running()
+        others = [s for s in reversed(list(self)) if s not in self._listeners]
+        await DeferredList([maybeDeferred(s.stopService) for s in others])
+        Service.stopService(self)
+        await self._pool.closeCachedConnections()
+        # A graceful stop is a success: exit 0, not "killed by SIGTERM".
+        forget_exit_signal(self._clock)
+
+
+@attrs.frozen
+class StandIns:
+    """
+    What replaces the real host's parts when the daemon runs against a
+    simulated one: the NVML module, the consumer-to-process map, the
+    ``systemctl`` command, and services to run alongside (the simulated host).
+    """
+
+    load_nvml: Callable[[], Any]
+    find_pids: Callable[[], PidMap] | None = None
+    systemctl: tuple[str, ...] | None = None
+    services: tuple[IService, ...] = ()
+
+
+def build(
+    config: Config, listen: str | None, reactor: Any, stand_ins: StandIns | None = None
+) -> ManagerService:
+    """Build and wire every component of the daemon."""
+    config = _with_stand_ins(config, stand_ins)
+    # Built first: whatever reads the configuration per call reads its current one.
+    reloader = Reloader(
+        config,
+        reactor,
+        load=lambda path: _with_stand_ins(load_resolved_config(path), stand_ins),
+    )
+    pool = ReusePool(reactor, reuse_for, lambda key: idle_limit(reloader.current, key))
+    quiet_connections(pool)
+    pool.maxPersistentPerHost = 8
+    agents: dict[float, Agent] = {}
+
+    def agent_for_timeout(seconds: float) -> Agent:
+        if seconds not in agents:
+            agents[seconds] = Agent.usingEndpointFactory(
+                reactor, ReusedEndpoints(reactor, seconds), pool=pool
+            )
+        return agents[seconds]
+
+    # Probes and lifecycle calls use treq; each is bounded by its own timeout.
+    http_client = HTTPClient(agent_for_timeout(CONNECT_TIMEOUT_SECONDS))
+
+    registry = Registry(config)
+    nvml_threads = ThreadPool(minthreads=0, maxthreads=1, name="mgpumanager-nvml")
+
+    def run_blocking(call: Any) -> Deferred[GpuReading]:
+        return deferToThreadPool(reactor, nvml_threads, call)
+
+    sampler = GpuSampler(
+        load_nvml=stand_ins.load_nvml if stand_ins else load_pynvml,
+        run_blocking=run_blocking,
+        clock=reactor,
+        interval=config.gpu.poll_interval_seconds,
+        timeout=NVML_TIMEOUT_SECONDS,
+    )
+    def run(argv: Sequence[str], timeout: float) -> Deferred[CommandResult]:
+        return run_command(reactor, reactor, argv, timeout)
+
+    control = ConsumerControl(http_client, reactor, run, config.lifecycle.systemctl)
+    prober = HealthProber(
+        registry,
+        control,
+        reactor,
+        interval=config.probes.interval_seconds,
+        timeout=config.probes.timeout_seconds,
+    )
+    def find_pids() -> PidMap:
+        # "systemctl show" needs no privilege: not the configured (sudo) prefix.
+        return find_consumer_pids(reloader.current, ("systemctl",))
+
+    pids: Callable[[], PidMap] = find_pids
+    if stand_ins is not None and stand_ins.find_pids is not None:
+        pids = stand_ins.find_pids
+    attributor = ProcessAttributor(registry, pids, deferToThread, reactor)
+    sampler.subscribe(attributor.on_sample)
+    sampler.subscribe(holder_release(registry))
+
+    metrics = Metrics(reactor)
+    lifecycle = Lifecycle(
+        config, registry, sampler, control, reactor, prober.probe, attributor, metrics
+    )
+    def needs_swap(name: str) -> bool:
+        # The registry's configuration is the current one, consumers and all.
+        return dry_run_plan(registry.config, registry, name, sampler.latest).needs_swap
+
+    chooser = PolicyChooser(make_policy(config.scheduling), needs_swap)
+    scheduler = GpuScheduler(
+        reactor,
+        registry,
+        lifecycle.prepare,
+        queue=config.queue,
+        telemetry=metrics,
+        chooser=chooser,
+        scheduling=config.scheduling,
+    )
+    proxy = ConsumerProxy(
+        lambda consumer: agent_for_timeout(consumer.timeouts.connect_seconds),
+        reactor,
+        drop_authorization=config.auth_token is not None,
+    )
+    description = listen or config.listen.endpoint_description()
+    loopback = endpoint_is_loopback(description)
+    guard = Guard(config, loopback)
+    completions = Completions(control, reactor, lifecycle.record_timeout)
+    jobs = GpuJobs(registry, scheduler, proxy, metrics, completions)
+    app = ManagerApp(
+        config, registry, scheduler, proxy, sampler, lifecycle, reactor, listen, jobs, metrics
+    )
+    tunnels = WebSocketTunnels(reactor, drop_authorization=config.auth_token is not None)
+    passthrough = Passthrough(config, jobs, proxy, tunnels)
+    routes = app.resource()
+    passthrough.register(routes)
+    openai = OpenAIRoutes(config, jobs, control, config.probes.timeout_seconds)
+    openai.register(routes)
+    site = ManagerSite(
+        routes, lambda target: body_limit_for_path(reloader.current, target), guard, error_shape
+    )
+    endpoint = serverFromString(reactor, description)
+    http = StreamServerEndpointService(endpoint, site)
+    fail_start_on_listen_error(http)
+
+    ports = ConsumerPorts(config, passthrough, reactor, endpoint_is_loopback)
+    service = ManagerService(
+        (http, ports), scheduler, pool, reactor, config.shutdown_grace_seconds
+    )
+    ReloadTargets(
+        registry=registry,
+        attributor=attributor,
+        scheduler=scheduler,
+        lifecycle=lifecycle,
+        control=control,
+        prober=prober,
+        sampler=sampler,
+        guard=guard,
+        app=app,
+        passthrough=passthrough,
+        openai=openai,
+        relays=(proxy, tunnels),
+        service=service,
+        ports=ports,
+    ).register(reloader)
+    reloader.setServiceParent(service)
+    for extra in stand_ins.services if stand_ins else ():
+        extra.setServiceParent(service)
+    _ThreadPoolService(nvml_threads).setServiceParent(service)
+    _Loop(sampler).setServiceParent(service)
+    _Loop(prober).setServiceParent(service)
+    _Loop(app.events).setServiceParent(service)
+    http.setServiceParent(service)
+    ports.setServiceParent(service)
+    if not loopback:
+        log.warn(
+            "listening on {listen}, which is not loopback only: anyone who can reach it "
+            "can use the GPU{hint}",
+            listen=description,
+            hint="" if config.auth_token else " (consider auth.token_file)",
+        )
+    return service
+
+
+def _with_stand_ins(config: Config, stand_ins: StandIns | None) -> Config:
+    """The configuration with a simulated host's ``systemctl`` in place of the file's."""
+    if stand_ins is None or stand_ins.systemctl is None:
+        return config
+    return attrs.evolve(
+        config, lifecycle=attrs.evolve(config.lifecycle, systemctl=stand_ins.systemctl)
+    )

@@ -1,0 +1,94 @@
+"""
+The twistd plugin's options and service.
+
+``twistd -n mgpumanager --config config/consumers.yaml`` runs the daemon in the
+foreground.  A bad configuration stops it before anything listens, with one line
+naming the file and key.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import cast
+
+from twisted.internet.interfaces import IReactorCore
+from twisted.python import usage
+
+from mgpumanager.app.service import ManagerService, build
+from mgpumanager.config.document import Config, ConfigError
+from mgpumanager.consumers.adapters import load_resolved_config
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--listen ENDPOINT] [--simulate | --simulated-card FILE]"
+    longdesc = (
+        "Run mgpumanager: one HTTP facade (POST /v1/tts, /v1/stt, /v1/llm, /v1/image) "
+        "in front of several inference servers, with one global GPU lock, VRAM-aware "
+        "eviction and a live GET /v1/status."
+    )
+    optFlags = [
+        [
+            "simulate",
+            None,
+            "Run the simulated GPU host (five simulated inference servers on one "
+            "simulated card) inside the daemon, on the ports of the config's consumers: "
+            "a demo without a GPU.  Use with --config config/demo.yaml.",
+        ],
+    ]
+    optParameters = [
+        ["config", "c", "config/consumers.yaml", "The consumers.yaml file to run."],
+        [
+            "listen",
+            "l",
+            None,
+            "A Twisted server endpoint overriding the file's listen address, "
+            "e.g. tcp:8770:interface=127.0.0.1",
+        ],
+        [
+            "simulated-card",
+            None,
+            None,
+            "Read GPU memory from a simulated card's state file (written by "
+            "python -m mgpumanager.simulate) instead of NVML.",
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        if self["listen"] is not None:
+            from twisted.internet import reactor
+            from twisted.internet.endpoints import serverFromString
+
+            try:
+                serverFromString(reactor, self["listen"])
+            except (ValueError, TypeError) as e:
+                raise usage.UsageError(f"--listen {self['listen']!r}: {e}") from None
+        try:
+            self["loaded_config"] = load_resolved_config(self["config"])
+        except ConfigError as e:
+            # One clear line and a non-zero exit; the usage text would bury it.
+            print(f"mgpumanager: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
+def makeService(options: Options, reactor: IReactorCore | None = None) -> ManagerService:
+    """
+    Build the daemon from parsed options.
+
+    :param reactor: the reactor every component runs on (the global one unless a
+        test hands in a fake); it must also provide time, TCP and threads.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = cast(IReactorCore, global_reactor)
+    config: Config = options["loaded_config"]
+    stand_ins = None
+    if options["simulate"]:
+        from mgpumanager.app.demo import simulated_in_process
+
+        stand_ins = simulated_in_process(config, reactor)
+    elif options["simulated-card"]:
+        from mgpumanager.app.demo import simulated_card_file
+
+        stand_ins = simulated_card_file(options["simulated-card"])
+    return build(config, options["listen"], reactor, stand_ins)

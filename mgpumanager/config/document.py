@@ -1,0 +1,355 @@
+"""
+Load ``consumers.yaml`` into immutable values, or refuse it with one clear line.
+
+Validation happens once, before anything listens: a daemon that starts with half a
+configuration schedules the GPU wrongly in ways that only show up as an OOM hours
+later, so every mistake an operator can make in the file is an error here, named by
+file and key path (``consumers.comfyui.paths.image.path: required``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+import yaml
+
+from mgpumanager.config.consumers import (
+    ADAPTER_ONLY_KEYS,
+    DEFAULT_ADAPTER,
+    ENDPOINT_KINDS,
+    CompletionConfig,
+    ConsumerConfig,
+    Timeouts,
+    parse_consumer,
+)
+from mgpumanager.config.reader import (
+    DEFAULT_LISTEN,
+    FILE_KEY,
+    LISTEN_BACKLOG,
+    ConfigError,
+    Listen,
+    Reader,
+    Route,
+    default_of,
+    file_keys,
+    kind_of,
+)
+from mgpumanager.config.scheduling import SchedulingConfig, SchedulingConfigError
+
+__all__ = [
+    "ADAPTER_ONLY_KEYS",
+    "DEFAULT_ADAPTER",
+    "DEFAULT_AUDIO_PREFIX",
+    "DEFAULT_LISTEN",
+    "ENDPOINT_KINDS",
+    "LISTEN_BACKLOG",
+    "CompletionConfig",
+    "Config",
+    "ConfigError",
+    "ConsumerConfig",
+    "GpuConfig",
+    "LifecycleConfig",
+    "Listen",
+    "OpenAIConfig",
+    "ProbeConfig",
+    "QueueConfig",
+    "Route",
+    "Timeouts",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_AUDIO_PREFIX = "/api/audio/"
+#: The OpenAI-compatible route families, each served by one named consumer.
+OPENAI_ROLES = ("chat", "speech", "transcriptions", "images")
+
+
+@attrs.frozen
+class GpuConfig:
+    """The card: its size when NVML cannot say, the headroom we never hand out."""
+
+    total_mib: int | None = None
+    reserved_mib: int = 1024
+    poll_interval_seconds: float = 2.0
+
+
+@attrs.frozen
+class ProbeConfig:
+    """How often consumers' health routes are called, and for how long at most."""
+
+    interval_seconds: float = 5.0
+    timeout_seconds: float = 3.0
+
+
+@attrs.frozen
+class LifecycleConfig:
+    """
+    How consumers are unloaded and loaded when the scheduler makes room.
+
+    ``systemctl`` is the command prefix used for consumers managed by a systemd
+    unit, so a deployment can say ``[sudo, -n, systemctl]``.
+    """
+
+    unload_timeout_seconds: float = 30.0
+    load_timeout_seconds: float = 120.0
+    verify_interval_seconds: float = 0.25
+    verify_timeout_seconds: float = 10.0
+    settle_seconds: float = 1.0
+    systemctl: tuple[str, ...] = ("systemctl",)
+
+
+@attrs.frozen
+class QueueConfig:
+    """Admission control: how many jobs may wait, and for how long."""
+
+    max_depth: int = 512
+    max_wait_seconds: float = 600.0
+
+
+@attrs.frozen
+class OpenAIConfig:
+    """
+    Which consumer serves each family of OpenAI-compatible routes, and which
+    serves a given ``model`` first (a request naming it goes there).
+    """
+
+    chat: str | None = None
+    speech: str | None = None
+    transcriptions: str | None = None
+    images: str | None = None
+    models: Mapping[str, str] = attrs.field(factory=lambda: MappingProxyType({}))
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """
+    The whole validated configuration.  Its fields are the file's top-level keys,
+    in the file's order, except where ``FILE_KEY`` says otherwise.
+    """
+
+    source: str = attrs.field(metadata={FILE_KEY: None})
+    listen: Listen = DEFAULT_LISTEN
+    gpu: GpuConfig = GpuConfig()
+    probes: ProbeConfig = ProbeConfig()
+    lifecycle: LifecycleConfig = LifecycleConfig()
+    routing: Mapping[str, str] = attrs.field(factory=lambda: MappingProxyType({}))
+    audio_proxy: str | None = None
+    audio_path_prefix: str = DEFAULT_AUDIO_PREFIX
+    consumers: Mapping[str, ConsumerConfig]
+    shutdown_grace_seconds: float = 30.0
+    max_body_mib: int = attrs.field(default=512, metadata={FILE_KEY: "limits"})
+    queue: QueueConfig = QueueConfig()
+    allowed_origins: frozenset[str] = frozenset()
+    #: The bearer token every route but /healthz requires, when set.
+    auth_token: bytes | None = attrs.field(default=None, repr=False, metadata={FILE_KEY: "auth"})
+    openai: OpenAIConfig = OpenAIConfig()
+    scheduling: SchedulingConfig = attrs.field(factory=SchedulingConfig)
+
+    def body_limit_for(self, kind: str | None) -> int:
+        """The request-body limit in bytes for a job of ``kind`` (None: not a job)."""
+        limit = self.max_body_mib
+        target = self.route_for(kind) if kind is not None else None
+        if target is not None and target[0].max_body_mib is not None:
+            limit = target[0].max_body_mib
+        return limit * 1024 * 1024
+
+    def may_coexist(self, first: str, second: str) -> bool:
+        """Coexistence is symmetric: either side listing the other is enough."""
+        return (
+            second in self.consumers[first].can_coexist_with
+            or first in self.consumers[second].can_coexist_with
+        )
+
+    def route_for(self, kind: str) -> tuple[ConsumerConfig, Route] | None:
+        """The consumer and route serving an endpoint kind, if configured."""
+        name = self.routing.get(kind)
+        if name is None:
+            return None
+        consumer = self.consumers[name]
+        route = consumer.paths.get(kind)
+        if route is None:
+            return None
+        return consumer, route
+
+
+
+
+def load_config(path: str | Path) -> Config:
+    """
+    Read and validate a configuration file.
+
+    :raises ConfigError: for a file that cannot be read, is not YAML, or does
+        not describe a usable daemon.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(source, "", f"cannot read: {e}") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        problem = " ".join(str(e).split())
+        raise ConfigError(source, "", f"not valid YAML: {problem}") from None
+    return parse_config(document, source)
+
+
+def parse_config(document: object, source: str = "<config>") -> Config:
+    """Validate an already-parsed YAML document; see :func:`load_config`."""
+    read = Reader(source)
+    if not isinstance(document, dict):
+        raise read.fail("", f"the top level must be a mapping, not {kind_of(document)}")
+    top = read.mapping(document, "", file_keys(Config))
+    consumers_table = read.section(top, "consumers", "", None)
+    if not consumers_table:
+        raise read.fail("consumers", "at least one consumer is required")
+    consumers = {
+        name: parse_consumer(read, name, value, consumers_table)
+        for name, value in consumers_table.items()
+    }
+
+    def consumer_name(value: object, key_path: str) -> str:
+        return read.consumer(value, key_path, consumers)
+
+    def routing(value: object, key_path: str) -> Mapping[str, str]:
+        table = read.mapping(value, key_path, ENDPOINT_KINDS)
+        return MappingProxyType({
+            kind: consumer_name(name, f"{key_path}.{kind}")
+            for kind, name in table.items()
+            if name is not None
+        })
+
+    def models(value: object, key_path: str) -> Mapping[str, str]:
+        table = read.mapping(value, key_path, None)
+        for model in table:
+            if not model.strip():
+                raise read.fail(key_path, "model ids must be non-empty strings")
+        return MappingProxyType({
+            model: consumer_name(name, f"{key_path}.{model}") for model, name in table.items()
+        })
+
+    config = Config(
+        source=source,
+        consumers=MappingProxyType(dict(sorted(consumers.items()))),
+        **read.values(
+            top,
+            "",
+            Config,
+            {
+                "consumers": None,
+                "listen": read.listen,
+                "gpu": read.nested(GpuConfig, {"total_mib": partial(_card_size, read)}),
+                "probes": read.nested(ProbeConfig),
+                "lifecycle": read.nested(LifecycleConfig, {"systemctl": partial(_command, read)}),
+                "routing": routing,
+                "audio_proxy": consumer_name,
+                "audio_path_prefix": partial(_audio_prefix, read),
+                "limits": partial(_limits, read),
+                "queue": read.nested(QueueConfig, {"max_depth": partial(_queue_depth, read)}),
+                "allowed_origins": lambda v, p: frozenset(read.names(v, p)),
+                "auth": partial(_auth, read),
+                "scheduling": partial(_scheduling, read),
+                "openai": read.nested(
+                    OpenAIConfig, {**dict.fromkeys(OPENAI_ROLES, consumer_name), "models": models}
+                ),
+            },
+        ),
+    )
+    _check_ports(read, config, consumers_table)
+    return config
+
+
+def _scheduling(read: Reader, value: object, key_path: str) -> SchedulingConfig:
+    try:
+        return SchedulingConfig.from_mapping(value)
+    except SchedulingConfigError as e:
+        raise read.fail(f"{key_path}.{e.key}" if e.key != key_path else key_path,
+                        e.problem) from None
+
+
+def _card_size(read: Reader, value: object, key_path: str) -> int | None:
+    # 0 reads as "not given": NVML's answer (or nothing) is used instead.
+    return read.size_mib(value, key_path) or None
+
+
+def _command(read: Reader, value: object, key_path: str) -> tuple[str, ...]:
+    command = read.names(value.split() if isinstance(value, str) else value, key_path)
+    if not command:
+        raise read.fail(key_path, "must name a command")
+    return command
+
+
+def _audio_prefix(read: Reader, value: object, key_path: str) -> str:
+    prefix = read.text(value, key_path)
+    segments = prefix[1:-1].split("/")
+    clean = (
+        prefix != "/"
+        and prefix.startswith("/")
+        and prefix.endswith("/")
+        and all(
+            segment not in ("", ".", "..")
+            and all(c.isalnum() or c in "-_.~" for c in segment)
+            for segment in segments
+        )
+    )
+    if not clean:
+        raise read.fail(
+            key_path,
+            f"must start and end with '/' and hold only plain path segments (got {prefix!r})",
+        )
+    return prefix
+
+
+def _limits(read: Reader, value: object, key_path: str) -> int:
+    table = read.mapping(value, key_path, ("max_body_mib",))
+    default: int = default_of(Config, "max_body_mib")
+    limit = read.optional(table, "max_body_mib", key_path, read.size_mib, default)
+    if limit < 1:
+        raise read.fail(f"{key_path}.max_body_mib", "must be at least 1")
+    return limit
+
+
+def _queue_depth(read: Reader, value: object, key_path: str) -> int:
+    depth = read.whole(value, key_path)
+    if depth < 1:
+        raise read.fail(key_path, f"must be at least 1 (got {depth})")
+    return depth
+
+
+def _auth(read: Reader, value: object, key_path: str) -> bytes | None:
+    table = read.mapping(value, key_path, ("token_file",))
+    if not table:
+        return None
+    name = read.required(table, "token_file", key_path, read.text)
+    path = Path(name)
+    if not path.is_absolute():
+        path = Path(read.source).parent / path
+    try:
+        token = path.read_bytes().strip()
+    except OSError as e:
+        raise read.fail(f"{key_path}.token_file", f"cannot read {name}: {e.strerror}") from None
+    if len(token) < 16 or any(c <= 32 or c >= 127 for c in token):
+        raise read.fail(
+            f"{key_path}.token_file",
+            "the token must be at least 16 printable characters, no spaces",
+        )
+    return token
+
+
+def _check_ports(read: Reader, config: Config, order: Mapping[str, Any]) -> None:
+    """Every port the daemon opens is its own: a second listener there would fail."""
+    taken = {config.listen.port: "listen"}
+    for name in order:
+        listen = config.consumers[name].listen
+        if listen is None:
+            continue
+        key_path = f"consumers.{name}.listen"
+        if listen.port in taken:
+            owner = taken[listen.port]
+            raise read.fail(key_path, f"port {listen.port} is already taken by {owner}")
+        taken[listen.port] = key_path

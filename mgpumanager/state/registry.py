@@ -1,0 +1,219 @@
+"""
+What the daemon knows about each consumer right now.
+
+Configuration says what a consumer *is*; the registry says what it is *doing*:
+whether its last health probe passed, whether we believe its model is on the card,
+how much memory it was measured to hold, when it last finished a job.  The
+scheduler's decisions and ``/v1/status`` both read this one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+import attrs
+
+from mgpumanager.config.document import Config, ConsumerConfig
+
+#: Share of its declared VRAM a consumer's processes must hold to count as loaded.
+RESIDENT_SHARE = 0.5
+
+
+@attrs.frozen
+class ModelResidency:
+    """One model a server holds on the card (Ollama's ``/api/ps``)."""
+
+    name: str
+    size_vram_mib: int
+    expires_at: str | None = None
+
+
+@attrs.define
+class ConsumerState:
+    """
+    The live state of one consumer.  Mutable, and only ever touched from the
+    reactor thread.
+
+    ``healthy`` is ``None`` until the first probe completes: a consumer never
+    probed is tried rather than refused.
+    """
+
+    config: ConsumerConfig
+    #: Our own bookkeeping: loaded at start, or by us since, and not unloaded by us.
+    believed_loaded: bool
+    healthy: bool | None = None
+    last_probe: float | None = None
+    last_error: str = ""
+    #: What the consumer's own health answer said, when it says (cleared by
+    #: our own loads and unloads, which it may not have seen yet).
+    reported_loaded: bool | None = None
+    reported_resident_mib: int | None = None
+    #: What NVML attributes to the consumer's processes, when we can tell.
+    measured_resident_mib: int | None = None
+    measured_at: float | None = None
+    peak_resident_mib: int = 0
+    #: The models it says it holds, for servers that hold several (Ollama).
+    models: tuple[ModelResidency, ...] | None = None
+    #: Its own queue holds work that did not come through us (ComfyUI).
+    busy_elsewhere: bool = False
+    active: int = 0
+    total_requests: int = 0
+    last_used: float | None = None
+    load_count: int = 0
+    unload_count: int = 0
+    #: When we last loaded or unloaded it, and how many times we have: a probe
+    #: report from before the latest change is stale.
+    lifecycle_changed_at: float = 0.0
+    lifecycle_changes: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def resident(self) -> bool:
+        """
+        The verdict on whether the model is on the card.  The card itself is the best witness:
+        when NVML attributes memory to the consumer's processes, holding at
+        least half its declared size means loaded, whatever anyone says.  Next
+        comes the consumer's own report, then our bookkeeping, which can only
+        guess (a crash, a manual restart).
+        """
+        declared = self.config.vram_resident_mib
+        measured = self.measured_resident_mib
+        # A measurement from before our latest load or unload describes the past.
+        fresh = self.measured_at is not None and self.measured_at > self.lifecycle_changed_at
+        if measured is not None and fresh and declared > 0:
+            return measured >= RESIDENT_SHARE * declared
+        if self.reported_loaded is not None:
+            return self.reported_loaded
+        return self.believed_loaded
+
+    @property
+    def gpu_resident_mib(self) -> int:
+        """Best knowledge of what it holds: measured, else reported, else declared."""
+        if self.measured_resident_mib is not None:
+            return self.measured_resident_mib
+        if self.reported_resident_mib is not None:
+            return self.reported_resident_mib
+        return self.config.vram_resident_mib if self.resident else 0
+
+    @property
+    def size_mib(self) -> int:
+        """
+        What it takes on the card, as a victim and as a target: the largest
+        of its declared size, what it holds now and the most it ever held.
+        A declaration of 0 stops meaning "never make room" once it has run.
+        """
+        now = self.measured_resident_mib or self.reported_resident_mib or 0
+        return max(self.config.vram_resident_mib, now, self.peak_resident_mib)
+
+    @property
+    def restartable(self) -> bool:
+        """
+        A consumer whose systemd unit we stopped is expected to fail its
+        probes; the scheduler starts it again, so it is not refused as down.
+        """
+        return self.config.systemd_unit is not None and not self.resident
+
+    def mark_loaded(self, loaded: bool, now: float) -> None:
+        """Record our own load/unload; a stale report must not contradict it."""
+        self.believed_loaded = loaded
+        self.lifecycle_changed_at = now
+        self.lifecycle_changes += 1
+        self.reported_loaded = None
+        self.reported_resident_mib = None
+        self.models = None
+
+    def note_resident_mib(self, mib: int) -> None:
+        self.peak_resident_mib = max(self.peak_resident_mib, mib)
+
+@attrs.frozen
+class Holder:
+    """
+    A consumer a reload removed while its model was on the card: no longer
+    ours to schedule or unload, but its memory is still taken until the card
+    shows it gone.
+    """
+
+    name: str
+    size_mib: int
+    #: Its processes when it was removed, to see its memory go; may be empty.
+    pids: frozenset[int]
+
+
+class Registry:
+    """
+    All consumers' states, by name, in name order; and the holders of memory
+    that a reload removed.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._states = {
+            name: _fresh_state(consumer) for name, consumer in config.consumers.items()
+        }
+        self.holders: dict[str, Holder] = {}
+
+    def reconfigure(
+        self, config: Config, pids_of: Callable[[str], frozenset[int]]
+    ) -> list[str]:
+        """
+        Take a reloaded configuration; return the consumers it removed.  A
+        consumer that stays keeps its residency and counters unless its
+        ``url`` or ``adapter`` changed (then it is another server); a removed
+        one that is resident becomes a :class:`Holder`.
+        """
+        states: dict[str, ConsumerState] = {}
+        for name, consumer in config.consumers.items():
+            old = self._states.get(name)
+            if old is None or (old.config.url, old.config.adapter) != (
+                consumer.url,
+                consumer.adapter,
+            ):
+                states[name] = _fresh_state(consumer)
+            else:
+                old.config = consumer
+                states[name] = old
+        removed = [name for name in self._states if name not in states]
+        for name in removed:
+            state = self._states[name]
+            if state.resident and state.size_mib > 0:
+                self.holders[name] = Holder(name, state.size_mib, pids_of(name))
+        self.config = config
+        self._states = states
+        return removed
+
+    @property
+    def held_elsewhere_mib(self) -> int:
+        """Memory the budget must count that no consumer of ours holds."""
+        return sum(holder.size_mib for holder in self.holders.values())
+
+    def release_holders(self, processes: Mapping[int, int]) -> list[str]:
+        """
+        Forget the holders whose processes the card (``processes``: MiB by
+        pid, from NVML) shows holding under 5 % of their memory; return them.
+        """
+        gone = [
+            holder.name
+            for holder in self.holders.values()
+            if holder.pids
+            and sum(processes.get(pid, 0) for pid in holder.pids) < 0.05 * holder.size_mib
+        ]
+        for name in gone:
+            del self.holders[name]
+        return gone
+
+    def __getitem__(self, name: str) -> ConsumerState:
+        return self._states[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._states
+
+    def __iter__(self) -> Iterator[ConsumerState]:
+        return iter(self._states.values())
+
+
+
+def _fresh_state(consumer: ConsumerConfig) -> ConsumerState:
+    return ConsumerState(config=consumer, believed_loaded=consumer.initially_resident())

@@ -1,0 +1,193 @@
+"""
+``GET /metrics``: the daemon's figures in Prometheus' text format, through
+``prometheus_client`` (a well-kept library writes the exposition format better
+than code of ours would).
+
+Two sources, no bookkeeping of our own: counters and histograms are observed
+through :class:`~mgpumanager.scheduling.telemetry.Telemetry` at the points where the
+status counters change, and the gauges are read at scrape time from the very
+``/v1/status`` document, so a scrape and a status read always agree.  Each
+daemon has its own registry: two in one process (the tests) never mix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+from mgpumanager.common.errors import INTERNAL_ERROR, ApiError
+from mgpumanager.relay.proxy import UpstreamBroke
+from mgpumanager.scheduling.queued import QueuedJob
+from mgpumanager.scheduling.telemetry import COMPLETION_TIMEOUT, JobWatch
+
+_T = TypeVar("_T")
+
+#: Prometheus' own content type for the text format, version 0.0.4.
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+MIB = 1024 * 1024
+
+#: GPU work takes from tens of milliseconds (a cached TTS line) to minutes (a
+#: model load, an image batch): 10 ms to 10 min.
+BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+           120.0, 300.0, 600.0)
+
+StatusSource = Callable[[], dict[str, Any]]
+
+
+
+def job_outcome(result: object) -> str:
+    """
+    The outcome label of a finished job: ``ok`` when the answer was relayed to
+    the end, whatever the upstream's status; else why not.
+    """
+    if result == COMPLETION_TIMEOUT:
+        return COMPLETION_TIMEOUT
+    if not isinstance(result, Failure):
+        return "ok"
+    error = result.value
+    if isinstance(error, CancelledError):
+        return "cancelled"
+    if isinstance(error, UpstreamBroke):
+        return "upstream_failed"
+    if isinstance(error, ApiError):
+        return error.kind.code
+    code = getattr(error, "outcome", None)
+    return code if isinstance(code, str) else INTERNAL_ERROR.code
+
+
+class Metrics:
+    """
+    The Prometheus side of :class:`~mgpumanager.scheduling.telemetry.Telemetry`.
+
+    :param clock: times a job from when it gets the GPU.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._jobs = Counter(
+            "mgpumanager_jobs", "GPU jobs by how they ended",
+            ["consumer", "kind", "outcome"], registry=self.registry)
+        self._waits = Histogram(
+            "mgpumanager_queue_wait_seconds", "Time a job waited for the GPU",
+            ["consumer", "class"], buckets=BUCKETS, registry=self.registry)
+        self._durations = Histogram(
+            "mgpumanager_job_duration_seconds", "Time a job ran once its consumer was ready",
+            ["consumer", "kind"], buckets=BUCKETS, registry=self.registry)
+        self._loads = Histogram(
+            "mgpumanager_load_duration_seconds", "Time a consumer took to load",
+            ["consumer"], buckets=BUCKETS, registry=self.registry)
+        self._unloads = Histogram(
+            "mgpumanager_unload_duration_seconds", "Time an unload call took",
+            ["consumer"], buckets=BUCKETS, registry=self.registry)
+        self._evictions = Counter(
+            "mgpumanager_evictions", "Evictions by victim and outcome",
+            ["victim", "outcome"], registry=self.registry)
+
+    def watch_status(self, status: StatusSource) -> None:
+        """Read the gauges from ``status`` (the ``/v1/status`` document) at each scrape."""
+        self.registry.register(_StatusGauges(status))
+
+    def exposition(self) -> bytes:
+        """The current figures in the text format."""
+        return generate_latest(self.registry)
+
+    def job(self, consumer: str, kind: str) -> JobWatch:
+        return _TimedJob(self, consumer, kind)
+
+    def job_ended(self, consumer: str, kind: str, outcome: str, seconds: float | None) -> None:
+        self._jobs.labels(consumer, kind, outcome).inc()
+        if seconds is not None:
+            self._durations.labels(consumer, kind).observe(seconds)
+
+    def job_refused(self, consumer: str, kind: str, code: str) -> None:
+        self._jobs.labels(consumer, kind, code).inc()
+
+    def waited(self, job: QueuedJob, seconds: float) -> None:
+        self._waits.labels(job.consumer, job.job_class).observe(seconds)
+
+    def unloaded(self, victim: str, seconds: float) -> None:
+        self._unloads.labels(victim).observe(seconds)
+
+    def evicted(self, victim: str, outcome: str) -> None:
+        self._evictions.labels(victim, outcome).inc()
+
+    def loaded(self, consumer: str, seconds: float) -> None:
+        self._loads.labels(consumer).observe(seconds)
+
+    def now(self) -> float:
+        return self._clock.seconds()
+
+
+class _TimedJob:
+    """One job: its duration runs from getting the GPU to its end."""
+
+    def __init__(self, metrics: Metrics, consumer: str, kind: str) -> None:
+        self._metrics = metrics
+        self._consumer = consumer
+        self._kind = kind
+        self._started: float | None = None
+
+    def running(self, job: Callable[[], Deferred[_T]]) -> Callable[[], Deferred[_T]]:
+        def started() -> Deferred[_T]:
+            self._started = self._metrics.now()
+            return job()
+
+        return started
+
+    def ended(self, outcome: Deferred[_T]) -> Deferred[_T]:
+        def record(result: Any) -> Any:
+            seconds = None if self._started is None else self._metrics.now() - self._started
+            self._metrics.job_ended(self._consumer, self._kind, job_outcome(result), seconds)
+            return result
+
+        return outcome.addBoth(record)
+
+
+class _StatusGauges(Collector):
+    """The gauges, read from one status document per scrape."""
+
+    def __init__(self, status: StatusSource) -> None:
+        self._status = status
+
+    def describe(self) -> Iterable[Metric]:
+        # Described lazily: building a status document at registration is wasted work.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        document = self._status()
+        scheduler = document["scheduler"]
+        yield _gauge("queue_depth", "Jobs waiting for the GPU", scheduler["queue_depth"])
+        yield _gauge("jobs_running", "Jobs holding the GPU", scheduler["in_flight"])
+        up = GaugeMetricFamily("mgpumanager_consumer_up",
+                               "Whether the last health probe succeeded", labels=["consumer"])
+        resident = GaugeMetricFamily("mgpumanager_consumer_resident",
+                                     "Whether the consumer's model is on the card",
+                                     labels=["consumer"])
+        vram = GaugeMetricFamily("mgpumanager_consumer_vram_bytes",
+                                 "The card memory the budget counts for the consumer",
+                                 labels=["consumer"])
+        for consumer in document["consumers"]:
+            name = [consumer["name"]]
+            up.add_metric(name, 1.0 if consumer["healthy"] else 0.0)
+            resident.add_metric(name, 1.0 if consumer["loaded"] else 0.0)
+            vram.add_metric(name, float(consumer["size_mib"] * MIB))
+        yield from (up, resident, vram)
+        gpu = document["gpu"]
+        if gpu["used_mib"] is None:
+            return  # no sample: absent, not zero
+        for figure in ("total", "used", "free"):
+            if gpu[f"{figure}_mib"] is not None:
+                yield _gauge(f"gpu_memory_{figure}_bytes", f"Card memory {figure}",
+                             gpu[f"{figure}_mib"] * MIB)
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"mgpumanager_{name}", documentation, value=float(value))
