@@ -23,6 +23,7 @@ from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.gpu import GpuReading, GpuSample, GpuSampler
 from mgpumanager.state.registry import Registry
 from mgpumanager.web.api import ManagerApp, audio_name
+from mgpumanager.web.routing import RouteTable
 from tests.support import EPOCH, success_result_of
 
 BASE = "http://127.0.0.1:8770"
@@ -123,7 +124,7 @@ class World:
             lifecycle=lifecycle,
             clock=self.clock,
         )
-        self.stub: Any = StubTreq(self.app.resource())
+        self.stub: Any = StubTreq(RouteTable([self.app], CONFIG).resource)
 
     def send(self, method: str, path: str, body: bytes = b"") -> Any:
         d = self.stub.request(method, BASE + path, data=body or None)

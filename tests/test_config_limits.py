@@ -22,7 +22,7 @@ from mgpumanager.config.document import (
     load_config,
     parse_config,
 )
-from mgpumanager.web.limits import body_limit_for_path
+from mgpumanager.web.api import main_port_routes
 from tests.builders import consumer
 
 MiB = 2**20
@@ -404,7 +404,7 @@ def test_endpoint_is_loopback_with_arguments_after_the_interface(description: st
     assert endpoint_is_loopback(description) is True
 
 
-# --- limits.body_limit_for_path ----------------------------------------------------
+# --- the route table's body_limit ----------------------------------------------------
 
 LIMITED = parse_config(document(limits={"max_body_mib": 16}))
 
@@ -429,6 +429,6 @@ LIMITED = parse_config(document(limits={"max_body_mib": 16}))
     ],
 )
 def test_body_limit_for_path(path: bytes, mib: int) -> None:
-    assert body_limit_for_path(LIMITED, path) == mib * MiB
+    assert main_port_routes(LIMITED).body_limit(b"POST", path) == mib * MiB
 
 

@@ -17,8 +17,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.server import Request, Site
 
-from mgpumanager.web.dispatch import Dispatcher
 from mgpumanager.web.events import EventFeed
+from tests.feed_site import feed_site
 
 
 class Card:
@@ -66,14 +66,7 @@ SERVED: list[weakref.ref[Request]] = []
 def feed_and_site(card: Card, clock: Clock) -> tuple[EventFeed, Site]:
     feed = EventFeed(card.document, clock)
     feed.start()
-    routes = Dispatcher()
-
-    def serve(request: Request, rest: bytes) -> Any:
-        SERVED.append(weakref.ref(request))
-        return feed.serve(request, rest)
-
-    routes.add("/v1/events", ["GET"], serve)
-    return feed, Site(routes)
+    return feed, feed_site(feed, lambda request: SERVED.append(weakref.ref(request)))
 
 
 def test_a_client_gets_the_retry_delay_and_the_current_document_at_once() -> None:

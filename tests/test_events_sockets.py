@@ -20,10 +20,9 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
-from twisted.web.server import Site
 
-from mgpumanager.web.dispatch import Dispatcher
 from mgpumanager.web.events import EventFeed
+from tests.feed_site import feed_site
 from tests.support import sleep
 
 READERS = 50
@@ -84,9 +83,7 @@ def stalled_client(port: int, stop: threading.Event, received: list[int]) -> Non
 async def test_fifty_readers_and_a_stalled_client_leave_nothing_behind() -> None:
     feed = EventFeed(busy_card(), reactor, stall=STALL_SECONDS)
     feed.start()
-    routes = Dispatcher()
-    routes.add("/v1/events", ["GET"], feed.serve)
-    port = reactor.listenTCP(0, Site(routes), interface="127.0.0.1")
+    port = reactor.listenTCP(0, feed_site(feed), interface="127.0.0.1")
     number = port.getHost().port
     stop, received = threading.Event(), []
     stalled = threading.Thread(target=stalled_client, args=(number, stop, received))

@@ -16,7 +16,10 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from mgpumanager.common.errors import ApiError
 from mgpumanager.config.document import Config, parse_config
+from mgpumanager.web.api import main_port_routes
 from mgpumanager.web.guard import TOKEN_COOKIE, Guard, is_loopback_host, token_cookie
+from mgpumanager.web.ports import ConsumerPort
+from mgpumanager.web.routing import RouteTable
 
 TOKEN = b"s3cret-token-0123456789"
 
@@ -63,7 +66,8 @@ def refusal(guard: Guard, request: Request) -> ApiError:
 
 
 def guard(config: Config = CONFIG, loopback: bool = True) -> Guard:
-    return Guard(config, loopback)
+    """The main port's guard, over the main port's route declarations."""
+    return Guard(config, loopback, main_port_routes(config))
 
 
 # --- is_loopback_host ----------------------------------------------------------
@@ -380,7 +384,8 @@ def test_the_token_cookie_is_http_only_and_same_site_strict() -> None:
 def test_on_a_consumers_port_only_the_bearer_token_opens_a_path(
     path: bytes, headers: dict[bytes, list[bytes]]
 ) -> None:
-    port_guard = Guard(WITH_TOKEN, True, own_routes=False)
+    routes = RouteTable([ConsumerPort], WITH_TOKEN, {"consumer": "voice"})
+    port_guard = Guard(WITH_TOKEN, True, routes)
     request = make_request(b"GET", path, headers=headers)
 
     assert refusal(port_guard, request).status == 401

@@ -35,6 +35,7 @@ from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.gpu import MIB, GpuReading, GpuSample, GpuSampler
 from mgpumanager.state.registry import ConsumerState, Registry
 from mgpumanager.web.api import ManagerApp
+from mgpumanager.web.routing import RouteTable
 from mgpumanager.web.status import lifecycle_status
 from tests.builders import consumer as _consumer
 from tests.fakes import static_pids
@@ -1282,7 +1283,7 @@ class PlanApi:
             lifecycle=world.lifecycle,
             clock=world.clock,
         )
-        self.stub: Any = StubTreq(app.resource())
+        self.stub: Any = StubTreq(RouteTable([app], world.config).resource)
 
     def get(self, path: str) -> tuple[int, Any]:
         d = self.stub.get(BASE + path)

@@ -16,7 +16,9 @@ import pytest_twisted
 import treq
 
 from mgpumanager.common.errors import NO_CONSUMER, QUEUE_FULL, ApiError
-from mgpumanager.web.openai_routes import error_shape, is_openai_path
+from mgpumanager.config.document import parse_config
+from mgpumanager.web.answers import Shape, error_document
+from mgpumanager.web.api import main_port_routes
 from tests.builders import consumer
 from tests.test_upstream import Stage, start_stage, stop_stage
 
@@ -130,6 +132,9 @@ async def test_models_merge_the_configured_consumers_skipping_failures(stage: St
     assert stage.scheduler.total_jobs == 0
 
 
+SHAPES = {"consumers": {"ollama": consumer(1, "llm")}}
+
+
 @pytest.mark.parametrize(
     ("path", "openai"),
     [
@@ -146,8 +151,9 @@ async def test_models_merge_the_configured_consumers_skipping_failures(stage: St
     ],
 )
 def test_which_paths_answer_in_openais_shape(path: bytes, openai: bool) -> None:
-    assert is_openai_path(path) is openai
-    shaped = error_shape(path, ApiError(NO_CONSUMER, "nope", "x"))
+    shape = main_port_routes(parse_config(SHAPES)).error_shape(b"GET", path)
+    assert (shape is Shape.OPENAI) is openai
+    shaped: Any = error_document(ApiError(NO_CONSUMER, "nope", "x"), shape)
     assert ("message" in shaped["error"]) if openai else (shaped["error"] == "no_consumer")
 
 

@@ -70,7 +70,7 @@ def serve(limit: int | Callable[[bytes], int] = 1 * MiB) -> Server:
     """A ``ManagerSite`` over a recording resource, connected to a fresh transport."""
     asked: list[bytes] = []
 
-    def body_limit_for(path: bytes) -> int:
+    def body_limit_for(method: bytes, path: bytes) -> int:
         asked.append(path)
         return limit(path) if callable(limit) else limit
 

@@ -30,11 +30,11 @@ from mgpumanager.relay.proxy import ConsumerProxy
 from mgpumanager.relay.tunnel import WebSocketTunnels
 from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.registry import Registry
-from mgpumanager.web.dispatch import Dispatcher
+from mgpumanager.web.api import main_port_routes
 from mgpumanager.web.jobs import GpuJobs
-from mgpumanager.web.limits import body_limit_for_path
-from mgpumanager.web.openai_routes import OpenAIRoutes, error_shape
+from mgpumanager.web.openai_routes import OpenAIRoutes
 from mgpumanager.web.passthrough import Passthrough
+from mgpumanager.web.routing import RouteTable
 from mgpumanager.web.site import ManagerSite
 from tests.builders import consumer
 
@@ -118,12 +118,10 @@ async def start_stage(document: dict[str, Any], names: tuple[str, ...]) -> Stage
     agent = Agent.usingEndpointFactory(reactor, ReusedEndpoints(reactor, 5))
     proxy = ConsumerProxy(lambda _: agent, reactor)
     jobs = GpuJobs(registry, scheduler, proxy)
-    routes = Dispatcher(error_shape)
     passthrough = Passthrough(config, jobs, proxy, WebSocketTunnels(reactor, False))
-    passthrough.register(routes)
     control = ConsumerControl(HTTPClient(agent), reactor, None)  # type: ignore[arg-type]
-    OpenAIRoutes(config, jobs, control, 2.0).register(routes)
-    site = ManagerSite(routes, partial(body_limit_for_path, config), None, error_shape)
+    routes = RouteTable([passthrough, OpenAIRoutes(config, jobs, control, 2.0)], config)
+    site = ManagerSite(routes.resource, routes.body_limit, None, routes.error_shape)
     port = listen_on_loopback(site)
     return Stage(config, servers, scheduler, passthrough, port, [*listening, port])
 
@@ -233,10 +231,11 @@ def test_body_limits_follow_the_consumer_a_path_goes_to() -> None:
         "consumers": {"small": consumer(1, "llm", max_body_mib=2), "big": consumer(2, "tts")},
     })
     default = config.max_body_mib * 2**20
-    assert body_limit_for_path(config, b"/upstream/small/anything?x") == 2 * 2**20
-    assert body_limit_for_path(config, b"/upstream/big/anything") == default
-    assert body_limit_for_path(config, b"/v1/chat/completions") == 2 * 2**20
-    assert body_limit_for_path(config, b"/upstream/nobody/x") == default
+    body_limit_for_path = partial(main_port_routes(config).body_limit, b"POST")
+    assert body_limit_for_path(b"/upstream/small/anything?x") == 2 * 2**20
+    assert body_limit_for_path(b"/upstream/big/anything") == default
+    assert body_limit_for_path(b"/v1/chat/completions") == 2 * 2**20
+    assert body_limit_for_path(b"/upstream/nobody/x") == default
 
 
 @pytest.mark.parametrize("method", ["GET", "DELETE", "PUT", "POST"])

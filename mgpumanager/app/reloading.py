@@ -59,6 +59,7 @@ class ReloadTargets:
     sampler: GpuSampler
     guard: Guard
     app: _Reconfigurable
+    routes: _Reconfigurable
     passthrough: Passthrough
     openai: OpenAIRoutes
     relays: tuple[_Authorizing, ...]
@@ -90,9 +91,9 @@ class ReloadTargets:
         """What each request reads on its way in: guard, routes, relays, shutdown grace."""
         self.guard.reconfigure(config)
         self.app.reconfigure(config)
-        self.passthrough.config = config
-        self.openai.config = config
-        self.openai.timeout = config.probes.timeout_seconds
+        self.routes.reconfigure(config)
+        self.passthrough.reconfigure(config)
+        self.openai.reconfigure(config, config.probes.timeout_seconds)
         for relay in self.relays:
             relay.drop_authorization = config.auth_token is not None
         self.service.grace = config.shutdown_grace_seconds

@@ -54,11 +54,12 @@ from mgpumanager.state.registry import Registry
 from mgpumanager.web.api import ManagerApp
 from mgpumanager.web.guard import Guard
 from mgpumanager.web.jobs import GpuJobs
-from mgpumanager.web.limits import body_limit_for_path, idle_limit
+from mgpumanager.web.limits import idle_limit
 from mgpumanager.web.metrics import Metrics
-from mgpumanager.web.openai_routes import OpenAIRoutes, error_shape
+from mgpumanager.web.openai_routes import OpenAIRoutes
 from mgpumanager.web.passthrough import Passthrough
 from mgpumanager.web.ports import ConsumerPorts
+from mgpumanager.web.routing import RouteTable
 from mgpumanager.web.site import ManagerSite
 
 log = Logger()
@@ -266,7 +267,6 @@ def build(
     )
     description = listen or config.listen.endpoint_description()
     loopback = endpoint_is_loopback(description)
-    guard = Guard(config, loopback)
     completions = Completions(control, reactor, lifecycle.record_timeout)
     jobs = GpuJobs(registry, scheduler, proxy, metrics, completions)
     app = ManagerApp(
@@ -274,13 +274,10 @@ def build(
     )
     tunnels = WebSocketTunnels(reactor, drop_authorization=config.auth_token is not None)
     passthrough = Passthrough(config, jobs, proxy, tunnels)
-    routes = app.resource()
-    passthrough.register(routes)
     openai = OpenAIRoutes(config, jobs, control, config.probes.timeout_seconds)
-    openai.register(routes)
-    site = ManagerSite(
-        routes, lambda target: body_limit_for_path(reloader.current, target), guard, error_shape
-    )
+    routes = RouteTable([app, openai, passthrough], config)
+    guard = Guard(config, loopback, routes)
+    site = ManagerSite(routes.resource, routes.body_limit, guard, routes.error_shape)
     endpoint = serverFromString(reactor, description)
     http = StreamServerEndpointService(endpoint, site)
     fail_start_on_listen_error(http)
@@ -299,6 +296,7 @@ def build(
         sampler=sampler,
         guard=guard,
         app=app,
+        routes=routes,
         passthrough=passthrough,
         openai=openai,
         relays=(proxy, tunnels),

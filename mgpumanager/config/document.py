@@ -152,11 +152,13 @@ class Config:
 
     def body_limit_for(self, kind: str | None) -> int:
         """The request-body limit in bytes for a job of ``kind`` (None: not a job)."""
-        limit = self.max_body_mib
         target = self.route_for(kind) if kind is not None else None
-        if target is not None and target[0].max_body_mib is not None:
-            limit = target[0].max_body_mib
-        return limit * 1024 * 1024
+        return self.body_limit_of(target[0] if target is not None else None)
+
+    def body_limit_of(self, consumer: ConsumerConfig | None) -> int:
+        """The request-body limit in bytes of requests to ``consumer`` (None: the global one)."""
+        limit = consumer.max_body_mib if consumer is not None else None
+        return (limit or self.max_body_mib) * 1024 * 1024
 
     def may_coexist(self, first: str, second: str) -> bool:
         """Coexistence is symmetric: either side listing the other is enough."""

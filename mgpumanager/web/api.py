@@ -1,5 +1,7 @@
 """
-The HTTP face: routes, the status document, and the error envelope.
+The daemon's own routes on the main port: the facade's GPU jobs, status, the
+plan, the page, metrics, events, OpenAPI and audio files, each declared with
+its policy beside its handler (:mod:`mgpumanager.web.routing`).
 
 Every error the daemon answers itself is the JSON envelope of
 :mod:`mgpumanager.common.errors` (Klein's HTML error pages never reach a client); an
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import unicodedata
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
@@ -24,33 +27,43 @@ from mgpumanager.common.errors import (
     NOT_FOUND,
     ApiError,
 )
-from mgpumanager.config.document import ENDPOINT_KINDS, Config
+from mgpumanager.config.document import ENDPOINT_KINDS, Config, ConsumerConfig
 from mgpumanager.relay.proxy import ConsumerProxy
 from mgpumanager.scheduling.eviction import dry_run_plan
 from mgpumanager.scheduling.lifecycle import Lifecycle
 from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.gpu import GpuSampler
 from mgpumanager.state.registry import Registry
-from mgpumanager.web.dispatch import Dispatcher, json_body
+from mgpumanager.web.answers import json_body
 from mgpumanager.web.events import EventFeed
 from mgpumanager.web.guard import query_token, token_cookie
 from mgpumanager.web.jobs import GpuJobs
 from mgpumanager.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from mgpumanager.web.metrics import Metrics
-from mgpumanager.web.openai_routes import error_shape
+from mgpumanager.web.openai_routes import OpenAIRoutes
 from mgpumanager.web.openapi import openapi_document
 from mgpumanager.web.page import status_page
+from mgpumanager.web.passthrough import Passthrough
+from mgpumanager.web.routing import Does, Policy, RouteTable, Token, raw_rest, route
 from mgpumanager.web.status import plan_document, status_document
 
 log = Logger()
 
-#: The raw paths of GPU jobs: only this spelling is a job.
-_JOB_PATHS = {f"/v1/{kind}".encode(): kind for kind in ENDPOINT_KINDS}
+#: ``/v1/<kind>`` for each endpoint kind, as a Klein path pattern.
+_JOB_PATH = "/v1/<any({}):kind>".format(",".join(ENDPOINT_KINDS))
 
 
-def job_kind(path: bytes) -> str | None:
-    """The endpoint kind a raw request path (no query) is a GPU job of, if any."""
-    return _JOB_PATHS.get(path)
+def routed_consumer(config: Config, args: Mapping[str, Any]) -> Iterable[ConsumerConfig]:
+    """A facade job is held to the limit of the consumer its kind is routed to."""
+    target = config.route_for(args["kind"])
+    return (target[0],) if target is not None else ()
+
+
+#: The policies of the daemon's own routes.
+JOB = Policy(Does.JOB, limit=routed_consumer, summary="a GPU job, proxied to the routed consumer")
+OWN = Policy(Does.OWN)
+PAGE = Policy(Does.OWN, token=Token.PAGE)
+AUDIO = Policy(Does.PASSTHROUGH, summary="an audio file, relayed from the audio consumer")
 
 
 class ManagerApp:
@@ -87,38 +100,12 @@ class ManagerApp:
         self.events = EventFeed(self.status_document, clock)
         #: What status reports as the listen address: an override wins.
         self._listen = listen or str(config.listen)
-        self._routes: Dispatcher | None = None
-
-    def resource(self) -> Dispatcher:
-        """
-        The main port's routes; the other doors (passthrough, OpenAI routes)
-        register theirs on it.  Errors on OpenAI paths take OpenAI's shape.
-        """
-        routes = Dispatcher(error_shape)
-        for kind in ENDPOINT_KINDS:
-            routes.add(f"/v1/{kind}", ["POST"], self._job_handler(kind))
-        routes.add("/v1/status", ["GET"], self.status)
-        routes.add("/v1/plan/", ["GET"], self.plan, prefix=True)
-        routes.add("/healthz", ["GET"], self.healthz)
-        routes.add("/metrics", ["GET"], self.metrics)
-        routes.add("/v1/events", ["GET"], self.events.serve)
-        routes.add("/v1/openapi.json", ["GET"], self.openapi)
-        routes.add("/", ["GET"], self.index)
-        routes.add(self._config.audio_path_prefix, ["GET"], self.audio, prefix=True)
-        self._routes = routes
-        return routes
 
     def reconfigure(self, config: Config) -> None:
-        """Serve a reloaded configuration (the audio prefix may have moved)."""
-        old, self._config = self._config, config
-        routes = self._routes
-        if routes is not None and old.audio_path_prefix != config.audio_path_prefix:
-            routes.remove(old.audio_path_prefix, prefix=True)
-            routes.add(config.audio_path_prefix, ["GET"], self.audio, prefix=True)
+        """Serve a reloaded configuration."""
+        self._config = config
 
-    def _job_handler(self, kind: str) -> Any:
-        return lambda request, rest: self.gpu_job(request, kind)
-
+    @route(_JOB_PATH, ["POST"], JOB)
     def gpu_job(self, request: Request, kind: str) -> Deferred[None]:
         """Proxy one GPU job to the consumer routed for ``kind``."""
         target = self._config.route_for(kind)
@@ -135,7 +122,8 @@ class ManagerApp:
         consumer, route = target
         return self._jobs.run(request, consumer, route.method, route.path, kind)
 
-    def status(self, request: Request, rest: bytes) -> bytes:
+    @route("/v1/status", ["GET"], PAGE)
+    def status(self, request: Request) -> bytes:
         return json_body(request, self.status_document())
 
     def status_document(self) -> dict[str, Any]:
@@ -149,13 +137,14 @@ class ManagerApp:
             lifecycle=self._lifecycle,
         )
 
-    def plan(self, request: Request, rest: bytes) -> Deferred[bytes]:
+    @route("/v1/plan/", ["GET"], OWN)
+    @route("/v1/plan/<path:kind>", ["GET"], OWN)
+    def plan(self, request: Request, kind: str = "") -> Deferred[bytes]:
         """
         ``GET /v1/plan/<kind>``: what a job of ``kind`` would evict and load if
         it ran now; touches nothing but a fresh GPU sample, as the real job
         would take.
         """
-        kind = rest.decode("ascii", "replace")
         if kind not in ENDPOINT_KINDS:
             raise ApiError(NOT_FOUND, "no such endpoint; see GET / for the routes")
         target = self._config.route_for(kind)
@@ -171,18 +160,26 @@ class ManagerApp:
 
         return Deferred.fromCoroutine(dry_run())
 
-    def healthz(self, request: Request, rest: bytes) -> bytes:
+    @route("/healthz", ["GET"], Policy(Does.OWN, token=Token.OPEN))
+    def healthz(self, request: Request) -> bytes:
         return json_body(request, {"status": "ok"})
 
-    def metrics(self, request: Request, rest: bytes) -> bytes:
+    @route("/metrics", ["GET"], OWN)
+    def metrics(self, request: Request) -> bytes:
         request.setHeader(b"content-type", METRICS_CONTENT_TYPE)
         request.setHeader(b"cache-control", b"no-store")
         return self._metrics.exposition()
 
-    def openapi(self, request: Request, rest: bytes) -> bytes:
+    @route("/v1/events", ["GET"], PAGE)
+    def event_feed(self, request: Request) -> bytes | Deferred[None]:
+        return self.events.serve(request)
+
+    @route("/v1/openapi.json", ["GET"], OWN)
+    def openapi(self, request: Request) -> bytes:
         return json_body(request, openapi_document(self._config))
 
-    def index(self, request: Request, rest: bytes) -> bytes:
+    @route("/", ["GET"], Policy(Does.OWN, token=Token.PAGE_LINK))
+    def index(self, request: Request) -> bytes:
         """The status page for browsers, a plain summary for everything else."""
         token = query_token(request.uri.partition(b"?")[2])
         secret = self._config.auth_token
@@ -206,7 +203,8 @@ class ManagerApp:
             "the API: GET /v1/openapi.json\n"
         ).encode()
 
-    def audio(self, request: Request, rest: bytes) -> Deferred[None]:
+    @route("{audio}/<path:name>", ["GET"], AUDIO)
+    def audio(self, request: Request, name: str) -> Deferred[None]:
         """
         ``GET <audio_path_prefix><name>``: relayed to the audio consumer,
         outside the GPU scheduler.  The name is vetted in its raw form: it is
@@ -214,7 +212,7 @@ class ManagerApp:
         """
         if self._config.audio_proxy is None:
             raise ApiError(NO_CONSUMER, "no audio_proxy consumer is configured")
-        name = audio_name(rest)
+        name = audio_name(raw_rest(request))
         consumer = self._config.consumers[self._config.audio_proxy]
         path = self._config.audio_path_prefix + quote_segment(name)
         return self._proxy.relay(request, consumer, "GET", path)
@@ -254,3 +252,12 @@ def audio_name(encoded: bytes) -> str:
 def quote_segment(name: str) -> str:
     """Percent-encode a validated name for the upstream path."""
     return quote(name, safe="-_.~!$&'()*+,;=:@")
+
+
+#: Whose declared routes the main port serves.
+MAIN_PORT_ROUTES: tuple[type, ...] = (ManagerApp, OpenAIRoutes, Passthrough)
+
+
+def main_port_routes(config: Config) -> RouteTable:
+    """The main port's route table for lookups and documentation (nothing served)."""
+    return RouteTable(MAIN_PORT_ROUTES, config)

@@ -134,7 +134,7 @@ class EventFeed:
             self.forget(client)
             client.left.callback(None)
 
-    def serve(self, request: Request, rest: bytes) -> bytes | Deferred[None]:
+    def serve(self, request: Request) -> bytes | Deferred[None]:
         """Answer one ``GET /v1/events``: a stream until the client leaves."""
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")

@@ -27,15 +27,12 @@ from twisted.web.http_headers import Headers
 from mgpumanager.common.errors import BAD_REQUEST, FORBIDDEN, UNAUTHORIZED, ApiError
 from mgpumanager.config.document import Config
 from mgpumanager.relay.headers import TOKEN_COOKIE as COOKIE_NAME
+from mgpumanager.web.routing import RouteTable, Token
 
-#: Routes open without the bearer token: liveness checks carry no secrets.
-OPEN_PATHS = frozenset({b"/healthz"})
 #: Methods that change nothing: a foreign ``Origin`` is no threat on them.
 SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
-#: Read-only page routes a browser reaches with the token cookie.
-COOKIE_PATHS = frozenset({b"/", b"/v1/status", b"/v1/events"})
-#: The page route that takes the token once in its query.
-TOKEN_QUERY_PATH = b"/"
+#: What the page's cookie opens: reads only.
+COOKIE_METHODS = frozenset({b"GET", b"HEAD"})
 #: The cookie holding the token for the page routes.
 TOKEN_COOKIE = COOKIE_NAME.decode("ascii")
 
@@ -65,16 +62,14 @@ class Guard:
     """
     :param loopback: whether the daemon listens on loopback only; the Host
         check only makes sense then.
-    :param own_routes: the daemon's main port (its page takes the token
-        cookie and ``?token=``, and ``/healthz`` is open); False for a
-        consumer's own port, where only the bearer token opens any path.
+    :param routes: the port's route table, whose declarations say what opens
+        each route when a token is configured (on a consumer's own port every
+        path is the consumer's, and only the bearer token opens it).
     """
 
-    def __init__(self, config: Config, loopback: bool, own_routes: bool = True) -> None:
+    def __init__(self, config: Config, loopback: bool, routes: RouteTable) -> None:
         self._loopback = loopback
-        # The page's cookie, its ?token= and the open /healthz are the daemon's
-        # own routes: on a consumer's port every path is the consumer's.
-        self._own_routes = own_routes
+        self._routes = routes
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -106,8 +101,9 @@ class Guard:
                 origin = origin.rstrip(b"/")
                 if origin not in self._origins and origin.lower() != same_origin:
                     return ApiError(FORBIDDEN, "cross-origin requests are not allowed")
-        if self._token is not None and not (self._own_routes and path in OPEN_PATHS):
-            if not self._authorized(method, path, query, headers):
+        if self._token is not None:
+            rule = self._routes.lookup(method, path).policy.token
+            if rule is not Token.OPEN and not self._authorized(method, query, headers, rule):
                 return ApiError(
                     UNAUTHORIZED,
                     "a valid bearer token is required",
@@ -115,17 +111,15 @@ class Guard:
                 )
         return None
 
-    def _authorized(self, method: bytes, path: bytes, query: bytes, headers: Headers) -> bool:
+    def _authorized(self, method: bytes, query: bytes, headers: Headers, rule: Token) -> bool:
         assert self._token is not None
         presented = headers.getRawHeaders(b"authorization") or []
         if len(presented) == 1:
             scheme, _, credential = presented[0].partition(b" ")
             return scheme.lower() == b"bearer" and self.is_token(credential.strip())
-        if presented or method not in (b"GET", b"HEAD") or path not in COOKIE_PATHS:
+        if presented or method not in COOKIE_METHODS or rule is Token.BEARER:
             return False
-        if not self._own_routes:
-            return False
-        if path == TOKEN_QUERY_PATH and self.is_token(query_token(query)):
+        if rule is Token.PAGE_LINK and self.is_token(query_token(query)):
             return True
         return self.is_token(cookie_token(headers))
 

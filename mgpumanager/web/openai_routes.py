@@ -10,64 +10,54 @@ forwarded byte for byte either way).  There is no fallback to ``routing``:
 an unconfigured family is ``no_consumer``.  ``GET /v1/models`` merges what
 the configured consumers list, skipping those that fail.
 
-On these paths the daemon's own errors are rendered in OpenAI's shape
-(:func:`error_shape`), so an SDK shows the daemon's message.
+On these paths the daemon's own errors are rendered in OpenAI's shape (their
+declarations say so), so an SDK shows the daemon's message.  At header time
+a request is held to the largest limit among the consumers its route may
+reach; once ``model`` has chosen one, to that consumer's own.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from mgpumanager.common.errors import NO_CONSUMER, ApiError
+from mgpumanager.common.errors import BODY_TOO_LARGE, NO_CONSUMER, ApiError
 from mgpumanager.common.request_json import json_object
-from mgpumanager.config.document import ENDPOINT_KINDS, OPENAI_ROLES, Config, ConsumerConfig
+from mgpumanager.config.document import OPENAI_ROLES, Config, ConsumerConfig
 from mgpumanager.consumers.control import ConsumerControl, ControlFailed
-from mgpumanager.web.dispatch import Dispatcher, json_body
+from mgpumanager.web.answers import Shape, json_body
 from mgpumanager.web.jobs import GpuJobs
+from mgpumanager.web.routing import Does, LimitSource, Policy, declared_path, route
 
 log = Logger()
 
-#: Each GPU route: the ``openai`` key naming its consumer, and its job kind.
-GPU_ROUTES = {
-    b"/v1/chat/completions": ("chat", "llm"),
-    b"/v1/completions": ("chat", "llm"),
-    b"/v1/embeddings": ("chat", "llm"),
-    b"/v1/audio/speech": ("speech", "tts"),
-    b"/v1/audio/transcriptions": ("transcriptions", "stt"),
-    b"/v1/audio/translations": ("transcriptions", "stt"),
-    b"/v1/images/generations": ("images", "image"),
-}
-MODELS_PATH = b"/v1/models"
+_F = TypeVar("_F", bound=Callable[..., Any])
 
-#: The daemon's own paths under /v1/: they keep the daemon's error envelope.
-_OWN_EXACT = frozenset(
-    {b"/v1/status", b"/v1/events", b"/v1/openapi.json"}
-    | {f"/v1/{kind}".encode() for kind in ENDPOINT_KINDS}
-)
-_OWN_PREFIXES = (b"/v1/plan/",)
+MODELS_PATH = "/v1/models"
 
 
-def is_openai_path(path: bytes) -> bool:
-    """Whether a raw path (no query) answers errors in OpenAI's shape."""
-    if not path.startswith(b"/v1/") or path in _OWN_EXACT:
-        return False
-    return not path.startswith(_OWN_PREFIXES)
+def family_and_models(family: str) -> LimitSource:
+    """The consumers a route of ``family`` may reach: the family's and the mapped models'."""
+
+    def reachable(config: Config, args: Mapping[str, Any]) -> Iterable[ConsumerConfig]:
+        names = [getattr(config.openai, family), *config.openai.models.values()]
+        return [config.consumers[name] for name in dict.fromkeys(names) if name is not None]
+
+    return reachable
 
 
-def error_shape(path: bytes, error: ApiError) -> dict[str, Any]:
-    """The main port's error renderer: OpenAI's shape on OpenAI paths, ours elsewhere."""
-    return error.openai_envelope() if is_openai_path(path) else error.envelope()
-
-
-def family_consumer(config: Config, path: bytes) -> ConsumerConfig | None:
-    """The consumer an OpenAI GPU route is configured to, ignoring ``model`` (for body limits)."""
-    found = GPU_ROUTES.get(path)
-    name = getattr(config.openai, found[0]) if found is not None else None
-    return config.consumers.get(name) if name is not None else None
+def gpu_route(path: str, family: str, kind: str) -> Callable[[_F], _F]:
+    """Declare an OpenAI-compatible GPU route: a ``kind`` job on ``openai.<family>``."""
+    policy = Policy(
+        Does.JOB, shape=Shape.OPENAI, limit=family_and_models(family), kind=kind,
+        summary=f"OpenAI-compatible, a {kind} job on openai.{family} (or the model's consumer)",
+    )
+    return route(path, ["POST"], policy, family=family, kind=kind)
 
 
 class OpenAIRoutes:
@@ -85,22 +75,46 @@ class OpenAIRoutes:
         #: How long one consumer may take to list its models (a reload may change it).
         self.timeout = timeout
 
-    def register(self, routes: Dispatcher) -> None:
-        """Serve the OpenAI-compatible routes on ``routes``."""
-        for path in GPU_ROUTES:
-            routes.add(path.decode(), ["POST"], self.job)
-        routes.add(MODELS_PATH.decode(), ["GET"], self.models)
+    def reconfigure(self, config: Config, timeout: float) -> None:
+        """Serve a reloaded configuration."""
+        self.config = config
+        self.timeout = timeout
 
-    def job(self, request: Request, rest: bytes) -> Deferred[None]:
-        """Run an OpenAI-compatible request as a GPU job on the consumer serving it."""
-        path = request.uri.partition(b"?")[0]
-        family, kind = GPU_ROUTES[path]
+    @gpu_route("/v1/chat/completions", "chat", "llm")
+    @gpu_route("/v1/completions", "chat", "llm")
+    @gpu_route("/v1/embeddings", "chat", "llm")
+    @gpu_route("/v1/audio/speech", "speech", "tts")
+    @gpu_route("/v1/audio/transcriptions", "transcriptions", "stt")
+    @gpu_route("/v1/audio/translations", "transcriptions", "stt")
+    @gpu_route("/v1/images/generations", "images", "image")
+    def job(self, request: Request, family: str, kind: str) -> Deferred[None]:
+        """
+        Run an OpenAI-compatible request as a GPU job on the consumer serving
+        it, at the same path (the one the route declares: the consumer gets
+        the plain spelling).
+        """
+        path = declared_path(request)
         try:
             consumer = self.consumer_for(request, family)
+            self._check_body_limit(request, consumer)
         except ApiError as refusal:
             self._jobs.refused("", kind, refusal)
             raise
-        return self._jobs.run(request, consumer, "POST", path.decode("ascii"), kind)
+        return self._jobs.run(request, consumer, "POST", path, kind)
+
+    def _check_body_limit(self, request: Request, consumer: ConsumerConfig) -> None:
+        """Hold the body to the limit of the consumer ``model`` chose, now that it is known."""
+        limit = self.config.body_limit_of(consumer)
+        content = request.content
+        size = content.seek(0, os.SEEK_END) if content is not None else 0
+        if content is not None:
+            content.seek(0)
+        if size > limit:
+            raise ApiError(
+                BODY_TOO_LARGE,
+                f"request body of {size} bytes exceeds the limit of {limit // 2**20} MiB",
+                consumer.name,
+            )
 
     def consumer_for(self, request: Request, family: str) -> ConsumerConfig:
         """
@@ -120,7 +134,8 @@ class OpenAIRoutes:
             raise ApiError(NO_CONSUMER, f"no consumer serves this route (set openai.{family})")
         return self.config.consumers[name]
 
-    def models(self, request: Request, rest: bytes) -> Deferred[bytes]:
+    @route(MODELS_PATH, ["GET"], Policy(Does.OWN, shape=Shape.OPENAI))
+    def models(self, request: Request) -> Deferred[bytes]:
         """``GET /v1/models``: every configured consumer's models, each ``id`` once."""
         return Deferred.fromCoroutine(self._models(request))
 
@@ -133,7 +148,7 @@ class OpenAIRoutes:
             consumer = self.config.consumers[name]
             try:
                 code, document = await self._control.get_json(
-                    consumer, "GET", MODELS_PATH.decode(), self.timeout
+                    consumer, "GET", MODELS_PATH, self.timeout
                 )
             except ControlFailed as e:
                 log.info("{consumer} listed no models: {why}", consumer=name, why=str(e))

@@ -13,7 +13,7 @@ waits for the GPU.  A WebSocket upgrade is tunnelled.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -26,19 +26,21 @@ from mgpumanager.config.document import Config, ConsumerConfig
 from mgpumanager.consumers.adapters import adapter_named
 from mgpumanager.relay.proxy import ConsumerProxy
 from mgpumanager.relay.tunnel import WebSocketTunnels, is_websocket_upgrade
-from mgpumanager.web.dispatch import Dispatcher
 from mgpumanager.web.jobs import GpuJobs
-
-#: Where the passthrough lives on the main port.
-UPSTREAM_PREFIX = b"/upstream/"
+from mgpumanager.web.routing import Does, Policy, raw_rest, route
 
 
-def passthrough_consumer(config: Config, path: bytes) -> ConsumerConfig | None:
-    """The consumer a raw ``/upstream/<name>/…`` path goes to, if it names one."""
-    if not path.startswith(UPSTREAM_PREFIX):
-        return None
-    name = path[len(UPSTREAM_PREFIX):].partition(b"/")[0]
-    return config.consumers.get(name.decode("latin-1"))
+def named_consumer(config: Config, args: Mapping[str, Any]) -> Iterable[ConsumerConfig]:
+    """A passthrough request is held to the limit of the consumer it names."""
+    consumer = config.consumers.get(args["consumer"])
+    return (consumer,) if consumer is not None else ()
+
+
+#: Every passthrough route: forwarded as it came, a GPU job where the adapter says so.
+FORWARDED = Policy(
+    Does.PASSTHROUGH, limit=named_consumer,
+    summary="forwarded to the consumer as sent; a GPU job where its adapter says so",
+)
 
 
 class Passthrough:
@@ -61,29 +63,31 @@ class Passthrough:
         self._proxy = proxy
         self._tunnels = tunnels
 
-    def register(self, routes: Dispatcher) -> None:
-        """Serve ``/upstream/<consumer>/…`` on ``routes``."""
-        routes.add(UPSTREAM_PREFIX.decode(), ["*"], self._by_name, prefix=True)
+    def reconfigure(self, config: Config) -> None:
+        """Forward to the consumers of a reloaded configuration."""
+        self.config = config
 
-    def _by_name(self, request: Request, rest: bytes) -> bytes | Deferred[Any]:
-        name, slash, path = rest.partition(b"/")
-        consumer = self.config.consumers.get(name.decode("latin-1"))
+    @route("/upstream/<consumer>", None, FORWARDED)
+    def to_root(self, request: Request, consumer: str) -> bytes:
+        """Redirect to the slash form: relative links in a server's pages resolve only there."""
+        self._consumer(consumer)
+        _, has_query, query = request.uri.partition(b"?")
+        location = request.path + b"/" + (b"?" + query if has_query else b"")
+        request.setResponseCode(308)
+        request.setHeader(b"location", location)
+        return b""
+
+    @route("/upstream/<consumer>/", None, FORWARDED)
+    @route("/upstream/<consumer>/<path:rest>", None, FORWARDED)
+    def by_name(self, request: Request, consumer: str, rest: str = "") -> Deferred[Any]:
+        """``/upstream/<consumer>/<rest>``: to ``consumer`` at ``/<rest>``, spelled as sent."""
+        return self.forward(request, self._consumer(consumer), b"/" + raw_rest(request))
+
+    def _consumer(self, name: str) -> ConsumerConfig:
+        consumer = self.config.consumers.get(name)
         if consumer is None:
-            raise ApiError(NOT_FOUND, f"no consumer named {name.decode('latin-1')!r}")
-        if not slash:
-            # Relative links in the server's pages resolve only under the slash form.
-            _, has_query, query = request.uri.partition(b"?")
-            location = UPSTREAM_PREFIX + name + b"/" + (b"?" + query if has_query else b"")
-            request.setResponseCode(308)
-            request.setHeader(b"location", location)
-            return b""
-        return self.forward(request, consumer, b"/" + path)
-
-    def handler_for(self, name: str) -> Callable[[Request, bytes], Deferred[Any]]:
-        """A route handler that forwards everything to consumer ``name`` (a per-server port)."""
-        return lambda request, rest: self.forward(
-            request, self.config.consumers[name], b"/" + rest
-        )
+            raise ApiError(NOT_FOUND, f"no consumer named {name!r}")
+        return consumer
 
     def forward(self, request: Request, consumer: ConsumerConfig, raw: bytes) -> Deferred[Any]:
         """

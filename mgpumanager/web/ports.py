@@ -20,14 +20,32 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.web.server import Request
 
 from mgpumanager.config.document import Config
-from mgpumanager.web.dispatch import Dispatcher
 from mgpumanager.web.guard import Guard
-from mgpumanager.web.passthrough import Passthrough
+from mgpumanager.web.passthrough import FORWARDED, Passthrough
+from mgpumanager.web.routing import RouteTable, raw_rest, route
 from mgpumanager.web.site import ManagerSite
 
 log = Logger()
+
+
+class ConsumerPort:
+    """
+    The one route of a consumer's own port: every path and method, forwarded
+    to that consumer as the passthrough would.
+    """
+
+    def __init__(self, name: str, passthrough: Passthrough) -> None:
+        self._name = name
+        self._passthrough = passthrough
+
+    @route("/", None, FORWARDED)
+    @route("/<path:rest>", None, FORWARDED)
+    def forward(self, request: Request, rest: str = "") -> Deferred[Any]:
+        consumer = self._passthrough.config.consumers[self._name]
+        return self._passthrough.forward(request, consumer, b"/" + raw_rest(request))
 
 
 @attrs.frozen
@@ -57,6 +75,7 @@ class ConsumerPorts(Service):
         self._loopback = loopback
         self._open: dict[_PortKey, IListeningPort] = {}
         self._guards: dict[_PortKey, Guard] = {}
+        self._routes: dict[_PortKey, RouteTable] = {}
 
     @property
     def addresses(self) -> dict[str, Any]:
@@ -90,8 +109,9 @@ class ConsumerPorts(Service):
     async def _apply(self, config: Config, wanted: set[_PortKey]) -> None:
         await self._close([key for key in self._open if key not in wanted])
         for key in self._open:
-            # A port that stays open takes the new origins and token at once.
+            # A port that stays open takes the new origins, token and limits at once.
             self._guards[key].reconfigure(config)
+            self._routes[key].reconfigure(config)
         for key in sorted(wanted - set(self._open), key=str):
             listen = config.consumers[key.consumer].listen
             assert listen is not None
@@ -104,22 +124,16 @@ class ConsumerPorts(Service):
                      consumer=key.consumer, listen=key.listen)
 
     def _site(self, config: Config, key: _PortKey, description: str) -> ManagerSite:
-        routes = Dispatcher()
-        routes.add("/", ["*"], self._passthrough.handler_for(key.consumer), prefix=True)
-        guard = self._guards[key] = Guard(
-            config, self._loopback(description), own_routes=False
+        routes = self._routes[key] = RouteTable(
+            [ConsumerPort(key.consumer, self._passthrough)], config, {"consumer": key.consumer}
         )
-        return ManagerSite(routes, lambda target: self._body_limit(key.consumer), guard)
-
-    def _body_limit(self, name: str) -> int:
-        """The consumer's body limit in bytes, as the current configuration says."""
-        consumer = self._config.consumers.get(name)
-        limit = consumer.max_body_mib if consumer is not None else None
-        return (limit or self._config.max_body_mib) * 1024 * 1024
+        guard = self._guards[key] = Guard(config, self._loopback(description), routes)
+        return ManagerSite(routes.resource, routes.body_limit, guard, routes.error_shape)
 
     def _close(self, keys: list[_PortKey]) -> Deferred[None]:
         for key in keys:
             self._guards.pop(key, None)
+            self._routes.pop(key, None)
         closing = [self._open.pop(key).stopListening() for key in keys]
         done: Deferred[Any] = DeferredList([d for d in closing if d is not None])
         return done.addCallback(lambda _: None)

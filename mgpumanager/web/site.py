@@ -23,7 +23,7 @@ from twisted.web.server import Request, Site
 
 from mgpumanager.common.errors import BAD_REQUEST, BODY_TOO_LARGE, ApiError
 from mgpumanager.relay.twisted_private import request_line
-from mgpumanager.web.dispatch import ErrorShape, envelope_shape
+from mgpumanager.web.answers import Shape, error_document
 from mgpumanager.web.guard import Guard
 
 log = Logger()
@@ -41,18 +41,19 @@ class LimitedRequest(Request):
     _received = 0
     _refused = False
     _path = b""
+    _method = b"GET"
 
     def gotLength(self, length: int | None) -> None:
         channel: Any = self.channel
         # The request line is parsed but not yet given to the request.
         method, target = request_line(channel)
         site: ManagerSite = channel.site
-        self._path = target.partition(b"?")[0]
+        self._method, self._path = method, target.partition(b"?")[0]
         refusal = site.refusal(method, target, self.requestHeaders)
         if refusal is not None:
             self._refuse(refusal)
             return
-        self._limit = site.body_limit_for(target)
+        self._limit = site.body_limit_for(method, target)
         codings = self.requestHeaders.getRawHeaders(b"transfer-encoding")
         if codings is not None and [c.strip().lower() for c in codings] != [b"chunked"]:
             # twisted.web ignores "identity" (and so reads no body where a
@@ -88,7 +89,8 @@ class LimitedRequest(Request):
         self._refused = True
         channel: Any = self.channel
         site: ManagerSite = channel.site
-        body = json.dumps(site.error_shape(self._path, error)).encode("utf-8")
+        shape = site.error_shape(self._method, self._path)
+        body = json.dumps(error_document(error, shape)).encode("utf-8")
         # Nothing will be read: no "100 Continue" may follow our answer.
         self.requestHeaders.removeHeader(b"expect")
         extra = b"".join(
@@ -112,9 +114,10 @@ class ManagerSite(Site):
     The daemon's site: no tracebacks to clients, the guard and a body limit
     per path applied to every request's head.
 
-    :param body_limit_for: the limit in bytes for a request target.
+    :param body_limit_for: the limit in bytes for a request's method and
+        target (the route table's :meth:`~mgpumanager.web.routing.RouteTable.body_limit`).
     :param guard: who may come in; None lets everyone.
-    :param error_shape: how a refusal looks on a path (the dispatcher's).
+    :param error_shape: how a refusal looks on a method and path (the route table's).
     """
 
     requestFactory = LimitedRequest
@@ -123,9 +126,9 @@ class ManagerSite(Site):
     def __init__(
         self,
         resource: IResource,
-        body_limit_for: Callable[[bytes], int],
+        body_limit_for: Callable[[bytes, bytes], int],
         guard: Guard | None = None,
-        error_shape: ErrorShape = envelope_shape,
+        error_shape: Callable[[bytes, bytes], Shape] = lambda method, path: Shape.OURS,
     ) -> None:
         # A proxy never reads form fields, and twisted.web would otherwise parse
         # a multipart upload (a whisper.cpp /inference call) whole into memory.
