@@ -6,11 +6,14 @@ relay read back when they read the body themselves (health, load, an error).
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import attrs
 
-#: A JSON object as read from an answer or written into a document.
+#: A JSON object as read from an answer: each value must be checked before use.
 JsonObject = dict[str, object]
+#: A JSON document the daemon builds itself, whose shape it knows.
+JsonDocument = dict[str, Any]
 
 #: How much of a refusing answer's body an error message quotes.
 QUOTED_BYTES = 200

@@ -194,7 +194,7 @@ class ConsumerProxy:
             # The consumer's status and headers are already set on the
             # response: no envelope may follow them (a no-op if the client
             # is the one who left).
-            _abort_client(request)
+            abort_client(request)
             raise
         return Answer(response.code, relay_body.copy())
 
@@ -304,7 +304,7 @@ class _BodyRelay(Protocol):
         self._unregister()
         if self._producer is not None:
             self._producer.stopProducing()
-        _abort_client(self._request)
+        abort_client(self._request)
         self._finished.errback(UpstreamBroke(f"{stalled} nothing for {self._idle:g} s"))
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
@@ -323,7 +323,7 @@ class _BodyRelay(Protocol):
             consumer=self._consumer,
             why=describe_connection_error(reason.value or Exception("unknown")),
         )
-        _abort_client(self._request)
+        abort_client(self._request)
         self._finished.errback(
             UpstreamBroke(f"upstream {self._consumer} broke mid-response")
         )
@@ -349,7 +349,8 @@ class _BodyRelay(Protocol):
             request.unregisterProducer()
 
 
-def _abort_client(request: Request) -> None:
+def abort_client(request: Request) -> None:
+    """Drop the client's connection at once: an answer begun cannot be taken back."""
     transport: Any = request.transport
     if transport is not None:
         transport.abortConnection()

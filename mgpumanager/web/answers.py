@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Any
 
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
@@ -22,7 +21,7 @@ from mgpumanager.common.errors import (
     SHUTTING_DOWN,
     ApiError,
 )
-from mgpumanager.relay.proxy import UpstreamBroke
+from mgpumanager.relay.proxy import UpstreamBroke, abort_client
 
 log = Logger()
 
@@ -59,16 +58,9 @@ def answer_failure(request: Request, failure: Failure, shape: Shape) -> bytes | 
         error = ApiError(INTERNAL_ERROR, "internal error; see the daemon's log")
     if request.startedWriting:
         # Too late for an envelope: the answer is already on its way.
-        abort_connection(request)
+        abort_client(request)
         return None
     return render_error(request, error, shape)
-
-
-def abort_connection(request: Request) -> None:
-    """Drop the client's connection at once: an answer begun cannot be taken back."""
-    transport: Any = request.transport
-    if transport is not None:
-        transport.abortConnection()
 
 
 def render_error(request: Request, error: ApiError, shape: Shape) -> bytes:

@@ -27,6 +27,8 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from mgpumanager.relay.proxy import abort_client
+
 log = Logger()
 
 #: At most four snapshots a second: smooth enough for a page, cheap to build.
@@ -194,7 +196,5 @@ class EventFeed:
         for client in list(self._clients):
             if client.paused_since is not None and now - client.paused_since >= self._stall:
                 log.info("dropping an event client that stopped reading")
-                transport: Any = client.request.transport
                 self.forget(client)
-                if transport is not None:
-                    transport.abortConnection()
+                abort_client(client.request)

@@ -10,8 +10,7 @@ the events stream, the metrics).
 
 from __future__ import annotations
 
-from typing import Any
-
+from mgpumanager.common.answers import JsonDocument
 from mgpumanager.common.times import rfc3339
 from mgpumanager.config.document import Config
 from mgpumanager.scheduling.eviction import Candidate, Fit, Plan, Step
@@ -20,8 +19,6 @@ from mgpumanager.scheduling.queued import QueueDecision, QueuedJob, RunningJob
 from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.gpu import GpuSample
 from mgpumanager.state.registry import ConsumerState, Registry
-
-JsonObject = dict[str, Any]
 
 
 def status_document(
@@ -33,7 +30,7 @@ def status_document(
     registry: Registry,
     scheduler: GpuScheduler,
     lifecycle: Lifecycle,
-) -> JsonObject:
+) -> JsonDocument:
     """The whole ``/v1/status`` document."""
     return {
         "listen": listen,
@@ -53,10 +50,10 @@ def status_document(
     }
 
 
-def gpu_status(sample: GpuSample, total_mib: int | None, reserved_mib: int) -> JsonObject:
+def gpu_status(sample: GpuSample, total_mib: int | None, reserved_mib: int) -> JsonDocument:
     """The ``gpu`` object: the configured size wins over NVML's."""
     reading = sample.reading
-    status: JsonObject = {
+    status: JsonDocument = {
         "total_mib": total_mib if total_mib is not None else (
             reading.total_mib if reading else None
         ),
@@ -75,7 +72,7 @@ def gpu_status(sample: GpuSample, total_mib: int | None, reserved_mib: int) -> J
     return status
 
 
-def holders_status(registry: Registry) -> list[JsonObject]:
+def holders_status(registry: Registry) -> list[JsonDocument]:
     """Memory that consumers a reload removed still hold, which the budget counts."""
     return [
         {"name": holder.name, "size_mib": holder.size_mib}
@@ -83,10 +80,10 @@ def holders_status(registry: Registry) -> list[JsonObject]:
     ]
 
 
-def consumer_status(state: ConsumerState) -> JsonObject:
+def consumer_status(state: ConsumerState) -> JsonDocument:
     """One entry of ``consumers``."""
     config = state.config
-    status: JsonObject = {
+    status: JsonDocument = {
         "name": config.name,
         "url": config.url,
         "healthy": state.healthy,
@@ -121,7 +118,7 @@ def consumer_status(state: ConsumerState) -> JsonObject:
     return status
 
 
-def scheduler_status(scheduler: GpuScheduler) -> JsonObject:
+def scheduler_status(scheduler: GpuScheduler) -> JsonDocument:
     """The queue's and the jobs' counters."""
     return {
         "queue_depth": scheduler.queue_depth,
@@ -138,7 +135,7 @@ def scheduler_status(scheduler: GpuScheduler) -> JsonObject:
     }
 
 
-def lifecycle_status(lifecycle: Lifecycle) -> JsonObject:
+def lifecycle_status(lifecycle: Lifecycle) -> JsonDocument:
     """Evictions, loads and the recent decisions, oldest first."""
     return {
         "evictions": lifecycle.evictions,
@@ -149,7 +146,7 @@ def lifecycle_status(lifecycle: Lifecycle) -> JsonObject:
     }
 
 
-def queue_status(scheduler: GpuScheduler, now: float) -> JsonObject:
+def queue_status(scheduler: GpuScheduler, now: float) -> JsonDocument:
     """The policy, the running job, and the waiting jobs in the order they would run."""
     running = scheduler.running
     return {
@@ -164,12 +161,12 @@ def queue_status(scheduler: GpuScheduler, now: float) -> JsonObject:
     }
 
 
-def job_status(job: QueuedJob) -> JsonObject:
+def job_status(job: QueuedJob) -> JsonDocument:
     return {"id": job.id, "consumer": job.consumer, "kind": job.kind, "class": job.job_class,
             "priority": job.priority}
 
 
-def running_status(running: RunningJob) -> JsonObject:
+def running_status(running: RunningJob) -> JsonDocument:
     status = {**job_status(running.view), "phase": running.phase,
               "started": rfc3339(running.started)}
     if running.prompt_id is not None:
@@ -177,14 +174,14 @@ def running_status(running: RunningJob) -> JsonObject:
     return status
 
 
-def decision_log(lifecycle: Lifecycle, scheduler: GpuScheduler) -> list[JsonObject]:
+def decision_log(lifecycle: Lifecycle, scheduler: GpuScheduler) -> list[JsonDocument]:
     """Evictions, picks out of arrival order and timeouts, oldest first."""
     entries = [(d.time, {**decision_status(d), "type": d.type}) for d in lifecycle.decisions]
     entries += [(d.time, queue_decision_status(d)) for d in scheduler.decisions]
     return [entry for _, entry in sorted(entries, key=lambda pair: pair[0])]
 
 
-def queue_decision_status(decision: QueueDecision) -> JsonObject:
+def queue_decision_status(decision: QueueDecision) -> JsonDocument:
     return {
         "time": rfc3339(decision.time),
         "type": decision.type,
@@ -210,7 +207,7 @@ _WHY = {
 }
 
 
-def decision_status(decision: Decision) -> JsonObject:
+def decision_status(decision: Decision) -> JsonDocument:
     return {
         "time": rfc3339(decision.time),
         "target": decision.target,
@@ -224,7 +221,7 @@ def decision_status(decision: Decision) -> JsonObject:
     }
 
 
-def fit_status(fit: Fit) -> JsonObject:
+def fit_status(fit: Fit) -> JsonDocument:
     return {
         "fits": fit.fits,
         "basis": fit.basis,
@@ -234,7 +231,7 @@ def fit_status(fit: Fit) -> JsonObject:
     }
 
 
-def candidate_status(candidate: Candidate) -> JsonObject:
+def candidate_status(candidate: Candidate) -> JsonDocument:
     return {
         "name": candidate.name,
         "eligible": candidate.eligible,
@@ -243,7 +240,7 @@ def candidate_status(candidate: Candidate) -> JsonObject:
     }
 
 
-def step_status(step: Step) -> JsonObject:
+def step_status(step: Step) -> JsonDocument:
     return {
         "fit": fit_status(step.fit),
         "candidates": [candidate_status(c) for c in step.candidates],
@@ -251,7 +248,7 @@ def step_status(step: Step) -> JsonObject:
     }
 
 
-def plan_document(plan: Plan) -> JsonObject:
+def plan_document(plan: Plan) -> JsonDocument:
     """The ``/v1/plan/<kind>`` document (less its kind): a dry run of making room."""
     return {
         "target": plan.target,
