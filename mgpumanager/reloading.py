@@ -22,6 +22,7 @@ from mgpumanager.config import Config
 from mgpumanager.control import ConsumerControl
 from mgpumanager.gpu import GpuSample, GpuSampler, SampleSink
 from mgpumanager.guard import Guard
+from mgpumanager.holding import VERIFY_TIMEOUT
 from mgpumanager.lifecycle import Lifecycle
 from mgpumanager.openai_routes import OpenAIRoutes
 from mgpumanager.ports import ConsumerPorts
@@ -67,7 +68,13 @@ class ReloadTargets:
 
     def consumers(self, config: Config) -> None:
         """The consumers: states kept or renewed, removed ones' waiting jobs refused."""
-        removed = self.registry.reconfigure(config, self.attributor.pids_of)
+        latest = self.sampler.latest
+        removed = self.registry.reconfigure(
+            config,
+            self.attributor.pids_of,
+            now=self.sampler.now(),
+            card_used_mib=None if latest.reading is None else latest.reading.used_mib,
+        )
         self.scheduler.reconfigure(config.queue, config.scheduling, removed)
         for name in removed:
             holder = self.registry.holders.get(name)
@@ -108,15 +115,29 @@ class ReloadTargets:
 def holder_release(registry: Registry) -> SampleSink:
     """
     A sampler subscriber that forgets a removed consumer's memory once the
-    card shows it gone (so the budget stops counting it).
+    card shows it gone, or once the verify timeout passed for one whose
+    processes were never known (:mod:`mgpumanager.holding`), so the budget
+    stops counting it.
     """
 
     def on_sample(sample: GpuSample) -> None:
-        if sample.reading is None or not registry.holders:
+        if not registry.holders or sample.time is None:
             return
-        for name in registry.release_holders(sample.reading.processes):
-            log.info("removed consumer {consumer} no longer holds memory on the card",
-                     consumer=name)
+        timeout = registry.config.lifecycle.verify_timeout_seconds
+        for holder, rule in registry.settle_holders(sample.reading, sample.time, timeout):
+            if rule == VERIFY_TIMEOUT:
+                log.warn(
+                    "removed consumer {consumer}: the card never showed its {size} MiB "
+                    "go within {timeout} s; they leave the budget all the same",
+                    consumer=holder.name,
+                    size=holder.size_mib,
+                    timeout=timeout,
+                )
+            else:
+                log.info(
+                    "removed consumer {consumer} no longer holds memory on the card ({rule})",
+                    consumer=holder.name,
+                    rule=rule,
+                )
 
     return on_sample
-
