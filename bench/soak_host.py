@@ -80,11 +80,18 @@ class HostProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the simulated host exited:\n{self.log()}")
-            if self.config_path.exists() and self.stats_path.exists():
+            if self.stats_path.exists() and self._config_written():
                 self.starts += 1
                 return
             time.sleep(0.05)
         raise RuntimeError(f"the simulated host did not start:\n{self.log()}")
+
+    def _config_written(self) -> bool:
+        # The file appears before its content: wait until it parses whole.
+        try:
+            return isinstance(yaml.safe_load(self.config_path.read_text()), dict)
+        except (OSError, yaml.YAMLError):
+            return False
 
     def kill9(self) -> None:
         """SIGKILL: no clean-up, open connections reset, the card file left stale."""
