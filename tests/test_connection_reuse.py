@@ -18,12 +18,13 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.web.client import Agent, ResponseNeverReceived
 from twisted.web.test.requesthelper import DummyRequest
 
 from mgpumanager.common.errors import ApiError
 from mgpumanager.config.document import parse_config
+from mgpumanager.consumers.bodies import read_body
 from mgpumanager.relay.endpoints import ReusedEndpoints
 from mgpumanager.relay.headers import reuse_for
 from mgpumanager.relay.proxy import ConsumerProxy
@@ -281,3 +282,36 @@ async def test_a_post_that_may_have_been_written_is_never_sent_again() -> None:
     with pytest.raises(ApiError):
         await proxy.relay(post(), config.consumers["voice"], "POST", "/tts")
     assert agent.calls == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_closed_in_its_answers_last_chunk_is_never_reused(
+    keep_alive_server: Upstream,
+) -> None:
+    """
+    A reader that stops in the middle of an answer's last chunk (here a capped
+    read of a 2-byte body with a 1-byte cap: a probe's or a lifecycle call's)
+    closes the connection while Twisted's parser still finishes the answer and
+    hands the connection back.  Pooled, the next POST was written into the
+    closing socket, reached the server, and failed with no answer: a 502 for
+    a job that ran.
+    """
+    config = config_for(keep_alive_server.url)
+    pool = ReusePool(reactor, reuse_for, lambda key: 4.0)
+    agent = Agent.usingEndpointFactory(reactor, ReusedEndpoints(reactor, 2), pool=pool)
+    proxy = ConsumerProxy(lambda consumer: agent, reactor)
+    try:
+        response = await agent.request(b"GET", keep_alive_server.url.encode() + b"/health")
+        assert await read_body(response, 1) is None
+        # The parser finishes the answer after the reader stopped, and the
+        # connection goes back to the pool; the next request comes on the
+        # next turn of the reactor, before the close is done.
+        await deferLater(reactor, 0, lambda: None)
+        request = post()
+        await proxy.relay(request, config.consumers["voice"], "POST", "/tts")
+        assert request.responseCode == 200
+        assert b"".join(request.written) == b"ok"
+        # The POST went once, on a connection of its own.
+        assert keep_alive_server.seen.per_connection == [1, 1]
+    finally:
+        await pool.closeCachedConnections()

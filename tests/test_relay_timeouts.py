@@ -23,6 +23,7 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyRequest
 
+from mgpumanager.common.errors import ApiError
 from mgpumanager.relay.endpoints import ReusedEndpoints
 from mgpumanager.relay.proxy import UpstreamBroke, _BodyRelay
 from tests.support import assert_no_result, failure_result_of, success_result_of
@@ -253,6 +254,26 @@ def test_a_broken_upstream_aborts_the_client() -> None:
 
     assert relay.aborted == 1
     failure_result_of(relay.finished, UpstreamBroke)
+    assert relay.clock.getDelayedCalls() == []
+
+
+def test_an_upstream_broken_before_its_body_gets_the_client_the_daemons_own_error() -> None:
+    """
+    Headers alone never reach the client (twisted.web sends them with the
+    first byte of the body): aborting here would close the client's
+    connection with no answer at all, leaving it to guess whether its POST
+    ran.  It gets the daemon's 502 instead, with none of the consumer's headers.
+    """
+    relay = Relay()
+    relay.request.responseHeaders.setRawHeaders(b"content-length", [b"5000"])
+
+    relay.relay.connectionLost(Failure(net_error.ConnectionLost()))
+
+    assert relay.aborted == 0
+    failure = failure_result_of(relay.finished, ApiError)
+    assert failure.value.kind.code == "consumer_unreachable"
+    assert "broke before the answer's body" in failure.value.message
+    assert not relay.request.responseHeaders.hasHeader(b"content-length")
     assert relay.clock.getDelayedCalls() == []
 
 

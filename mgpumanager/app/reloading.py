@@ -25,6 +25,7 @@ from mgpumanager.scheduling.lifecycle import Lifecycle
 from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.attribution import ProcessAttributor
 from mgpumanager.state.gpu import GpuSample, GpuSampler, SampleSink
+from mgpumanager.state.holding import VERIFY_TIMEOUT
 from mgpumanager.state.registry import Registry
 from mgpumanager.web.guard import Guard
 from mgpumanager.web.openai_routes import OpenAIRoutes
@@ -68,7 +69,13 @@ class ReloadTargets:
 
     def consumers(self, config: Config) -> None:
         """The consumers: states kept or renewed, removed ones' waiting jobs refused."""
-        removed = self.registry.reconfigure(config, self.attributor.pids_of)
+        latest = self.sampler.latest
+        removed = self.registry.reconfigure(
+            config,
+            self.attributor.pids_of,
+            now=self.sampler.now(),
+            card_used_mib=None if latest.reading is None else latest.reading.used_mib,
+        )
         self.scheduler.reconfigure(config.queue, config.scheduling, removed)
         for name in removed:
             holder = self.registry.holders.get(name)
@@ -109,15 +116,29 @@ class ReloadTargets:
 def holder_release(registry: Registry) -> SampleSink:
     """
     A sampler subscriber that forgets a removed consumer's memory once the
-    card shows it gone (so the budget stops counting it).
+    card shows it gone, or once the verify timeout passed for one whose
+    processes were never known (:mod:`mgpumanager.state.holding`), so the budget
+    stops counting it.
     """
 
     def on_sample(sample: GpuSample) -> None:
-        if sample.reading is None or not registry.holders:
+        if not registry.holders or sample.time is None:
             return
-        for name in registry.release_holders(sample.reading.processes):
-            log.info("removed consumer {consumer} no longer holds memory on the card",
-                     consumer=name)
+        timeout = registry.config.lifecycle.verify_timeout_seconds
+        for holder, rule in registry.settle_holders(sample.reading, sample.time, timeout):
+            if rule == VERIFY_TIMEOUT:
+                log.warn(
+                    "removed consumer {consumer}: the card never showed its {size} MiB "
+                    "go within {timeout} s; they leave the budget all the same",
+                    consumer=holder.name,
+                    size=holder.size_mib,
+                    timeout=timeout,
+                )
+            else:
+                log.info(
+                    "removed consumer {consumer} no longer holds memory on the card ({rule})",
+                    consumer=holder.name,
+                    rule=rule,
+                )
 
     return on_sample
-

@@ -36,6 +36,7 @@ from twisted.web import client as web_client
 from twisted.web import http
 from twisted.web.client import FileBodyProducer
 from twisted.web.error import SchemeNotSupported
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -255,6 +256,9 @@ class _BodyRelay(Protocol):
         self._idle = idle
         self._idle_timer: IDelayedCall | None = None
         self._done = False
+        #: Whether any of the body was written: until then the client has
+        #: received nothing, not even the status line.
+        self._wrote = False
         self._producer: _PausableSource | None = None
         self.paused = False
 
@@ -267,6 +271,7 @@ class _BodyRelay(Protocol):
         if not self._done:
             if not self.paused:
                 self.restart_idle_timer()
+            self._wrote = True
             self._request.write(data)
             if self._copy is not None:
                 self._copy += data
@@ -318,10 +323,31 @@ class _BodyRelay(Protocol):
             # connection *is* the end of the body (HTTP/1.0 style).
             self._finished.callback(None)
             return
+        why = describe_connection_error(reason.value or Exception("unknown"))
+        if not self._wrote:
+            # Only the consumer's status and headers came, and twisted.web
+            # sends those with the first byte of the body: the client has
+            # received nothing yet, so it gets the daemon's own answer
+            # instead of a connection closed with none.
+            log.warn(
+                "upstream {consumer} broke before its answer's body: {why}",
+                consumer=self._consumer,
+                why=why,
+            )
+            self._request.responseHeaders = Headers()
+            self._finished.errback(
+                ApiError(
+                    CONSUMER_UNREACHABLE,
+                    f"upstream {self._consumer}: the connection broke before the "
+                    f"answer's body ({why})",
+                    self._consumer,
+                )
+            )
+            return
         log.warn(
             "upstream {consumer} broke mid-response: {why}; aborting the client",
             consumer=self._consumer,
-            why=describe_connection_error(reason.value or Exception("unknown")),
+            why=why,
         )
         abort_client(self._request)
         self._finished.errback(

@@ -91,9 +91,11 @@ def quiet_connections(pool: HTTPConnectionPool) -> None:
 class ReusePool(HTTPConnectionPool):
     """
     A connection pool that keeps a connection only as long as its server
-    will: Twisted's pool reuses a connection after an HTTP/1.0 answer that
-    did not ask for keep-alive, and keeps idle ones for
-    ``cachedConnectionTimeout`` whatever the server said.  A server that
+    will, and never one that is already closing: Twisted's pool reuses a
+    connection after an HTTP/1.0 answer that did not ask for keep-alive,
+    keeps idle ones for ``cachedConnectionTimeout`` whatever the server said,
+    and takes back a connection whose transport a reader closed in the
+    middle of the answer's last chunk.  A server that
     closes first (Python's ``http.server`` at once, uvicorn after 5 s) then
     loses the next request on it: "connection closed before any response".
 
@@ -119,6 +121,16 @@ class ReusePool(HTTPConnectionPool):
         self._idle_limit = idle_limit
 
     def _putConnection(self, key: Any, connection: Any) -> None:
+        transport = getattr(connection, "transport", None)
+        if transport is None or getattr(transport, "disconnecting", False):
+            # Someone already closed it while the answer was still being
+            # parsed: a reader that stopped producing in the answer's last
+            # chunk (a capped read, a cancelled relay).  Twisted's pool keeps
+            # it all the same, and the next request is written into the
+            # closing socket: it may reach the server, but its answer never
+            # comes back (ResponseNeverReceived), so even a POST that ran
+            # fails, and cannot safely be sent again.
+            return
         parser = getattr(connection, "_parser", None)
         response = getattr(parser, "response", None)
         if parser is None or response is None:

@@ -27,6 +27,7 @@ from twisted.logger import (
 )
 
 from mgpumanager.simulate.host import HostConfig, SimulatedHost
+from mgpumanager.simulate.traffic_log import RequestLog, stats_loop
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -50,6 +51,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--daemon-config", metavar="PATH", help="also write a consumers.yaml for mgpumanager"
     )
     parser.add_argument("--fast", action="store_true", help="millisecond timings, as in tests")
+    parser.add_argument(
+        "--request-log",
+        metavar="PATH",
+        help="append one JSON line per request the servers receive (server, method, path, "
+        "X-Request-Id), flushed at once",
+    )
+    parser.add_argument(
+        "--stats-file",
+        metavar="PATH",
+        help="keep the card's out-of-memory count in this JSON file, rewritten 10 times a second",
+    )
     return parser.parse_args(argv)
 
 
@@ -72,10 +84,22 @@ def remove_card_file(path: str | None) -> None:
             os.unlink(path)
 
 
-async def run(reactor: Any, config: HostConfig, daemon_config: str | None) -> None:
+async def run(
+    reactor: Any,
+    config: HostConfig,
+    daemon_config: str | None,
+    request_log: str | None = None,
+    stats_file: str | None = None,
+) -> None:
     """Start the host and keep it up until the reactor stops (Ctrl-C, SIGTERM)."""
     host = SimulatedHost(config, clock=reactor)
+    if request_log:
+        log_requests = RequestLog(request_log)
+        for server in host.servers.values():
+            server.on_request = log_requests
     await host.start(reactor)
+    if stats_file:
+        stats_loop(stats_file, host, reactor)
     for name, url in host.urls().items():
         print(f"{name:8} {url}", flush=True)
     print(f"card     {config.total_mib} MiB, state in {config.state_path}", flush=True)
@@ -102,7 +126,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(LogLevel.info)]
     )
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    task.react(lambda reactor: Deferred.fromCoroutine(run(reactor, config, options.daemon_config)))
+    task.react(
+        lambda reactor: Deferred.fromCoroutine(
+            run(reactor, config, options.daemon_config, options.request_log, options.stats_file)
+        )
+    )
 
 
 if __name__ == "__main__":

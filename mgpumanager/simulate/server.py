@@ -98,6 +98,8 @@ class SimServer:
         self.model = GpuModel(card, name, model_mib, self.clock, load_seconds, unload_seconds)
         self.work_seconds = work_seconds
         self.requests: list[RecordedRequest] = []
+        #: Told of every request as it arrives (a log another process reads).
+        self.on_request: Callable[[SimServer, RecordedRequest], None] | None = None
         self.jobs = ActivityMeter()
         self.gpu_meter = gpu_meter if gpu_meter is not None else ActivityMeter()
         self.disconnects = 0
@@ -252,7 +254,10 @@ class _RecordingResource(Resource):
         self._inner = inner
 
     def render(self, request: Request) -> bytes | int:
-        self._server.requests.append(record_request(request, self._server.clock.seconds()))
+        recorded = record_request(request, self._server.clock.seconds())
+        self._server.requests.append(recorded)
+        if self._server.on_request is not None:
+            self._server.on_request(self._server, recorded)
         result: bytes | int = self._inner.render(request)
         return result
 

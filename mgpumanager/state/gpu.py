@@ -180,6 +180,10 @@ class GpuSampler(Periodic):
         self.samples_taken = 0
         Periodic.__init__(self, self.sample, clock, interval)
 
+    def now(self) -> float:
+        """The time on the clock that stamps the samples."""
+        return self._clock.seconds()
+
     def subscribe(self, sink: SampleSink) -> None:
         """Call ``sink`` with every new sample."""
         self._sinks.append(sink)

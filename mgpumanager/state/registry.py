@@ -9,11 +9,15 @@ scheduler's decisions and ``/v1/status`` both read this one place.
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 
 import attrs
 
 from mgpumanager.config.document import Config, ConsumerConfig
+from mgpumanager.state.gpu import GpuReading
+from mgpumanager.state.holding import RELEASED_KEPT, ReleasedHolder, release_rule
 
 #: Share of its declared VRAM a consumer's processes must hold to count as loaded.
 RESIDENT_SHARE = 0.5
@@ -140,6 +144,11 @@ class Holder:
     size_mib: int
     #: Its processes when it was removed, to see its memory go; may be empty.
     pids: frozenset[int]
+    #: When the reload removed it, and the card's used MiB then (None until a
+    #: reading says): without its processes, the card's drop since then is the
+    #: only sign that its memory went.
+    removed_at: float = 0.0
+    card_used_mib: int | None = None
 
 
 class Registry:
@@ -154,15 +163,25 @@ class Registry:
             name: _fresh_state(consumer) for name, consumer in config.consumers.items()
         }
         self.holders: dict[str, Holder] = {}
+        #: The latest holders let go, and by which rule, newest last.
+        self.released_holders: deque[ReleasedHolder] = deque(maxlen=RELEASED_KEPT)
 
     def reconfigure(
-        self, config: Config, pids_of: Callable[[str], frozenset[int]]
+        self,
+        config: Config,
+        pids_of: Callable[[str], frozenset[int]],
+        now: float = 0.0,
+        card_used_mib: int | None = None,
     ) -> list[str]:
         """
         Take a reloaded configuration; return the consumers it removed.  A
         consumer that stays keeps its residency and counters unless its
         ``url`` or ``adapter`` changed (then it is another server); a removed
         one that is resident becomes a :class:`Holder`.
+
+        :param now: when, for the holders' verify timeout.
+        :param card_used_mib: the card's used memory now, if a reading has it:
+            where a holder without processes starts counting the drop.
         """
         states: dict[str, ConsumerState] = {}
         for name, consumer in config.consumers.items():
@@ -179,7 +198,9 @@ class Registry:
         for name in removed:
             state = self._states[name]
             if state.resident and state.size_mib > 0:
-                self.holders[name] = Holder(name, state.size_mib, pids_of(name))
+                self.holders[name] = Holder(
+                    name, state.size_mib, pids_of(name), now, card_used_mib
+                )
         self.config = config
         self._states = states
         return removed
@@ -189,20 +210,40 @@ class Registry:
         """Memory the budget must count that no consumer of ours holds."""
         return sum(holder.size_mib for holder in self.holders.values())
 
-    def release_holders(self, processes: Mapping[int, int]) -> list[str]:
+    def release_holders(self, processes: Mapping[int, int], now: float = 0.0) -> list[str]:
         """
         Forget the holders whose processes the card (``processes``: MiB by
         pid, from NVML) shows holding under 5 % of their memory; return them.
         """
-        gone = [
+        reading = GpuReading("", 0, 0, 0, processes)
+        return [
             holder.name
-            for holder in self.holders.values()
-            if holder.pids
-            and sum(processes.get(pid, 0) for pid in holder.pids) < 0.05 * holder.size_mib
+            for holder, _ in self.settle_holders(reading, now, verify_timeout=math.inf)
         ]
-        for name in gone:
-            del self.holders[name]
-        return gone
+
+    def settle_holders(
+        self, reading: GpuReading | None, now: float, verify_timeout: float
+    ) -> list[tuple[Holder, str]]:
+        """
+        Forget the holders the card (``reading``, None after a failed read)
+        shows gone, or whose verify timeout passed; return each with the rule
+        that let it go (:func:`~mgpumanager.state.holding.release_rule`).
+        """
+        released = []
+        for holder in list(self.holders.values()):
+            if holder.card_used_mib is None and reading is not None and not holder.pids:
+                # No reading at the removal: the first one since is the baseline.
+                holder = self.holders[holder.name] = attrs.evolve(
+                    holder, card_used_mib=reading.used_mib
+                )
+            rule = release_rule(holder, reading, now, verify_timeout)
+            if rule is not None:
+                del self.holders[holder.name]
+                self.released_holders.append(
+                    ReleasedHolder(holder.name, holder.size_mib, rule, now)
+                )
+                released.append((holder, rule))
+        return released
 
     def __getitem__(self, name: str) -> ConsumerState:
         return self._states[name]

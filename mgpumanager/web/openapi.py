@@ -87,6 +87,25 @@ STATUS: JsonObject = {
                         },
                     },
                 },
+                "released_holders": {
+                    "type": "array",
+                    "description": "the latest holders that left the budget, newest last, "
+                    "and the rule that let each go: processes_gone, card_dropped (the "
+                    "card's used memory fell by 75 % of its size) or verify_timeout",
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "size_mib", "rule", "released"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "size_mib": {"type": "integer"},
+                            "rule": {
+                                "type": "string",
+                                "enum": ["processes_gone", "card_dropped", "verify_timeout"],
+                            },
+                            "released": {"type": "string", "format": "date-time"},
+                        },
+                    },
+                },
             },
         },
         "routing": {"type": "object", "additionalProperties": {"type": "string"}},

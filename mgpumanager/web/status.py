@@ -38,6 +38,7 @@ def status_document(
         "gpu": {
             **gpu_status(sample, config.gpu.total_mib, config.gpu.reserved_mib),
             "holders": holders_status(registry),
+            "released_holders": released_holders_status(registry),
         },
         "routing": dict(config.routing),
         "consumers": [consumer_status(state) for state in registry],
@@ -77,6 +78,22 @@ def holders_status(registry: Registry) -> list[JsonDocument]:
     return [
         {"name": holder.name, "size_mib": holder.size_mib}
         for holder in sorted(registry.holders.values(), key=lambda holder: holder.name)
+    ]
+
+
+def released_holders_status(registry: Registry) -> list[JsonDocument]:
+    """
+    The latest holders let go, newest last, with the rule that let each go:
+    ``processes_gone``, ``card_dropped`` or ``verify_timeout`` (never seen go).
+    """
+    return [
+        {
+            "name": released.name,
+            "size_mib": released.size_mib,
+            "rule": released.rule,
+            "released": rfc3339(released.released_at),
+        }
+        for released in registry.released_holders
     ]
 
 
