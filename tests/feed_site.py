@@ -11,8 +11,9 @@ from typing import Any
 from twisted.web.server import Request, Site
 
 from mgpumanager.config.document import parse_config
+from mgpumanager.web.declare import Does, Policy, route
 from mgpumanager.web.events import EventFeed
-from mgpumanager.web.routing import Does, Policy, RouteTable, route
+from mgpumanager.web.routing import RouteTable
 
 CONFIG = parse_config(
     {"consumers": {"voice": {"url": "http://127.0.0.1:9001", "health": {"path": "/health"}}}}

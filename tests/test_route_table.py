@@ -21,8 +21,9 @@ from twisted.web.http_headers import Headers
 
 from mgpumanager.config.document import ENDPOINT_KINDS, parse_config
 from mgpumanager.web.api import main_port_routes
+from mgpumanager.web.declare import Declared, Token
 from mgpumanager.web.guard import Guard
-from mgpumanager.web.routing import Declared, RouteTable, Token
+from mgpumanager.web.routing import RouteTable
 from tests.builders import consumer
 from tests.test_upstream import Stage, start_stage, stop_stage
 

@@ -35,6 +35,7 @@ from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.gpu import GpuSampler
 from mgpumanager.state.registry import Registry
 from mgpumanager.web.answers import json_body
+from mgpumanager.web.declare import Does, Policy, Token, route
 from mgpumanager.web.events import EventFeed
 from mgpumanager.web.guard import query_token, token_cookie
 from mgpumanager.web.jobs import GpuJobs
@@ -44,7 +45,7 @@ from mgpumanager.web.openai_routes import OpenAIRoutes
 from mgpumanager.web.openapi import openapi_document
 from mgpumanager.web.page import status_page
 from mgpumanager.web.passthrough import Passthrough
-from mgpumanager.web.routing import Does, Policy, RouteTable, Token, raw_rest, route
+from mgpumanager.web.routing import RouteTable, raw_rest
 from mgpumanager.web.status import plan_document, status_document
 
 log = Logger()

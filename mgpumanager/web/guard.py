@@ -27,7 +27,8 @@ from twisted.web.http_headers import Headers
 from mgpumanager.common.errors import BAD_REQUEST, FORBIDDEN, UNAUTHORIZED, ApiError
 from mgpumanager.config.document import Config
 from mgpumanager.relay.headers import TOKEN_COOKIE as COOKIE_NAME
-from mgpumanager.web.routing import RouteTable, Token
+from mgpumanager.web.declare import Token
+from mgpumanager.web.routing import RouteTable
 
 #: Methods that change nothing: a foreign ``Origin`` is no threat on them.
 SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})

@@ -31,8 +31,9 @@ from mgpumanager.common.request_json import json_object
 from mgpumanager.config.document import OPENAI_ROLES, Config, ConsumerConfig
 from mgpumanager.consumers.control import ConsumerControl, ControlFailed
 from mgpumanager.web.answers import Shape, json_body
+from mgpumanager.web.declare import Does, LimitSource, Policy, route
 from mgpumanager.web.jobs import GpuJobs
-from mgpumanager.web.routing import Does, LimitSource, Policy, declared_path, route
+from mgpumanager.web.routing import declared_path
 
 log = Logger()
 

@@ -26,8 +26,9 @@ from mgpumanager.config.document import Config, ConsumerConfig
 from mgpumanager.consumers.adapters import adapter_named
 from mgpumanager.relay.proxy import ConsumerProxy
 from mgpumanager.relay.tunnel import WebSocketTunnels, is_websocket_upgrade
+from mgpumanager.web.declare import Does, Policy, route
 from mgpumanager.web.jobs import GpuJobs
-from mgpumanager.web.routing import Does, Policy, raw_rest, route
+from mgpumanager.web.routing import raw_rest
 
 
 def named_consumer(config: Config, args: Mapping[str, Any]) -> Iterable[ConsumerConfig]:

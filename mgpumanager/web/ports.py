@@ -23,9 +23,10 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from mgpumanager.config.document import Config
+from mgpumanager.web.declare import route
 from mgpumanager.web.guard import Guard
 from mgpumanager.web.passthrough import FORWARDED, Passthrough
-from mgpumanager.web.routing import RouteTable, raw_rest, route
+from mgpumanager.web.routing import RouteTable, raw_rest
 from mgpumanager.web.site import ManagerSite
 
 log = Logger()

@@ -2,12 +2,13 @@
 The route table: every route of every port is declared once, beside its
 handler, with its policy, and Klein routes the request.
 
-A declaration (:func:`route`) says what a route is (a GPU job, a passthrough,
-the daemon's own), whose body limit holds it, what opens it when a token is
-configured, and in which shape its errors are written.  The site asks the same
-table at header time for the body limit, the guard for the token rule, the
-error renderer for the shape, and Klein calls the handler: no second list of
-paths exists anywhere, so no copy can disagree with another.
+A declaration (:func:`~mgpumanager.web.declare.route`) says what a route is
+(a GPU job, a passthrough, the daemon's own), whose body limit holds it, what
+opens it when a token is configured, and in which shape its errors are
+written.  The site asks the same table at header time for the body limit, the
+guard for the token rule, the error renderer for the shape, and Klein calls
+the handler: no second list of paths exists anywhere, so no copy can disagree
+with another.
 
 Matching sees the path with each segment percent-decoded, as Klein does, so
 ``/v1/%6Clm`` is the ``/v1/llm`` job everywhere it is looked up and cannot
@@ -19,10 +20,9 @@ passthrough).  Handlers that forward a path take it raw from the request line
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
-from urllib.parse import quote_from_bytes, unquote_to_bytes
+from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import attrs
 from klein import Klein
@@ -33,107 +33,13 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import MapAdapter
 
 from mgpumanager.common.errors import BAD_REQUEST, METHOD_NOT_ALLOWED, NOT_FOUND, ApiError
-from mgpumanager.config.document import Config, ConsumerConfig
+from mgpumanager.common.paths import is_utf8, routing_segments
+from mgpumanager.config.document import Config
 from mgpumanager.web.answers import Shape, answer_failure
-
-_F = TypeVar("_F", bound=Callable[..., Any])
+from mgpumanager.web.declare import Declared, Does, Policy
 
 #: What the routes of a port are looked up by, at most this many raw paths kept.
 LOOKUPS_KEPT = 1024
-
-
-class Does(enum.Enum):
-    """What a route is."""
-
-    #: A GPU job: it queues for the card (the passthrough may make one too).
-    JOB = "job"
-    #: Forwarded to a consumer as it came; a GPU job only where its adapter says so.
-    PASSTHROUGH = "passthrough"
-    #: Answered by the daemon itself.
-    OWN = "own"
-
-
-class Token(enum.Enum):
-    """What opens a route when ``auth.token_file`` is set."""
-
-    #: Nothing needed: liveness checks carry no secrets.
-    OPEN = "open"
-    #: The bearer token, or the page's cookie on GET (read-only page routes).
-    PAGE = "page"
-    #: As PAGE, and ``?token=`` once: the status page a person opens from a link.
-    PAGE_LINK = "page_link"
-    #: The bearer token only.
-    BEARER = "bearer"
-
-
-#: Whose body limit holds a request, from the configuration and the route's
-#: arguments: a consumer (its ``max_body_mib`` if set), or None for the global one.
-LimitSource = Callable[[Config, Mapping[str, Any]], Iterable[ConsumerConfig]]
-
-
-def global_limit(config: Config, args: Mapping[str, Any]) -> Iterable[ConsumerConfig]:
-    """The global limit alone: the daemon's own routes."""
-    return ()
-
-
-@attrs.frozen
-class Policy:
-    """
-    What a route is, and how the site, the guard and the error renderer treat it.
-
-    :param limit: the consumers a request may reach; the largest of their
-        limits holds it at header time (the handler holds it to the one it
-        reaches, once known).
-    :param kind: the GPU job kind, where the route is a job of one kind.
-    """
-
-    does: Does
-    token: Token = Token.BEARER
-    shape: Shape = Shape.OURS
-    limit: LimitSource = global_limit
-    kind: str | None = None
-    summary: str = ""
-
-
-@attrs.frozen
-class Declared:
-    """
-    One route: its Klein path pattern, its methods (None: any), its policy,
-    and arguments its handler gets besides the path's.
-    """
-
-    path: str
-    methods: tuple[str, ...] | None
-    policy: Policy
-    defaults: Mapping[str, str] = attrs.field(factory=dict)
-
-    @property
-    def fixed_segments(self) -> int:
-        """How many segments come before a trailing ``<path:…>`` part."""
-        parts = self.path.strip("/").split("/")
-        for index, part in enumerate(parts):
-            if part.startswith("<path:"):
-                return index
-        return len(parts)
-
-
-def route(
-    path: str, methods: Sequence[str] | None, policy: Policy, **defaults: str
-) -> Callable[[_F], _F]:
-    """
-    Declare a route beside its handler; stack several for one handler.  The
-    handler is called with the request, the path's arguments and
-    ``defaults``; ``{audio}`` in ``path`` stands for the configured audio prefix.
-    """
-
-    def declare(handler: _F) -> _F:
-        verbs = tuple(methods) if methods is not None else None
-        declared = Declared(path, verbs, policy, defaults)
-        routes: list[Declared] = list(getattr(handler, "__routes__", ()))
-        handler.__routes__ = [declared, *routes]  # type: ignore[attr-defined]
-        return handler
-
-    return declare
 
 
 @attrs.frozen
@@ -162,39 +68,6 @@ _NO_ROUTE = Policy(Does.OWN)
 _NO_ROUTE_V1 = Policy(Does.OWN, shape=Shape.OPENAI)
 
 
-def routing_segments(raw_path: bytes) -> list[bytes]:
-    """
-    The path's segments as matching sees them, always UTF-8: each
-    percent-decoded, unless decoding would make a ``/`` (a new segment), a
-    control character or bytes that are not UTF-8.
-    """
-    return [_matched_segment(raw) for raw in raw_path[1:].split(b"/")]
-
-
-#: Bytes a decoded segment may not hold: a new segment, or a line break no
-#: pattern matches.
-_CONTROL_OR_SLASH = frozenset(b"/\x7f" + bytes(range(32)))
-
-
-def _matched_segment(raw: bytes) -> bytes:
-    if b"%" in raw:
-        decoded = unquote_to_bytes(raw)
-        if _CONTROL_OR_SLASH.isdisjoint(decoded) and _is_utf8(decoded):
-            return decoded
-    if _is_utf8(raw):
-        return raw
-    # Bytes no route can name: spelled in ASCII, so that matching fails cleanly.
-    return quote_from_bytes(raw, safe="%").encode("ascii")
-
-
-def _is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 def declared_path(request: Request) -> str:
     """The path pattern of the route Klein sent ``request`` to: its plain spelling."""
     declared: Declared = getattr(request, _ROUTE)
@@ -219,7 +92,8 @@ class RouteTable:
     The routes of one port, from the handlers its owners declare, as one
     Klein app, and the lookups the site, the guard and the error renderer make.
 
-    :param owners: objects whose methods carry :func:`route` declarations.
+    :param owners: objects whose methods carry :func:`~mgpumanager.web.declare.route`
+        declarations.
     :param config: the configuration whose audio prefix fills ``{audio}``, and
         whose consumers' limits hold the requests.
     :param port_args: arguments every route of this port has besides its
@@ -337,7 +211,7 @@ class RouteTable:
 
 def unrouted_error(raw_path: bytes) -> ApiError:
     """The error for a path no route serves."""
-    if not _is_utf8(unquote_to_bytes(raw_path)):
+    if not is_utf8(unquote_to_bytes(raw_path)):
         return ApiError(BAD_REQUEST, "the request path is not UTF-8 once decoded")
     return ApiError(NOT_FOUND, "no such endpoint; see GET / for the routes")
 
