@@ -31,8 +31,8 @@ def _sample(processes: dict[int, int]) -> GpuSample:
 
 def test_a_removed_consumers_memory_shows_in_status_until_the_card_shows_it_gone() -> None:
     registry = Registry(_config(voice=_entry(9001, 3000), llm=_entry(9002, 8000)))
-    registry.reconfigure(_config(voice=_entry(9001, 3000)),
-                         lambda name: frozenset({4242}) if name == "llm" else frozenset())
+    registry.replace_consumers(_config(voice=_entry(9001, 3000)),
+                               lambda name: frozenset({4242}) if name == "llm" else frozenset())
     on_sample = holder_release(registry)
     assert holders_status(registry) == [{"name": "llm", "size_mib": 8000}]
 

@@ -25,8 +25,9 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mgpumanager.app.reload import Reloader
-from mgpumanager.app.reloading import ReloadTargets, holder_release
+from mgpumanager.app.reloading import ConfigTakers, holder_release
 from mgpumanager.common.exposure import endpoint_is_loopback
+from mgpumanager.config.configured import PerConfig
 from mgpumanager.config.document import Config
 from mgpumanager.consumers.adapters import load_resolved_config
 from mgpumanager.consumers.adapters.following import Completions
@@ -48,7 +49,7 @@ from mgpumanager.scheduling.eviction import dry_run_plan
 from mgpumanager.scheduling.lifecycle import Lifecycle
 from mgpumanager.scheduling.policy import make_policy
 from mgpumanager.scheduling.scheduler import GpuScheduler
-from mgpumanager.state.attribution import PidMap, ProcessAttributor, find_consumer_pids
+from mgpumanager.state.attribution import ConsumerPids, PidMap, ProcessAttributor
 from mgpumanager.state.gpu import GpuReading, GpuSampler
 from mgpumanager.state.registry import Registry
 from mgpumanager.web.api import ManagerApp
@@ -140,6 +141,10 @@ class ManagerService(MultiService):
         #: How long running jobs may finish after SIGTERM (a reload may change it).
         self.grace = grace
 
+    def reconfigure(self, config: Config) -> None:
+        """Give running jobs the reloaded ``shutdown_grace_seconds`` at the next stop."""
+        self.grace = config.shutdown_grace_seconds
+
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
 
@@ -185,13 +190,8 @@ def build(
 ) -> ManagerService:
     """Build and wire every component of the daemon."""
     config = _with_stand_ins(config, stand_ins)
-    # Built first: whatever reads the configuration per call reads its current one.
-    reloader = Reloader(
-        config,
-        reactor,
-        load=lambda path: _with_stand_ins(load_resolved_config(path), stand_ins),
-    )
-    pool = ReusePool(reactor, reuse_for, lambda key: idle_limit(reloader.current, key))
+    idle_limits = PerConfig(config, idle_limit)
+    pool = ReusePool(reactor, reuse_for, idle_limits)
     quiet_connections(pool)
     pool.maxPersistentPerHost = 8
     agents: dict[float, Agent] = {}
@@ -206,7 +206,8 @@ def build(
     # Probes and lifecycle calls use treq; each is bounded by its own timeout.
     http_client = HTTPClient(agent_for_timeout(CONNECT_TIMEOUT_SECONDS))
 
-    registry = Registry(config)
+    # The attributor knows the processes a removed consumer leaves on the card.
+    registry = Registry(config, pids_of=lambda name: attributor.pids_of(name))
     nvml_threads = ThreadPool(minthreads=0, maxthreads=1, name="mgpumanager-nvml")
 
     def run_blocking(call: Any) -> Deferred[GpuReading]:
@@ -230,11 +231,8 @@ def build(
         interval=config.probes.interval_seconds,
         timeout=config.probes.timeout_seconds,
     )
-    def find_pids() -> PidMap:
-        # "systemctl show" needs no privilege: not the configured (sudo) prefix.
-        return find_consumer_pids(reloader.current, ("systemctl",))
-
-    pids: Callable[[], PidMap] = find_pids
+    consumer_pids = ConsumerPids(config)
+    pids: Callable[[], PidMap] = consumer_pids
     if stand_ins is not None and stand_ins.find_pids is not None:
         pids = stand_ins.find_pids
     attributor = ProcessAttributor(registry, pids, deferToThread, reactor)
@@ -278,9 +276,8 @@ def build(
     passthrough.register(routes)
     openai = OpenAIRoutes(config, jobs, control, config.probes.timeout_seconds)
     openai.register(routes)
-    site = ManagerSite(
-        routes, lambda target: body_limit_for_path(reloader.current, target), guard, error_shape
-    )
+    body_limits = PerConfig(config, body_limit_for_path)
+    site = ManagerSite(routes, body_limits, guard, error_shape)
     endpoint = serverFromString(reactor, description)
     http = StreamServerEndpointService(endpoint, site)
     fail_start_on_listen_error(http)
@@ -289,22 +286,40 @@ def build(
     service = ManagerService(
         (http, ports), scheduler, pool, reactor, config.shutdown_grace_seconds
     )
-    ReloadTargets(
-        registry=registry,
-        attributor=attributor,
-        scheduler=scheduler,
-        lifecycle=lifecycle,
-        control=control,
-        prober=prober,
-        sampler=sampler,
-        guard=guard,
-        app=app,
-        passthrough=passthrough,
-        openai=openai,
-        relays=(proxy, tunnels),
-        service=service,
-        ports=ports,
-    ).register(reloader)
+    # Who takes a reloaded configuration, in this order (see app.reloading):
+    takers = ConfigTakers()
+    # the consumers, and their waiting jobs when they are gone: the registry
+    # first, so every later step asks about consumers that exist; the policy
+    # before the scheduler, whose pick after refusing removed consumers' jobs
+    # follows it;
+    takers.add("registry", registry)
+    takers.add("chooser", chooser)
+    takers.add("scheduler", scheduler)
+    # what the daemon does on its own: make room, load, probe, sample, attribute;
+    takers.add("lifecycle", lifecycle)
+    takers.add("control", control)
+    takers.add("prober", prober)
+    takers.add("sampler", sampler)
+    takers.add("consumer pids", consumer_pids)
+    takers.add("pool idle limits", idle_limits)
+    # what each request reads on its way in, and the shutdown grace;
+    takers.add("guard", guard)
+    takers.add("body limits", body_limits)
+    takers.add("app", app)
+    takers.add("passthrough", passthrough)
+    takers.add("openai routes", openai)
+    takers.add("proxy", proxy)
+    takers.add("tunnels", tunnels)
+    takers.add("service", service)
+    # the per-server ports last: opening one is the only step that can fail
+    # half-way, and everything else is in place by then.
+    takers.add("ports", ports)
+    reloader = Reloader(
+        config,
+        reactor,
+        takers,
+        load=lambda path: _with_stand_ins(load_resolved_config(path), stand_ins),
+    )
     reloader.setServiceParent(service)
     for extra in stand_ins.services if stand_ins else ():
         extra.setServiceParent(service)

@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 
 from mgpumanager.common.answers import JsonObject
 from mgpumanager.common.periodic import Periodic
+from mgpumanager.config.document import Config
 from mgpumanager.consumers.adapters import adapter_named
 from mgpumanager.consumers.adapters.base import Observation
 from mgpumanager.consumers.control import ConsumerControl, ControlFailed
@@ -49,9 +50,10 @@ class HealthProber(Periodic):
         self._in_flight: dict[str, list[Deferred[bool]]] = {}
         Periodic.__init__(self, self.probe_all, clock, interval)
 
-    def set_timeout(self, timeout: float) -> None:
-        """Bound each probe by ``timeout`` seconds from the next one on."""
-        self._timeout = timeout
+    def reconfigure(self, config: Config) -> None:
+        """Probe at the reloaded interval, each probe within the reloaded timeout."""
+        self._timeout = config.probes.timeout_seconds
+        self.set_interval(config.probes.interval_seconds)
 
 
     def probe_all(self) -> None:

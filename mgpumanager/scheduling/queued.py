@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
-from mgpumanager.config.scheduling import INTERACTIVE, SchedulingConfig
+from mgpumanager.config.scheduling import INTERACTIVE
 
 
 @attrs.frozen
@@ -89,14 +89,6 @@ class WatchingChooser(Chooser, Protocol):
         self, waiting: Sequence[QueuedJob], now: float, running: RunningJob | None
     ) -> list[QueueEntry]:
         """Every waiting job in run order, with whether it needs a swap and its ETA."""
-
-
-@runtime_checkable
-class ReconfigurableChooser(Chooser, Protocol):
-    """A chooser whose rules come from the ``scheduling`` section, which a reload may change."""
-
-    def reconfigure(self, scheduling: SchedulingConfig) -> None:
-        """Choose by ``scheduling`` from the next pick on; what it remembers stays."""
 
 
 #: What a running job is doing: making room and loading, relaying the answer,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from twisted.internet.defer import (
@@ -43,7 +43,7 @@ from mgpumanager.common.errors import (
     SHUTTING_DOWN,
     ApiError,
 )
-from mgpumanager.config.document import QueueConfig
+from mgpumanager.config.document import Config, QueueConfig
 from mgpumanager.config.scheduling import INTERACTIVE, SchedulingConfig
 from mgpumanager.scheduling.queued import (
     Chooser,
@@ -51,7 +51,6 @@ from mgpumanager.scheduling.queued import (
     QueueDecision,
     QueuedJob,
     QueueEntry,
-    ReconfigurableChooser,
     RunningJob,
     WatchingChooser,
     server_timing,
@@ -337,24 +336,24 @@ class GpuScheduler:
             self._refuse(waiter, self._closed)
         self._notify_if_idle()
 
-    def reconfigure(
-        self,
-        queue: QueueConfig,
-        scheduling: SchedulingConfig,
-        removed: Collection[str] = (),
-    ) -> None:
+    def reconfigure(self, config: Config) -> None:
         """
         Work to a reloaded configuration.  The new queue limits hold for jobs
         that queue from now on (a waiting job keeps the wait it was promised);
-        the next pick follows the new policy; every waiting job of a
-        ``removed`` consumer is refused with ``no_consumer``, as it would have
-        been had it arrived now.  Running jobs carry on as they were.
+        every waiting job of a consumer the configuration no longer has is
+        refused with ``no_consumer``, as it would have been had it arrived now.
+        Running jobs carry on as they were.  The chooser takes the new
+        ``scheduling`` section itself, before this (see ``app.service.build``),
+        so that the pick made here already follows it.
         """
-        self._max_depth = queue.max_depth
-        self._max_wait = queue.max_wait_seconds
-        self.scheduling = scheduling
-        if isinstance(self._chooser, ReconfigurableChooser):
-            self._chooser.reconfigure(scheduling)
+        self._max_depth = config.queue.max_depth
+        self._max_wait = config.queue.max_wait_seconds
+        self.scheduling = config.scheduling
+        removed = {
+            waiter.view.consumer
+            for waiter in self._waiting
+            if waiter.view.consumer not in config.consumers
+        }
         # All of them leave before any is answered: a pick in between would
         # ask about a consumer the registry no longer knows.
         for waiter in self._waiting.leave_consumers(removed):

@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from mgpumanager.common.periodic import Periodic
+from mgpumanager.config.document import Config
 
 log = Logger()
 
@@ -179,6 +180,10 @@ class GpuSampler(Periodic):
         self.latest = GpuSample()
         self.samples_taken = 0
         Periodic.__init__(self, self.sample, clock, interval)
+
+    def reconfigure(self, config: Config) -> None:
+        """Sample at the reloaded ``gpu.poll_interval_seconds``."""
+        self.set_interval(config.gpu.poll_interval_seconds)
 
     def subscribe(self, sink: SampleSink) -> None:
         """Call ``sink`` with every new sample."""

@@ -12,8 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 
 import attrs
+from twisted.logger import Logger
 
 from mgpumanager.config.document import Config, ConsumerConfig
+
+log = Logger()
+
+#: A consumer's processes on this host, when known (the attributor's map).
+PidsOf = Callable[[str], frozenset[int]]
 
 #: Share of its declared VRAM a consumer's processes must hold to count as loaded.
 RESIDENT_SHARE = 0.5
@@ -146,18 +152,31 @@ class Registry:
     """
     All consumers' states, by name, in name order; and the holders of memory
     that a reload removed.
+
+    :param pids_of: a consumer's processes, so that a removed one's memory is
+        seen to go; none known by default.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, pids_of: PidsOf | None = None) -> None:
         self.config = config
+        self._pids_of = pids_of or _no_pids
         self._states = {
             name: _fresh_state(consumer) for name, consumer in config.consumers.items()
         }
         self.holders: dict[str, Holder] = {}
 
-    def reconfigure(
-        self, config: Config, pids_of: Callable[[str], frozenset[int]]
-    ) -> list[str]:
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded configuration (see :meth:`replace_consumers`), and log the removals."""
+        for name in self.replace_consumers(config, self._pids_of):
+            holder = self.holders.get(name)
+            log.info(
+                "reload removed consumer {consumer}{held}",
+                consumer=name,
+                held="" if holder is None else
+                f"; its {holder.size_mib} MiB count in the budget until the card shows them gone",
+            )
+
+    def replace_consumers(self, config: Config, pids_of: PidsOf) -> list[str]:
         """
         Take a reloaded configuration; return the consumers it removed.  A
         consumer that stays keeps its residency and counters unless its
@@ -213,6 +232,10 @@ class Registry:
     def __iter__(self) -> Iterator[ConsumerState]:
         return iter(self._states.values())
 
+
+
+def _no_pids(name: str) -> frozenset[int]:
+    return frozenset()
 
 
 def _fresh_state(consumer: ConsumerConfig) -> ConsumerState:

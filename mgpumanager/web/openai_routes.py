@@ -85,6 +85,11 @@ class OpenAIRoutes:
         #: How long one consumer may take to list its models (a reload may change it).
         self.timeout = timeout
 
+    def reconfigure(self, config: Config) -> None:
+        """Route to a reloaded configuration's consumers; list models within its probe timeout."""
+        self.config = config
+        self.timeout = config.probes.timeout_seconds
+
     def register(self, routes: Dispatcher) -> None:
         """Serve the OpenAI-compatible routes on ``routes``."""
         for path in GPU_ROUTES:

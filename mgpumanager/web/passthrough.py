@@ -61,6 +61,10 @@ class Passthrough:
         self._proxy = proxy
         self._tunnels = tunnels
 
+    def reconfigure(self, config: Config) -> None:
+        """Forward to the consumers of a reloaded configuration."""
+        self.config = config
+
     def register(self, routes: Dispatcher) -> None:
         """Serve ``/upstream/<consumer>/…`` on ``routes``."""
         routes.add(UPSTREAM_PREFIX.decode(), ["*"], self._by_name, prefix=True)
