@@ -102,7 +102,7 @@ COMPLETING = "completing"
 class RunningJob:
     """
     The job holding the GPU, for ``scheduler.running`` in status and the
-    ``Server-Timing`` of its answer.  ``phase`` moves on as the job does;
+    timing of its answer.  ``phase`` moves on as the job does;
     whoever relays a server that answers before its work is done may set it
     to ``completing`` (with ``prompt_id``).
     """
@@ -128,14 +128,6 @@ class RunningJob:
         if self.relaying_since is None:
             return None
         return round((self.relaying_since - self.started) * 1000)
-
-
-def server_timing(queue_ms: int, prepare_ms: int) -> str:
-    """
-    The ``Server-Timing`` of a job's answer, errors included: how long it
-    waited for the GPU, and how long making room and loading took.
-    """
-    return f"queue;dur={queue_ms}, prepare;dur={prepare_ms}"
 
 
 @attrs.frozen
