@@ -31,6 +31,7 @@ from mgpumanager.config.configured import PerConfig
 from mgpumanager.config.document import Config
 from mgpumanager.consumers.adapters import load_resolved_config
 from mgpumanager.consumers.adapters.following import Completions
+from mgpumanager.consumers.adapters.resolved import Adapters
 from mgpumanager.consumers.commands import CommandResult, run_command
 from mgpumanager.consumers.control import ConsumerControl
 from mgpumanager.consumers.probes import HealthProber
@@ -208,6 +209,7 @@ def build(
 
     # The attributor knows the processes a removed consumer leaves on the card.
     registry = Registry(config, pids_of=lambda name: attributor.pids_of(name))
+    adapters = Adapters(config)
     nvml_threads = ThreadPool(minthreads=0, maxthreads=1, name="mgpumanager-nvml")
 
     def run_blocking(call: Any) -> Deferred[GpuReading]:
@@ -230,6 +232,7 @@ def build(
         reactor,
         interval=config.probes.interval_seconds,
         timeout=config.probes.timeout_seconds,
+        adapters=adapters,
     )
     consumer_pids = ConsumerPids(config)
     pids: Callable[[], PidMap] = consumer_pids
@@ -241,11 +244,11 @@ def build(
 
     metrics = Metrics(reactor)
     lifecycle = Lifecycle(
-        config, registry, sampler, control, reactor, prober.probe, attributor, metrics
+        config, registry, sampler, control, reactor, prober.probe, attributor, metrics, adapters
     )
     def needs_swap(name: str) -> bool:
         # The registry's configuration is the current one, consumers and all.
-        return dry_run_plan(registry.config, registry, name, sampler.latest).needs_swap
+        return dry_run_plan(registry.config, registry, name, sampler.latest, adapters).needs_swap
 
     chooser = PolicyChooser(make_policy(config.scheduling), needs_swap)
     scheduler = GpuScheduler(
@@ -265,13 +268,13 @@ def build(
     description = listen or config.listen.endpoint_description()
     loopback = endpoint_is_loopback(description)
     guard = Guard(config, loopback)
-    completions = Completions(control, reactor, lifecycle.record_timeout)
+    completions = Completions(control, reactor, lifecycle.record_timeout, adapters)
     jobs = GpuJobs(registry, scheduler, proxy, metrics, completions)
     app = ManagerApp(
         config, registry, scheduler, proxy, sampler, lifecycle, reactor, listen, jobs, metrics
     )
     tunnels = WebSocketTunnels(reactor, drop_authorization=config.auth_token is not None)
-    passthrough = Passthrough(config, jobs, proxy, tunnels)
+    passthrough = Passthrough(config, jobs, proxy, tunnels, adapters)
     routes = app.resource()
     passthrough.register(routes)
     openai = OpenAIRoutes(config, jobs, control, config.probes.timeout_seconds)
@@ -288,10 +291,11 @@ def build(
     )
     # Who takes a reloaded configuration, in this order (see app.reloading):
     takers = ConfigTakers()
-    # the consumers, and their waiting jobs when they are gone: the registry
-    # first, so every later step asks about consumers that exist; the policy
-    # before the scheduler, whose pick after refusing removed consumers' jobs
-    # follows it;
+    # the consumers, and their waiting jobs when they are gone: their adapters
+    # first, then the registry, so every later step asks about consumers that
+    # exist; the policy before the scheduler, whose pick after refusing
+    # removed consumers' jobs follows it;
+    takers.add("adapters", adapters)
     takers.add("registry", registry)
     takers.add("chooser", chooser)
     takers.add("scheduler", scheduler)
