@@ -19,6 +19,7 @@ from mgpumanager.common.errors import ApiError
 from mgpumanager.config.document import parse_config
 from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.registry import Registry
+from mgpumanager.web.job_errors import with_job_headers
 from mgpumanager.web.status import scheduler_status
 from tests.support import assert_no_result, failure_result_of, success_result_of
 
@@ -77,8 +78,9 @@ def scheduler_with(clock: Clock, **queue: Any) -> GpuScheduler:
 
 
 def refusal(d: Deferred[Any]) -> ApiError:
+    """The scheduler's refusal, with the headers the web layer answers it with."""
     error: ApiError = failure_result_of(d, ApiError).value
-    return error
+    return with_job_headers(error)
 
 
 # --- max_depth -------------------------------------------------------------------

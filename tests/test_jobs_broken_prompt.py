@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.web.test.requesthelper import DummyRequest
 
 from mgpumanager.consumers.adapters.following import Completions
+from mgpumanager.consumers.adapters.resolved import Adapters
 from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.web.jobs import GpuJobs
 from tests.adapter_fakes import ScriptedControl, registry_of
@@ -40,7 +41,9 @@ def _world(queue: list[dict[str, Any]]) -> tuple[GpuJobs, GpuScheduler, Clock, A
                                         "completion": {"poll_seconds": 0.5}}})
     control = ScriptedControl({("GET", "/queue"): lambda _: (200, queue[0])})
     scheduler = GpuScheduler(clock, registry, queue=registry.config.queue)
-    completions = Completions(control, clock, lambda *_: None)  # type: ignore[arg-type]
+    completions = Completions(
+        control, clock, lambda *_: None, Adapters(registry.config)  # type: ignore[arg-type]
+    )
     jobs = GpuJobs(registry, scheduler, HangingProxy(), completions=completions)  # type: ignore[arg-type]
     return jobs, scheduler, clock, registry["comfyui"].config
 

@@ -39,8 +39,8 @@ def _sample(processes: dict[int, int]) -> GpuSample:
 
 def test_a_removed_consumers_memory_shows_in_status_until_the_card_shows_it_gone() -> None:
     registry = Registry(_config(voice=_entry(9001, 3000), llm=_entry(9002, 8000)))
-    registry.reconfigure(_config(voice=_entry(9001, 3000)),
-                         lambda name: frozenset({4242}) if name == "llm" else frozenset())
+    registry.replace_consumers(_config(voice=_entry(9001, 3000)),
+                               lambda name: frozenset({4242}) if name == "llm" else frozenset())
     on_sample = holder_release(registry)
     assert holders_status(registry) == [{"name": "llm", "size_mib": 8000}]
 
@@ -79,7 +79,7 @@ class _Host:
             self.sampler.sample()
         latest = self.sampler.latest
         # What the reload does: the card's used memory then is the baseline.
-        self.registry.reconfigure(
+        self.registry.replace_consumers(
             _with_timeout(voice=_entry(9001, 3000)),
             lambda name: frozenset(),
             now=self.sampler.now(),
@@ -157,7 +157,7 @@ def test_without_a_reading_at_the_removal_the_first_reading_since_is_the_baselin
 
 def test_a_holder_with_processes_keeps_the_processes_rule_and_no_timeout() -> None:
     registry = Registry(_with_timeout(voice=_entry(9001, 3000), llm=_entry(9002, 8000)))
-    registry.reconfigure(_with_timeout(voice=_entry(9001, 3000)),
+    registry.replace_consumers(_with_timeout(voice=_entry(9001, 3000)),
                          lambda name: frozenset({4242}), now=EPOCH, card_used_mib=11000)
     on_sample = holder_release(registry)
     # The card fell a lot, but llm's own process still holds its memory.

@@ -39,30 +39,34 @@ def _pending() -> tuple[Callable[[], Deferred[str]], Deferred[str]]:
     return (lambda: done), done
 
 
-def _scheduler(config: Config, clock: Clock) -> tuple[GpuScheduler, Registry]:
+def _scheduler(
+    config: Config, clock: Clock
+) -> tuple[GpuScheduler, Registry, PolicyChooser]:
     registry = Registry(config)
     chooser = PolicyChooser(make_policy(config.scheduling), lambda name: False)
     scheduler = GpuScheduler(clock, registry, queue=config.queue, chooser=chooser,
                              scheduling=config.scheduling)
-    return scheduler, registry
+    return scheduler, registry, chooser
 
 
-def _reload(scheduler: GpuScheduler, registry: Registry, config: Config) -> None:
-    """What the daemon's reload does to these two, in its order."""
-    removed = registry.reconfigure(config, lambda name: frozenset())
-    scheduler.reconfigure(config.queue, config.scheduling, removed)
+def _reload(config: Config, registry: Registry, chooser: PolicyChooser,
+            scheduler: GpuScheduler) -> None:
+    """What the daemon's reload does to these three, in its order."""
+    registry.reconfigure(config)
+    chooser.reconfigure(config)
+    scheduler.reconfigure(config)
 
 
 def test_waiting_jobs_of_a_removed_consumer_get_no_consumer_and_the_rest_keep_their_turn() -> None:
     clock = Clock()
-    scheduler, registry = _scheduler(_config(), clock)
+    scheduler, registry, chooser = _scheduler(_config(), clock)
     first, first_done = _pending()
     running = scheduler.submit("voice", first, kind="tts")
     doomed = [scheduler.submit("image", lambda: Deferred(), kind="image") for _ in range(2)]
     kept_job, kept_done = _pending()
     kept = scheduler.submit("voice", kept_job, kind="tts")
 
-    _reload(scheduler, registry, _config(consumers={"voice": consumer(9001, "tts")}))
+    _reload(_config(consumers={"voice": consumer(9001, "tts")}), registry, chooser, scheduler)
 
     for refused in doomed:
         error = failure_result_of(refused, ApiError).value
@@ -80,14 +84,14 @@ def test_waiting_jobs_of_a_removed_consumer_get_no_consumer_and_the_rest_keep_th
 
 def test_a_running_job_of_a_removed_consumer_finishes_and_hands_the_gpu_on() -> None:
     clock = Clock()
-    scheduler, registry = _scheduler(_config(), clock)
+    scheduler, registry, chooser = _scheduler(_config(), clock)
     job, done = _pending()
     running = scheduler.submit("image", job, kind="image", job_class=BATCH)
     waiting_job, waiting_done = _pending()
     waiting = scheduler.submit("voice", waiting_job, kind="tts")
     image_state = registry["image"]
 
-    _reload(scheduler, registry, _config(consumers={"voice": consumer(9001, "tts")}))
+    _reload(_config(consumers={"voice": consumer(9001, "tts")}), registry, chooser, scheduler)
     clock.advance(3)
     # Status still describes the job holding the GPU, though its consumer is gone.
     status = queue_status(scheduler, clock.seconds())
@@ -106,13 +110,13 @@ def test_a_running_job_of_a_removed_consumer_finishes_and_hands_the_gpu_on() -> 
 
 def test_new_queue_limits_hold_for_jobs_queued_after_the_reload() -> None:
     clock = Clock()
-    scheduler, registry = _scheduler(_config(queue={"max_wait_seconds": 100}), clock)
+    scheduler, registry, chooser = _scheduler(_config(queue={"max_wait_seconds": 100}), clock)
     job, _ = _pending()
     scheduler.submit("voice", job, kind="tts")
     early = scheduler.submit("voice", lambda: Deferred(), kind="tts")
 
-    _reload(scheduler, registry,
-            _config(queue={"max_depth": 2, "max_wait_seconds": 10}))
+    _reload(_config(queue={"max_depth": 2, "max_wait_seconds": 10}),
+            registry, chooser, scheduler)
     late = scheduler.submit("voice", lambda: Deferred(), kind="tts")
     assert failure_result_of(
         scheduler.submit("voice", lambda: Deferred(), kind="tts"), ApiError
@@ -128,7 +132,7 @@ def test_new_queue_limits_hold_for_jobs_queued_after_the_reload() -> None:
 
 def test_the_next_pick_follows_a_reloaded_policy() -> None:
     clock = Clock()
-    scheduler, registry = _scheduler(_config(scheduling={"policy": "fifo"}), clock)
+    scheduler, registry, chooser = _scheduler(_config(scheduling={"policy": "fifo"}), clock)
     assert scheduler.policy_name == "fifo"
     job, done = _pending()
     scheduler.submit("voice", job, kind="tts")
@@ -146,7 +150,7 @@ def test_the_next_pick_follows_a_reloaded_policy() -> None:
     scheduler.submit("voice", record("voice"), kind="tts", job_class=INTERACTIVE)
     assert [job.consumer for job in scheduler.queued_in_run_order()] == ["image", "voice"]
 
-    _reload(scheduler, registry, _config(scheduling={"policy": "interactive-first"}))
+    _reload(_config(scheduling={"policy": "interactive-first"}), registry, chooser, scheduler)
     assert scheduler.policy_name == "interactive-first"
     assert [job.consumer for job in scheduler.queued_in_run_order()] == ["voice", "image"]
     done.callback("done")
@@ -155,15 +159,14 @@ def test_the_next_pick_follows_a_reloaded_policy() -> None:
 
 def test_a_job_whose_consumer_vanished_unseen_never_keeps_the_gpu() -> None:
     clock = Clock()
-    scheduler, registry = _scheduler(_config(), clock)
+    scheduler, registry, _ = _scheduler(_config(), clock)
     first, first_done = _pending()
     scheduler.submit("voice", first, kind="tts")
     orphan = scheduler.submit("image", lambda: Deferred(), kind="image")
     after, after_done = _pending()
     later = scheduler.submit("voice", after, kind="tts")
     # The registry forgets "image" without the scheduler being told.
-    registry.reconfigure(_config(consumers={"voice": consumer(9001, "tts")}),
-                         lambda name: frozenset())
+    registry.reconfigure(_config(consumers={"voice": consumer(9001, "tts")}))
 
     first_done.callback("first")
 

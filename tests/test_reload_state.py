@@ -43,7 +43,7 @@ def test_a_consumer_that_stays_the_same_server_keeps_its_state() -> None:
     after = _config(voice=_entry(9001, 3500, priority=3), llm=_entry(9002, 8000),
                     image=_entry(9003, 9000, paths={"image": {"path": "/prompt"}}))
 
-    removed = registry.reconfigure(after, lambda name: frozenset())
+    removed = registry.replace_consumers(after, lambda name: frozenset())
 
     assert removed == []
     assert registry["voice"] is voice
@@ -57,7 +57,7 @@ def test_a_consumer_whose_url_changed_is_another_server() -> None:
     after = _config(voice=_entry(9001, 3000), llm=_entry(9999, 8000),
                     image=_entry(9003, 9000, paths={"image": {"path": "/prompt"}}))
 
-    registry.reconfigure(after, lambda name: frozenset())
+    registry.replace_consumers(after, lambda name: frozenset())
 
     assert registry["llm"].total_requests == 0
     assert registry["llm"].config.url == "http://127.0.0.1:9999"
@@ -68,7 +68,7 @@ def test_a_removed_resident_consumer_holds_its_memory_in_the_budget() -> None:
     after = _config(voice=_entry(9001, 3000),
                     image=_entry(9003, 9000, paths={"image": {"path": "/prompt"}}))
 
-    removed = registry.reconfigure(after, lambda name: frozenset({4242}))
+    removed = registry.replace_consumers(after, lambda name: frozenset({4242}))
 
     assert removed == ["llm"]
     assert "llm" not in registry
@@ -87,7 +87,7 @@ def test_a_holder_is_released_when_the_card_shows_its_processes_empty() -> None:
     registry = Registry(BEFORE)
     after = _config(voice=_entry(9001, 3000),
                     image=_entry(9003, 9000, paths={"image": {"path": "/prompt"}}))
-    registry.reconfigure(after, lambda name: frozenset({4242}))
+    registry.replace_consumers(after, lambda name: frozenset({4242}))
 
     assert registry.release_holders({4242: 7900}) == []
     assert registry.release_holders({4242: 100}) == ["llm"]
@@ -100,6 +100,6 @@ def test_a_removed_consumer_that_was_not_loaded_holds_nothing() -> None:
     after = _config(voice=_entry(9001, 3000),
                     image=_entry(9003, 9000, paths={"image": {"path": "/prompt"}}))
 
-    registry.reconfigure(after, lambda name: frozenset())
+    registry.replace_consumers(after, lambda name: frozenset())
 
     assert registry.holders == {}

@@ -26,7 +26,7 @@ def scheduler_with(clock: Clock, swapping: set[str], **scheduling: object) -> Gp
 
 def submit(scheduler: GpuScheduler, jobs: Jobs, consumer: str, kind: str, label: str,
            priority: int = 0) -> object:
-    job_class = scheduler.scheduling.class_of(kind)
+    job_class = scheduler.class_of(kind)
     return scheduler.submit(consumer, jobs.job(label), kind=kind, job_class=job_class,
                             priority=priority)
 

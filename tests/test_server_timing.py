@@ -1,7 +1,8 @@
 """
 Every job answer says how long it waited for the GPU and how long making
 room and loading took, the daemon's own errors too: a client can tell a slow
-queue from a slow load whatever happened.
+queue from a slow load whatever happened.  The scheduler's errors carry the
+numbers; the web layer's :func:`with_job_headers` writes them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from mgpumanager.common.errors import LOAD_FAILED, ApiError
 from mgpumanager.config.document import parse_config
 from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.registry import Registry
+from mgpumanager.web.job_errors import with_job_headers
 from tests.builders import consumer
 from tests.support import failure_result_of
 
@@ -35,7 +37,7 @@ def test_a_job_that_fails_to_load_answers_with_its_queue_and_prepare_times() -> 
     clock.advance(2.5)  # the first one's load fails; ours starts after 2.5 s in the queue
     clock.advance(2.5)
 
-    error = failure_result_of(job, ApiError).value
+    error = with_job_headers(failure_result_of(job, ApiError).value)
     assert error.kind == LOAD_FAILED
     assert error.headers["Server-Timing"] == "queue;dur=2500, prepare;dur=2500"
 
@@ -49,7 +51,7 @@ def test_a_job_that_waited_too_long_answers_with_the_wait() -> None:
 
     clock.advance(7)
 
-    error = failure_result_of(waiting, ApiError).value
+    error = with_job_headers(failure_result_of(waiting, ApiError).value)
     assert error.kind.code == "queue_timeout"
     assert error.headers["Server-Timing"] == "queue;dur=7000, prepare;dur=0"
 
@@ -63,7 +65,7 @@ def test_a_job_refused_for_a_full_queue_never_waited() -> None:
 
     refused = scheduler.submit("voice", lambda: succeed("never"))
 
-    error = failure_result_of(refused, ApiError).value
+    error = with_job_headers(failure_result_of(refused, ApiError).value)
     assert error.kind.code == "queue_full"
     assert error.headers["Server-Timing"] == "queue;dur=0, prepare;dur=0"
 

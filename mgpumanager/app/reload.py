@@ -6,8 +6,9 @@ An operator edits ``consumers.yaml`` and runs ``systemctl reload mgpumanager``
 nothing: the daemon logs the one-line error and keeps the configuration it has.
 A valid one takes effect everywhere but the main ``listen`` address (a port the
 clients are already connected to; that needs a restart, and the log says so),
-without touching a running job: the parts of the daemon that hold configuration
-each get the new one through one callback.
+without touching a running job: every part of the daemon that depends on
+configuration takes the new one, in a set order, through
+:class:`~mgpumanager.app.reloading.ConfigTakers`.
 """
 
 from __future__ import annotations
@@ -19,26 +20,28 @@ from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
+from mgpumanager.app.reloading import ConfigTakers
 from mgpumanager.config.document import Config, ConfigError
 from mgpumanager.consumers.adapters import load_resolved_config
 
 log = Logger()
 
-#: Takes the new configuration; may return a Deferred (a port opening).
-Applier = Callable[[Config], "Deferred[Any] | None"]
-
 
 class Reloader(Service):
     """
-    Holds the current configuration and replaces it on :meth:`reload`.
+    Reads the file again on :meth:`reload` and hands a valid result to the
+    takers.  It keeps the configuration it last applied only to know which
+    file to read and which ``listen`` address the daemon is bound to; no
+    component reads it from here.
 
     :param config: the configuration the daemon started with.
     :param reactor: where SIGHUP's work is scheduled (a signal handler must
         not touch the daemon's state itself).
+    :param takers: every component that takes a new configuration, in order.
     :param load: reads and validates the file (:func:`load_resolved_config`).
     """
 
@@ -46,19 +49,16 @@ class Reloader(Service):
         self,
         config: Config,
         reactor: IReactorFromThreads,
+        takers: ConfigTakers,
         load: Callable[[str], Config] = load_resolved_config,
     ) -> None:
-        self.current = config
+        self._applied = config
         self._reactor = reactor
+        self._takers = takers
         self._load = load
-        self._appliers: list[Applier] = []
         self._previous_handler: Any = None
         self.reloads = 0
         self.failed_reloads = 0
-
-    def on_reload(self, applier: Applier) -> None:
-        """Call ``applier`` with every new configuration, in registration order."""
-        self._appliers.append(applier)
 
     def startService(self) -> None:
         super().startService()
@@ -78,31 +78,27 @@ class Reloader(Service):
         Re-read the file the current configuration came from and apply it;
         fires with whether it was applied.  Never fails.
         """
-        source = self.current.source
+        source = self._applied.source
         try:
             new = self._load(source)
         except ConfigError as e:
             self.failed_reloads += 1
             log.error("reload refused, the configuration is unchanged: {error}", error=str(e))
             return Deferred.fromCoroutine(_false())
-        if new.listen != self.current.listen:
+        if new.listen != self._applied.listen:
             log.warn(
                 "reload: listen changed from {old} to {new}; that takes a restart, "
                 "the daemon keeps listening on {old}",
-                old=str(self.current.listen),
+                old=str(self._applied.listen),
                 new=str(new.listen),
             )
-            new = attrs.evolve(new, listen=self.current.listen)
-        self.current = new
+            new = attrs.evolve(new, listen=self._applied.listen)
+        self._applied = new
         self.reloads += 1
         return Deferred.fromCoroutine(self._apply(new))
 
     async def _apply(self, new: Config) -> bool:
-        for applier in self._appliers:
-            try:
-                await maybeDeferred(applier, new)
-            except Exception:
-                log.failure("reload: applying the new configuration failed in part")
+        await self._takers.apply(new)
         log.info(
             "reloaded {source}: {n} consumer(s)", source=new.source, n=len(new.consumers)
         )

@@ -25,11 +25,13 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mgpumanager.app.reload import Reloader
-from mgpumanager.app.reloading import ReloadTargets, holder_release
+from mgpumanager.app.reloading import ConfigTakers, holder_release
 from mgpumanager.common.exposure import endpoint_is_loopback
+from mgpumanager.config.configured import PerConfig
 from mgpumanager.config.document import Config
 from mgpumanager.consumers.adapters import load_resolved_config
 from mgpumanager.consumers.adapters.following import Completions
+from mgpumanager.consumers.adapters.resolved import Adapters
 from mgpumanager.consumers.commands import CommandResult, run_command
 from mgpumanager.consumers.control import ConsumerControl
 from mgpumanager.consumers.probes import HealthProber
@@ -48,7 +50,7 @@ from mgpumanager.scheduling.eviction import dry_run_plan
 from mgpumanager.scheduling.lifecycle import Lifecycle
 from mgpumanager.scheduling.policy import make_policy
 from mgpumanager.scheduling.scheduler import GpuScheduler
-from mgpumanager.state.attribution import PidMap, ProcessAttributor, find_consumer_pids
+from mgpumanager.state.attribution import ConsumerPids, PidMap, ProcessAttributor
 from mgpumanager.state.gpu import GpuReading, GpuSampler
 from mgpumanager.state.registry import Registry
 from mgpumanager.web.api import ManagerApp
@@ -141,6 +143,10 @@ class ManagerService(MultiService):
         #: How long running jobs may finish after SIGTERM (a reload may change it).
         self.grace = grace
 
+    def reconfigure(self, config: Config) -> None:
+        """Give running jobs the reloaded ``shutdown_grace_seconds`` at the next stop."""
+        self.grace = config.shutdown_grace_seconds
+
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
 
@@ -186,13 +192,8 @@ def build(
 ) -> ManagerService:
     """Build and wire every component of the daemon."""
     config = _with_stand_ins(config, stand_ins)
-    # Built first: whatever reads the configuration per call reads its current one.
-    reloader = Reloader(
-        config,
-        reactor,
-        load=lambda path: _with_stand_ins(load_resolved_config(path), stand_ins),
-    )
-    pool = ReusePool(reactor, reuse_for, lambda key: idle_limit(reloader.current, key))
+    idle_limits = PerConfig(config, idle_limit)
+    pool = ReusePool(reactor, reuse_for, idle_limits)
     quiet_connections(pool)
     pool.maxPersistentPerHost = 8
     agents: dict[float, Agent] = {}
@@ -207,7 +208,14 @@ def build(
     # Probes and lifecycle calls use treq; each is bounded by its own timeout.
     http_client = HTTPClient(agent_for_timeout(CONNECT_TIMEOUT_SECONDS))
 
-    registry = Registry(config)
+    # The attributor knows the processes a removed consumer leaves on the card,
+    # the sampler how much the card held when it was removed.
+    registry = Registry(
+        config,
+        pids_of=lambda name: attributor.pids_of(name),
+        card_now=lambda: (sampler.now(), sampler.latest_used_mib()),
+    )
+    adapters = Adapters(config)
     nvml_threads = ThreadPool(minthreads=0, maxthreads=1, name="mgpumanager-nvml")
 
     def run_blocking(call: Any) -> Deferred[GpuReading]:
@@ -230,12 +238,10 @@ def build(
         reactor,
         interval=config.probes.interval_seconds,
         timeout=config.probes.timeout_seconds,
+        adapters=adapters,
     )
-    def find_pids() -> PidMap:
-        # "systemctl show" needs no privilege: not the configured (sudo) prefix.
-        return find_consumer_pids(reloader.current, ("systemctl",))
-
-    pids: Callable[[], PidMap] = find_pids
+    consumer_pids = ConsumerPids(config)
+    pids: Callable[[], PidMap] = consumer_pids
     if stand_ins is not None and stand_ins.find_pids is not None:
         pids = stand_ins.find_pids
     attributor = ProcessAttributor(registry, pids, deferToThread, reactor)
@@ -244,11 +250,11 @@ def build(
 
     metrics = Metrics(reactor)
     lifecycle = Lifecycle(
-        config, registry, sampler, control, reactor, prober.probe, attributor, metrics
+        config, registry, sampler, control, reactor, prober.probe, attributor, metrics, adapters
     )
     def needs_swap(name: str) -> bool:
         # The registry's configuration is the current one, consumers and all.
-        return dry_run_plan(registry.config, registry, name, sampler.latest).needs_swap
+        return dry_run_plan(registry.config, registry, name, sampler.latest, adapters).needs_swap
 
     chooser = PolicyChooser(make_policy(config.scheduling), needs_swap)
     scheduler = GpuScheduler(
@@ -267,13 +273,13 @@ def build(
     )
     description = listen or config.listen.endpoint_description()
     loopback = endpoint_is_loopback(description)
-    completions = Completions(control, reactor, lifecycle.record_timeout)
+    completions = Completions(control, reactor, lifecycle.record_timeout, adapters)
     jobs = GpuJobs(registry, scheduler, proxy, metrics, completions)
     app = ManagerApp(
         config, registry, scheduler, proxy, sampler, lifecycle, reactor, listen, jobs, metrics
     )
     tunnels = WebSocketTunnels(reactor, drop_authorization=config.auth_token is not None)
-    passthrough = Passthrough(config, jobs, proxy, tunnels)
+    passthrough = Passthrough(config, jobs, proxy, tunnels, adapters)
     openai = OpenAIRoutes(config, jobs, control, config.probes.timeout_seconds)
     routes = RouteTable([app, openai, passthrough], config)
     guard = Guard(config, loopback, routes)
@@ -286,23 +292,41 @@ def build(
     service = ManagerService(
         (http, ports), scheduler, pool, reactor, config.shutdown_grace_seconds
     )
-    ReloadTargets(
-        registry=registry,
-        attributor=attributor,
-        scheduler=scheduler,
-        lifecycle=lifecycle,
-        control=control,
-        prober=prober,
-        sampler=sampler,
-        guard=guard,
-        app=app,
-        routes=routes,
-        passthrough=passthrough,
-        openai=openai,
-        relays=(proxy, tunnels),
-        service=service,
-        ports=ports,
-    ).register(reloader)
+    # Who takes a reloaded configuration, in this order (see app.reloading):
+    takers = ConfigTakers()
+    # the consumers, and their waiting jobs when they are gone: their adapters
+    # first, then the registry, so every later step asks about consumers that
+    # exist; the policy before the scheduler, whose pick after refusing
+    # removed consumers' jobs follows it;
+    takers.add("adapters", adapters)
+    takers.add("registry", registry)
+    takers.add("chooser", chooser)
+    takers.add("scheduler", scheduler)
+    # what the daemon does on its own: make room, load, probe, sample, attribute;
+    takers.add("lifecycle", lifecycle)
+    takers.add("control", control)
+    takers.add("prober", prober)
+    takers.add("sampler", sampler)
+    takers.add("consumer pids", consumer_pids)
+    takers.add("pool idle limits", idle_limits)
+    # what each request reads on its way in, and the shutdown grace;
+    takers.add("guard", guard)
+    takers.add("routes", routes)
+    takers.add("app", app)
+    takers.add("passthrough", passthrough)
+    takers.add("openai routes", openai)
+    takers.add("proxy", proxy)
+    takers.add("tunnels", tunnels)
+    takers.add("service", service)
+    # the per-server ports last: opening one is the only step that can fail
+    # half-way, and everything else is in place by then.
+    takers.add("ports", ports)
+    reloader = Reloader(
+        config,
+        reactor,
+        takers,
+        load=lambda path: _with_stand_ins(load_resolved_config(path), stand_ins),
+    )
     reloader.setServiceParent(service)
     for extra in stand_ins.services if stand_ins else ():
         extra.setServiceParent(service)

@@ -25,6 +25,14 @@ class ErrorCode:
     retryable: bool
 
 
+@attrs.frozen
+class JobTiming:
+    """How long a job waited for the GPU, and how long making room and loading took."""
+
+    queue_ms: int
+    prepare_ms: int
+
+
 NO_CONSUMER = ErrorCode("no_consumer", 501, False)
 CONSUMER_DOWN = ErrorCode("consumer_unreachable", 503, True)
 CONSUMER_UNREACHABLE = ErrorCode("consumer_unreachable", 502, True)
@@ -52,7 +60,7 @@ class ApiError(Exception):
     :param kind: which documented code this is.
     :param message: a sentence for a person; never a traceback or a file path.
     :param consumer: the consumer involved, if any.
-    :param headers: extra response headers (``Allow``, ``Retry-After``).
+    :param headers: extra response headers (``Allow``, ``WWW-Authenticate``).
     """
 
     def __init__(
@@ -67,6 +75,9 @@ class ApiError(Exception):
         self.message = message
         self.consumer = consumer
         self.headers = dict(headers or {})
+        #: For an error that ended a GPU job: how long the job waited for the
+        #: GPU and made room before it (the web layer's ``Server-Timing``).
+        self.timing: JobTiming | None = None
 
     @property
     def status(self) -> int:

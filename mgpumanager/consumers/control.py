@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IProtocol, IReactorTime
 
 from mgpumanager.common.answers import Answer, JsonObject
 from mgpumanager.common.deadline import within
-from mgpumanager.config.document import ConsumerConfig, Route
+from mgpumanager.config.document import Config, ConsumerConfig, Route
 from mgpumanager.consumers.bodies import read_body
 from mgpumanager.consumers.commands import CommandResult
 from mgpumanager.relay.failures import classify_call_failure
@@ -94,7 +94,11 @@ class ConsumerControl:
         self._clock = clock
         self._run_command = run_command
         #: The command prefix for units (a reload may change it).
-        self.systemctl_command = tuple(systemctl)
+        self._systemctl = tuple(systemctl)
+
+    def reconfigure(self, config: Config) -> None:
+        """Run units with the reloaded ``lifecycle.systemctl`` prefix from the next call on."""
+        self._systemctl = tuple(config.lifecycle.systemctl)
 
     async def request(
         self,
@@ -172,7 +176,7 @@ class ConsumerControl:
 
         :raises ControlFailed: it exited with an error, or outlived ``timeout``.
         """
-        argv = [*self.systemctl_command, action, unit]
+        argv = [*self._systemctl, action, unit]
         try:
             result = await self._run_command(argv, timeout)
         except CancelledError:

@@ -17,8 +17,9 @@ from twisted.python.failure import Failure
 
 from mgpumanager.common.answers import JsonObject
 from mgpumanager.common.periodic import Periodic
-from mgpumanager.consumers.adapters import adapter_named
+from mgpumanager.config.document import Config
 from mgpumanager.consumers.adapters.base import Observation
+from mgpumanager.consumers.adapters.resolved import Adapters
 from mgpumanager.consumers.control import ConsumerControl, ControlFailed
 from mgpumanager.state.registry import ConsumerState, Registry
 
@@ -41,17 +42,20 @@ class HealthProber(Periodic):
         clock: IReactorTime,
         interval: float,
         timeout: float,
+        adapters: Adapters | None = None,
     ) -> None:
         self._registry = registry
+        self._adapters = adapters if adapters is not None else Adapters(registry.config)
         self._control = control
         self._clock = clock
         self._timeout = timeout
         self._in_flight: dict[str, list[Deferred[bool]]] = {}
         Periodic.__init__(self, self.probe_all, clock, interval)
 
-    def set_timeout(self, timeout: float) -> None:
-        """Bound each probe by ``timeout`` seconds from the next one on."""
-        self._timeout = timeout
+    def reconfigure(self, config: Config) -> None:
+        """Probe at the reloaded interval, each probe within the reloaded timeout."""
+        self._timeout = config.probes.timeout_seconds
+        self.set_interval(config.probes.interval_seconds)
 
 
     def probe_all(self) -> None:
@@ -97,7 +101,7 @@ class HealthProber(Periodic):
             raise ProbeFailed(e.cause) from None
         if not 200 <= code < 300:
             raise ProbeFailed(f"health {route.path} answered HTTP {code}")
-        adapter = adapter_named(state.config.adapter)
+        adapter = self._adapters.of(state.config)
         try:
             observed = await adapter.observe(self._control, state.config, answer, self._timeout)
         except ControlFailed as e:

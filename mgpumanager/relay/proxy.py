@@ -49,7 +49,7 @@ from mgpumanager.common.errors import (
     UPSTREAM_TIMEOUT,
     ApiError,
 )
-from mgpumanager.config.document import ConsumerConfig
+from mgpumanager.config.document import Config, ConsumerConfig
 from mgpumanager.relay.failures import classify_call_failure, describe_connection_error
 from mgpumanager.relay.headers import relay_response_headers, upstream_headers
 from mgpumanager.relay.twisted_private import RequestNotSent
@@ -91,6 +91,10 @@ class ConsumerProxy:
         self._agent_for = agent_for
         self._clock = clock
         self.drop_authorization = drop_authorization
+
+    def reconfigure(self, config: Config) -> None:
+        """Keep clients' ``Authorization`` from the servers while a token is configured."""
+        self.drop_authorization = config.auth_token is not None
 
     def relay(
         self, request: Request, consumer: ConsumerConfig, method: str, path: str

@@ -31,7 +31,7 @@ from mgpumanager.common.errors import (
     CONSUMER_UNREACHABLE,
     ApiError,
 )
-from mgpumanager.config.document import ConsumerConfig
+from mgpumanager.config.document import Config, ConsumerConfig
 from mgpumanager.relay.failures import describe_connection_error
 from mgpumanager.relay.headers import FORWARDING, without_token_cookie
 from mgpumanager.relay.twisted_private import take_over_connection
@@ -141,6 +141,10 @@ class WebSocketTunnels:
     def __init__(self, reactor: IReactorTCP | IReactorTime, drop_authorization: bool) -> None:
         self._reactor = reactor
         self.drop_authorization = drop_authorization
+
+    def reconfigure(self, config: Config) -> None:
+        """Keep clients' ``Authorization`` from the servers while a token is configured."""
+        self.drop_authorization = config.auth_token is not None
 
     def open(self, request: Request, consumer: ConsumerConfig, raw: bytes) -> Deferred[None]:
         """

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from mgpumanager.config.scheduling import SchedulingConfig
+from mgpumanager.config.document import Config
 from mgpumanager.scheduling.estimates import Estimates
 from mgpumanager.scheduling.policy import (
     EMPTY,
@@ -56,13 +56,13 @@ class PolicyChooser:
     def name(self) -> str:
         return self.policy.name
 
-    def reconfigure(self, scheduling: SchedulingConfig) -> None:
+    def reconfigure(self, config: Config) -> None:
         """
         Pick by a reloaded ``scheduling`` section.  The history (batch starts,
         interactive ends) and the estimates are facts about the past, so the
         guard and the ETAs carry on from them.
         """
-        self.policy = make_policy(scheduling)
+        self.policy = make_policy(config.scheduling)
 
     def _views(self, waiting: Sequence[QueuedJob]) -> list[Waiting]:
         cache: dict[str, bool] = {}

@@ -13,6 +13,7 @@ import attrs
 
 from mgpumanager.config.document import Config, ConsumerConfig
 from mgpumanager.consumers.adapters import adapter_named
+from mgpumanager.consumers.adapters.resolved import Adapters
 from mgpumanager.state.gpu import GpuSample
 from mgpumanager.state.registry import ConsumerState, Registry
 
@@ -121,6 +122,7 @@ def rank_candidates(
     target: str,
     states: Iterable[ConsumerState],
     evicted: Iterable[str] = (),
+    adapters: Adapters | None = None,
 ) -> list[Candidate]:
     """
     Every other consumer with the reason it may or may not be unloaded; the
@@ -133,7 +135,7 @@ def rank_candidates(
         if state.name == target:
             continue
         reason = "unloaded in an earlier step" if state.name in gone else _ineligible(
-            config, target, state
+            config, target, state, adapters
         )
         candidates.append(
             Candidate(
@@ -157,14 +159,18 @@ def rank_candidates(
     )
 
 
-def _ineligible(config: Config, target: str, state: ConsumerState) -> str | None:
+def _ineligible(
+    config: Config, target: str, state: ConsumerState, adapters: Adapters | None
+) -> str | None:
     if not state.resident:
         return "not resident"
     if state.config.vram_managed:
         return "manages its own VRAM"
     if config.may_coexist(state.name, target):
         return f"may coexist with {target}"
-    if not adapter_named(state.config.adapter).can_unload(state.config):
+    adapter = (adapters.of(state.config) if adapters is not None
+               else adapter_named(state.config.adapter))
+    if not adapter.can_unload(state.config):
         return "no unload route or systemd unit"
     if state.active:
         return "running a job"
@@ -197,18 +203,21 @@ def plan_step(
     sample: GpuSample,
     already_evicted: Collection[str] = (),
     held_elsewhere_mib: int = 0,
+    adapters: Adapters | None = None,
 ) -> Step:
     """
     The next step of making room for ``target``: the one decision both the
     scheduler's real loop and the dry run take.  ``already_evicted`` were
     unloaded in earlier steps of the same run; they count as gone whatever
     the registry still believes, and at most :data:`MAX_EVICTIONS` are.
+    ``adapters`` are the daemon's resolved ones; without them (a test, a
+    one-off dry run) each is found by name.
     """
     resident = [s for s in states if s.resident and s.name not in already_evicted]
     fit = check_fit(
         config, target.config, sample, resident, target.size_mib, held_elsewhere_mib
     )
-    candidates = rank_candidates(config, target.name, states, already_evicted)
+    candidates = rank_candidates(config, target.name, states, already_evicted, adapters)
     if fit.fits:
         return Step(fit, candidates, None, "fits")
     if len(already_evicted) >= MAX_EVICTIONS:
@@ -236,7 +245,13 @@ class Plan:
         return bool(self.would_evict) or self.would_load
 
 
-def dry_run_plan(config: Config, registry: Registry, target: str, sample: GpuSample) -> Plan:
+def dry_run_plan(
+    config: Config,
+    registry: Registry,
+    target: str,
+    sample: GpuSample,
+    adapters: Adapters | None = None,
+) -> Plan:
     """
     What making room for ``target`` would do now, touching nothing: the
     scheduler's own :func:`plan_step`, with each eviction assumed to free the
@@ -250,7 +265,8 @@ def dry_run_plan(config: Config, registry: Registry, target: str, sample: GpuSam
     freed = 0
     while skip is None:
         step = plan_step(
-            config, states, state, _plus_free(sample, freed), evict, registry.held_elsewhere_mib
+            config, states, state, _plus_free(sample, freed), evict,
+            registry.held_elsewhere_mib, adapters,
         )
         steps.append(step)
         if step.victim is None:

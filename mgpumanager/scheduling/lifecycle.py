@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from mgpumanager.common.errors import LOAD_FAILED, UNLOAD_FAILED, ApiError
 from mgpumanager.config.document import Config
-from mgpumanager.consumers.adapters import adapter_named
+from mgpumanager.consumers.adapters.resolved import Adapters
 from mgpumanager.consumers.control import ConsumerControl, ControlFailed
 from mgpumanager.scheduling.eviction import Candidate, Fit, plan_step, why_no_room_needed
 from mgpumanager.scheduling.telemetry import (
@@ -80,6 +80,7 @@ class Lifecycle:
     :param health_check: probes a consumer (after ``systemctl start``).
     :param pids: maps consumers to their processes, for per-process checks.
     :param telemetry: told of each unload, eviction and load.
+    :param adapters: each consumer's adapter (how to unload it).
     """
 
     def __init__(
@@ -92,8 +93,10 @@ class Lifecycle:
         health_check: HealthCheck,
         pids: PidLookup,
         telemetry: Telemetry = NO_TELEMETRY,
+        adapters: Adapters | None = None,
     ) -> None:
         self._config = config
+        self._adapters = adapters if adapters is not None else Adapters(config)
         self._registry = registry
         self._sampler = sampler
         self._control = control
@@ -132,7 +135,7 @@ class Lifecycle:
                 return  # the fresh sample shows it loaded after all
             step = plan_step(
                 config, list(states.values()), target, sample, evicted,
-                self._registry.held_elsewhere_mib,
+                self._registry.held_elsewhere_mib, self._adapters,
             )
             if step.fit.fits:
                 return
@@ -176,7 +179,7 @@ class Lifecycle:
         )
         try:
             timeout = self._config.lifecycle.unload_timeout_seconds
-            adapter = adapter_named(victim.config.adapter)
+            adapter = self._adapters.of(victim.config)
             await adapter.unload(self._control, victim, self._clock, timeout)
         except ControlFailed as e:
             self._telemetry.evicted(victim.name, FAILED)

@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
-from mgpumanager.config.scheduling import INTERACTIVE, SchedulingConfig
+from mgpumanager.config.scheduling import INTERACTIVE
 
 
 @attrs.frozen
@@ -91,14 +91,6 @@ class WatchingChooser(Chooser, Protocol):
         """Every waiting job in run order, with whether it needs a swap and its ETA."""
 
 
-@runtime_checkable
-class ReconfigurableChooser(Chooser, Protocol):
-    """A chooser whose rules come from the ``scheduling`` section, which a reload may change."""
-
-    def reconfigure(self, scheduling: SchedulingConfig) -> None:
-        """Choose by ``scheduling`` from the next pick on; what it remembers stays."""
-
-
 #: What a running job is doing: making room and loading, relaying the answer,
 #: or (for servers that answer before the work is done) waiting for completion.
 PREPARING = "preparing"
@@ -110,7 +102,7 @@ COMPLETING = "completing"
 class RunningJob:
     """
     The job holding the GPU, for ``scheduler.running`` in status and the
-    ``Server-Timing`` of its answer.  ``phase`` moves on as the job does;
+    timing of its answer.  ``phase`` moves on as the job does;
     whoever relays a server that answers before its work is done may set it
     to ``completing`` (with ``prompt_id``).
     """
@@ -136,14 +128,6 @@ class RunningJob:
         if self.relaying_since is None:
             return None
         return round((self.relaying_since - self.started) * 1000)
-
-
-def server_timing(queue_ms: int, prepare_ms: int) -> str:
-    """
-    The ``Server-Timing`` of a job's answer, errors included: how long it
-    waited for the GPU, and how long making room and loading took.
-    """
-    return f"queue;dur={queue_ms}, prepare;dur={prepare_ms}"
 
 
 @attrs.frozen

@@ -12,15 +12,16 @@ GPU frees, a :class:`Chooser` picks which waiter gets the lock next, so a
 scheduling policy is one object handed in, never a reordering of Twisted's
 internals.
 
-The scheduler knows nothing of HTTP: it runs a job callable and keeps the numbers
-``/v1/status`` shows.
+The scheduler knows nothing of HTTP: it runs a job callable, keeps the numbers
+``/v1/status`` shows, and refuses with typed errors that carry numbers
+(:mod:`.refusals`), which the web layer writes as headers.
 """
 
 from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from twisted.internet.defer import (
@@ -35,27 +36,20 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mgpumanager.common.errors import (
-    NO_CONSUMER,
-    QUEUE_FULL,
-    QUEUE_TIMEOUT,
-    SCHEDULER_ERROR,
-    SHUTTING_DOWN,
-    ApiError,
-)
-from mgpumanager.config.document import QueueConfig
+from mgpumanager.common.errors import SCHEDULER_ERROR, ApiError, JobTiming
+from mgpumanager.config.document import Config, QueueConfig
 from mgpumanager.config.scheduling import INTERACTIVE, SchedulingConfig
 from mgpumanager.scheduling.queued import (
+    COMPLETING,
     Chooser,
     PriorityThenArrival,
     QueueDecision,
     QueuedJob,
     QueueEntry,
-    ReconfigurableChooser,
     RunningJob,
     WatchingChooser,
-    server_timing,
 )
+from mgpumanager.scheduling.refusals import NoConsumer, QueueFull, QueueTimedOut, ShuttingDown
 from mgpumanager.scheduling.telemetry import NO_TELEMETRY, Telemetry
 from mgpumanager.scheduling.waiting_room import Waiter, WaitingRoom
 from mgpumanager.state.registry import ConsumerState, Registry
@@ -65,9 +59,6 @@ log = Logger()
 #: Re-exported: the queue's views and the chooser seam live in :mod:`.queued`.
 __all__ = ["Chooser", "GpuScheduler", "PriorityThenArrival", "QueuedJob", "RunningJob",
            "WatchingChooser"]
-
-#: The ``Server-Timing`` of a job refused before it queued.
-_NOT_RUN = server_timing(0, 0)
 
 #: How many pick and timeout decisions ``/v1/status`` keeps.
 DECISIONS_KEPT = 20
@@ -116,8 +107,8 @@ class GpuScheduler:
         # Asked for every job: a runtime Protocol check costs more than the pick.
         self._watcher = self._chooser if isinstance(self._chooser, WatchingChooser) else None
         self._telemetry = telemetry
-        #: The classes of job kinds, read by whoever submits jobs.
-        self.scheduling = scheduling if scheduling is not None else SchedulingConfig()
+        #: The classes of job kinds (:meth:`class_of`).
+        self._scheduling = scheduling if scheduling is not None else SchedulingConfig()
         self._lock = DeferredLock()
         #: By id, so in arrival order.
         self._waiting = WaitingRoom()
@@ -125,7 +116,7 @@ class GpuScheduler:
         self._recheck: IDelayedCall | None = None
         self._dispatching = False
         self._dispatch_again = False
-        self._closed: ApiError | None = None
+        self._closed: ShuttingDown | None = None
         self._idle_waiters: list[Deferred[None]] = []
         self._running: set[Deferred[Any]] = set()
         self.in_flight = 0
@@ -154,6 +145,28 @@ class GpuScheduler:
         if self._watcher is not None:
             return self._watcher.entries(self._views(), now, self.running)
         return [QueueEntry(job) for job in self._chooser.run_order(self._views(), now)]
+
+    def class_of(self, kind: str) -> str:
+        """The class (``interactive`` or ``batch``) a job of ``kind`` has unless it says."""
+        return self._scheduling.class_of(kind)
+
+    def running_timing(self) -> JobTiming | None:
+        """
+        How long the running job waited and prepared, for its answer; called
+        from the job itself, which holds the GPU.
+        """
+        running = self.running
+        if running is None:
+            return None
+        return JobTiming(running.queue_ms, running.prepare_ms or 0)
+
+    def completing(self, work_id: str) -> None:
+        """
+        The running job's answer is relayed, and the server's work goes on as
+        ``work_id``: the job keeps the GPU until it ends (status shows it).
+        """
+        if self.running is not None:
+            self.running.phase, self.running.prompt_id = COMPLETING, work_id
 
     @property
     def queue_depth(self) -> int:
@@ -187,9 +200,7 @@ class GpuScheduler:
         must_wait = self._lock.locked or bool(self._waiting)
         if must_wait and len(self._waiting) >= self._max_depth:
             self.refused_queue_full += 1
-            waiting = f"{len(self._waiting)} jobs are already waiting for the GPU"
-            headers = {"Retry-After": str(self._retry_after()), "Server-Timing": _NOT_RUN}
-            return fail(ApiError(QUEUE_FULL, waiting, headers=headers))
+            return fail(QueueFull(len(self._waiting), self._retry_after()))
         self._next_id += 1
         if priority is None:
             priority = self._registry[consumer].config.priority
@@ -266,7 +277,7 @@ class GpuScheduler:
             self._lock.release()
             self._dispatch()
             self._notify_if_idle()
-            return fail(ApiError(NO_CONSUMER, f"consumer {view.consumer} no longer exists"))
+            return fail(NoConsumer(f"consumer {view.consumer} no longer exists"))
         started = self._clock.seconds()
         self.running = RunningJob(view, started)
         self.last_wait_ms = round((started - view.arrived) * 1000)
@@ -332,35 +343,35 @@ class GpuScheduler:
         Refuse new jobs and answer every queued one with a retryable
         ``shutting_down`` error; jobs already running carry on.
         """
-        self._closed = ApiError(SHUTTING_DOWN, reason)
+        self._closed = ShuttingDown(reason)
         for waiter in self._waiting:
             self._refuse(waiter, self._closed)
         self._notify_if_idle()
 
-    def reconfigure(
-        self,
-        queue: QueueConfig,
-        scheduling: SchedulingConfig,
-        removed: Collection[str] = (),
-    ) -> None:
+    def reconfigure(self, config: Config) -> None:
         """
         Work to a reloaded configuration.  The new queue limits hold for jobs
         that queue from now on (a waiting job keeps the wait it was promised);
-        the next pick follows the new policy; every waiting job of a
-        ``removed`` consumer is refused with ``no_consumer``, as it would have
-        been had it arrived now.  Running jobs carry on as they were.
+        every waiting job of a consumer the configuration no longer has is
+        refused with ``no_consumer``, as it would have been had it arrived now.
+        Running jobs carry on as they were.  The chooser takes the new
+        ``scheduling`` section itself, before this (see ``app.service.build``),
+        so that the pick made here already follows it.
         """
-        self._max_depth = queue.max_depth
-        self._max_wait = queue.max_wait_seconds
-        self.scheduling = scheduling
-        if isinstance(self._chooser, ReconfigurableChooser):
-            self._chooser.reconfigure(scheduling)
+        self._max_depth = config.queue.max_depth
+        self._max_wait = config.queue.max_wait_seconds
+        self._scheduling = config.scheduling
+        removed = {
+            waiter.view.consumer
+            for waiter in self._waiting
+            if waiter.view.consumer not in config.consumers
+        }
         # All of them leave before any is answered: a pick in between would
         # ask about a consumer the registry no longer knows.
         for waiter in self._waiting.leave_consumers(removed):
             name = waiter.view.consumer
             waiter.granted.errback(
-                ApiError(NO_CONSUMER, f"consumer {name} was removed by a reload", name)
+                NoConsumer(f"consumer {name} was removed by a reload", name)
             )
         self._dispatch()
         self._notify_if_idle()
@@ -371,16 +382,7 @@ class GpuScheduler:
         self.decisions.append(
             QueueDecision(self._clock.seconds(), "timeout", waiter.view, "max_wait_seconds"))
         self._refuse(
-            waiter,
-            ApiError(
-                QUEUE_TIMEOUT,
-                f"waited {self._max_wait:g} s for the GPU without getting it",
-                waiter.view.consumer,
-                headers={
-                    "Retry-After": str(self._retry_after()),
-                    "Server-Timing": server_timing(round(self._max_wait * 1000), 0),
-                },
-            ),
+            waiter, QueueTimedOut(waiter.view.consumer, self._max_wait, self._retry_after())
         )
 
     def _retry_after(self) -> int:
@@ -420,12 +422,12 @@ class GpuScheduler:
 
 def _time_the_error(result: Failure, running: RunningJob, finished: float) -> None:
     """
-    A job that failed with one of the daemon's errors answers with the same
-    ``Server-Timing`` a success would (the prepare step runs to its failure).
+    A job that failed with one of the daemon's errors carries the same timing
+    a success would (the prepare step runs to its failure), for its answer.
     """
     error = result.value
-    if isinstance(error, ApiError):
+    if isinstance(error, ApiError) and error.timing is None:
         prepare_ms = running.prepare_ms
         if prepare_ms is None:
             prepare_ms = round((finished - running.started) * 1000)
-        error.headers.setdefault("Server-Timing", server_timing(running.queue_ms, prepare_ms))
+        error.timing = JobTiming(running.queue_ms, prepare_ms)

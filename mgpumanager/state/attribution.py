@@ -71,6 +71,26 @@ def find_consumer_pids(config: Config, systemctl: Sequence[str]) -> dict[str, fr
     return found
 
 
+class ConsumerPids:
+    """
+    :func:`find_consumer_pids` for the consumers of the configuration the last
+    reload gave: what the attributor runs (in a thread) to find them.
+
+    :param systemctl: the prefix for ``systemctl show``, which needs no
+        privilege (so not the configured ``lifecycle.systemctl``, often sudo).
+    """
+
+    def __init__(self, config: Config, systemctl: Sequence[str] = ("systemctl",)) -> None:
+        self._config = config
+        self._systemctl = tuple(systemctl)
+
+    def __call__(self) -> dict[str, frozenset[int]]:
+        return find_consumer_pids(self._config, self._systemctl)
+
+    def reconfigure(self, config: Config) -> None:
+        self._config = config
+
+
 def _is_local(url: str) -> bool:
     host = urlsplit(url).hostname or ""
     return host in ("localhost", "::1") or host.startswith("127.")

@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from mgpumanager.common.periodic import Periodic
+from mgpumanager.config.document import Config
 
 log = Logger()
 
@@ -183,6 +184,15 @@ class GpuSampler(Periodic):
     def now(self) -> float:
         """The time on the clock that stamps the samples."""
         return self._clock.seconds()
+
+    def latest_used_mib(self) -> int | None:
+        """The card's used memory in the latest sample, None without a reading."""
+        reading = self.latest.reading
+        return None if reading is None else reading.used_mib
+
+    def reconfigure(self, config: Config) -> None:
+        """Sample at the reloaded ``gpu.poll_interval_seconds``."""
+        self.set_interval(config.gpu.poll_interval_seconds)
 
     def subscribe(self, sink: SampleSink) -> None:
         """Call ``sink`` with every new sample."""

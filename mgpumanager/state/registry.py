@@ -14,10 +14,19 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 
 import attrs
+from twisted.logger import Logger
 
 from mgpumanager.config.document import Config, ConsumerConfig
 from mgpumanager.state.gpu import GpuReading
 from mgpumanager.state.holding import RELEASED_KEPT, ReleasedHolder, release_rule
+
+log = Logger()
+
+#: A consumer's processes on this host, when known (the attributor's map).
+PidsOf = Callable[[str], frozenset[int]]
+
+#: The time and the card's used MiB now (None without a reading).
+CardNow = Callable[[], tuple[float, int | None]]
 
 #: Share of its declared VRAM a consumer's processes must hold to count as loaded.
 RESIDENT_SHARE = 0.5
@@ -155,10 +164,23 @@ class Registry:
     """
     All consumers' states, by name, in name order; and the holders of memory
     that a reload removed.
+
+    :param pids_of: a consumer's processes, so that a removed one's memory is
+        seen to go; none known by default.
+    :param card_now: the time and the card's used MiB now (None without a
+        reading): where a removed holder without processes starts counting
+        the card's drop.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        pids_of: PidsOf | None = None,
+        card_now: CardNow | None = None,
+    ) -> None:
         self.config = config
+        self._pids_of = pids_of or _no_pids
+        self._card_now = card_now or _no_card
         self._states = {
             name: _fresh_state(consumer) for name, consumer in config.consumers.items()
         }
@@ -166,10 +188,22 @@ class Registry:
         #: The latest holders let go, and by which rule, newest last.
         self.released_holders: deque[ReleasedHolder] = deque(maxlen=RELEASED_KEPT)
 
-    def reconfigure(
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded configuration (see :meth:`replace_consumers`), and log the removals."""
+        now, card_used_mib = self._card_now()
+        for name in self.replace_consumers(config, self._pids_of, now, card_used_mib):
+            holder = self.holders.get(name)
+            log.info(
+                "reload removed consumer {consumer}{held}",
+                consumer=name,
+                held="" if holder is None else
+                f"; its {holder.size_mib} MiB count in the budget until the card shows them gone",
+            )
+
+    def replace_consumers(
         self,
         config: Config,
-        pids_of: Callable[[str], frozenset[int]],
+        pids_of: PidsOf,
         now: float = 0.0,
         card_used_mib: int | None = None,
     ) -> list[str]:
@@ -256,5 +290,13 @@ class Registry:
 
 
 
+def _no_pids(name: str) -> frozenset[int]:
+    return frozenset()
+
+
 def _fresh_state(consumer: ConsumerConfig) -> ConsumerState:
     return ConsumerState(config=consumer, believed_loaded=consumer.initially_resident())
+
+
+def _no_card() -> tuple[float, int | None]:
+    return 0.0, None

@@ -25,10 +25,10 @@ from mgpumanager.config.scheduling import JOB_CLASSES
 from mgpumanager.consumers.adapters.base import ANSWER_COPY_BYTES
 from mgpumanager.consumers.adapters.following import Completions
 from mgpumanager.relay.proxy import ConsumerProxy
-from mgpumanager.scheduling.queued import COMPLETING, server_timing
 from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.scheduling.telemetry import COMPLETION_TIMEOUT, NO_TELEMETRY, Telemetry
 from mgpumanager.state.registry import ConsumerState, Registry
+from mgpumanager.web.job_errors import job_failure_headers, server_timing
 
 log = Logger()
 
@@ -81,7 +81,7 @@ class GpuJobs:
             )
         try:
             job_class, priority = job_class_and_priority(
-                request, self._scheduler.scheduling.class_of(kind), consumer.priority
+                request, self._scheduler.class_of(kind), consumer.priority
             )
         except ApiError as refusal:
             self.refused(consumer.name, kind, refusal)
@@ -99,7 +99,7 @@ class GpuJobs:
                 kind=kind,
                 job_class=job_class,
                 priority=priority,
-            )
+            ).addErrback(job_failure_headers)
         )
         job.addBoth(_answer_once, answered)
         return answered
@@ -113,12 +113,9 @@ class GpuJobs:
         answered: Deferred[None],
     ) -> str | None:
         """The job under the lock; its result is the outcome label when not plain ``ok``."""
-        running = self._scheduler.running
-        if running is not None:
-            request.setHeader(
-                b"server-timing",
-                server_timing(running.queue_ms, running.prepare_ms or 0).encode("ascii"),
-            )
+        timing = self._scheduler.running_timing()
+        if timing is not None:
+            request.setHeader(b"server-timing", server_timing(timing).encode("ascii"))
         completions = self._completions
         state = self._registry[consumer.name]
         if completions is None or not completions.completes_later(state, method, path):
@@ -137,8 +134,7 @@ class GpuJobs:
         work = completions.work_started_by(state, answer)
         if work is None:
             return None
-        if running is not None:
-            running.phase, running.prompt_id = COMPLETING, work.work_id
+        self._scheduler.completing(work.work_id)
         answered.callback(None)
         how = await self._follow(completions, state, work)
         return COMPLETION_TIMEOUT if how == "timeout" else None

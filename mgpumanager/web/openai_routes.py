@@ -76,10 +76,10 @@ class OpenAIRoutes:
         #: How long one consumer may take to list its models (a reload may change it).
         self.timeout = timeout
 
-    def reconfigure(self, config: Config, timeout: float) -> None:
-        """Serve a reloaded configuration."""
+    def reconfigure(self, config: Config) -> None:
+        """Route to a reloaded configuration's consumers; list models within its probe timeout."""
         self.config = config
-        self.timeout = timeout
+        self.timeout = config.probes.timeout_seconds
 
     @gpu_route("/v1/chat/completions", "chat", "llm")
     @gpu_route("/v1/completions", "chat", "llm")

@@ -23,7 +23,7 @@ from mgpumanager.common.errors import BAD_REQUEST, NOT_FOUND, ApiError
 from mgpumanager.common.paths import normalise
 from mgpumanager.common.request_json import json_object
 from mgpumanager.config.document import Config, ConsumerConfig
-from mgpumanager.consumers.adapters import adapter_named
+from mgpumanager.consumers.adapters.resolved import Adapters
 from mgpumanager.relay.proxy import ConsumerProxy
 from mgpumanager.relay.tunnel import WebSocketTunnels, is_websocket_upgrade
 from mgpumanager.web.declare import Does, Policy, route
@@ -58,8 +58,10 @@ class Passthrough:
         jobs: GpuJobs,
         proxy: ConsumerProxy,
         tunnels: WebSocketTunnels,
+        adapters: Adapters | None = None,
     ) -> None:
         self.config = config
+        self._adapters = adapters if adapters is not None else Adapters(config)
         self._jobs = jobs
         self._proxy = proxy
         self._tunnels = tunnels
@@ -111,7 +113,7 @@ class Passthrough:
         self, consumer: ConsumerConfig, method: str, raw: bytes, request: Request
     ) -> str | None:
         """The GPU job kind of a request to ``consumer``, or None when it is none."""
-        adapter = adapter_named(consumer.adapter)
+        adapter = self._adapters.of(consumer)
         path = normalise(raw)
         body = json_object(request) if adapter.wants_body(method, path) else None
         return adapter.gpu_kind(consumer, method, path, body)

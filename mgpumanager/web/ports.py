@@ -93,6 +93,10 @@ class ConsumerPorts(Service):
         super().stopService()
         return self._close(list(self._open))
 
+    def reconfigure(self, config: Config) -> Deferred[None]:
+        """Take a reloaded configuration: :meth:`apply` it."""
+        return self.apply(config)
+
     def apply(self, config: Config) -> Deferred[None]:
         """
         Open every port ``config`` names that is not open, close every open

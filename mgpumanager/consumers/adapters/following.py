@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from mgpumanager.common.answers import Answer
 from mgpumanager.common.paths import normalise
-from mgpumanager.consumers.adapters import adapter_named
+from mgpumanager.consumers.adapters.resolved import Adapters
 from mgpumanager.consumers.control import ConsumerControl
 from mgpumanager.state.registry import ConsumerState
 
@@ -33,15 +33,17 @@ class Completions:
     :param clock: paces the polls.
     :param on_timeout: told ``(consumer, work_id, seconds)`` when work was
         given up on after its consumer's ``completion.timeout_seconds``.
+    :param adapters: each consumer's adapter, which decides whether and how.
     """
 
     control: ConsumerControl
     clock: IReactorTime
     on_timeout: Callable[[str, str, float], None]
+    adapters: Adapters
 
     def completes_later(self, state: ConsumerState, method: str, path: str) -> bool:
         """Whether a job sent as ``method path`` (as sent, encoded) may outlive its answer."""
-        adapter = adapter_named(state.config.adapter)
+        adapter = self.adapters.of(state.config)
         return bool(adapter.completes_later(method, normalise(path.encode("ascii"))))
 
     def work_started_by(self, state: ConsumerState, answer: Answer) -> Any:
@@ -49,13 +51,13 @@ class Completions:
         The work ``answer`` started, with ``work_id`` and ``until_done()``,
         or ``None`` when it started nothing the job must wait for.
         """
-        return adapter_named(state.config.adapter).follow(
+        return self.adapters.of(state.config).follow(
             self.control, state, answer, self.clock
         )
 
     async def settle(self, state: ConsumerState) -> None:
         """Wait until the consumer is idle after an exchange that broke (its adapter's way)."""
-        await adapter_named(state.config.adapter).settle(self.control, state, self.clock)
+        await self.adapters.of(state.config).settle(self.control, state, self.clock)
 
     def outcome(self, state: ConsumerState, work_id: str, how: str) -> None:
         """Record how followed work ended; only a timeout is worth a decision entry."""
