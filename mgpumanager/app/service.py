@@ -276,7 +276,8 @@ def build(
     completions = Completions(control, reactor, lifecycle.record_timeout, adapters)
     jobs = GpuJobs(registry, scheduler, proxy, metrics, completions)
     app = ManagerApp(
-        config, registry, scheduler, proxy, sampler, lifecycle, reactor, listen, jobs, metrics
+        config, registry, scheduler, proxy, sampler, lifecycle, reactor, listen, jobs, metrics,
+        adapters,
     )
     tunnels = WebSocketTunnels(reactor, drop_authorization=config.auth_token is not None)
     passthrough = Passthrough(config, jobs, proxy, tunnels, adapters)

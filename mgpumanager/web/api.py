@@ -28,6 +28,7 @@ from mgpumanager.common.errors import (
     ApiError,
 )
 from mgpumanager.config.document import ENDPOINT_KINDS, Config, ConsumerConfig
+from mgpumanager.consumers.adapters.resolved import Adapters
 from mgpumanager.relay.proxy import ConsumerProxy
 from mgpumanager.scheduling.eviction import dry_run_plan
 from mgpumanager.scheduling.lifecycle import Lifecycle
@@ -86,6 +87,7 @@ class ManagerApp:
         listen: str | None = None,
         jobs: GpuJobs | None = None,
         metrics: Metrics | None = None,
+        adapters: Adapters | None = None,
     ) -> None:
         self._config = config
         self._registry = registry
@@ -93,6 +95,8 @@ class ManagerApp:
         self._proxy = proxy
         self._sampler = sampler
         self._lifecycle = lifecycle
+        #: The daemon's resolved adapters, so the dry run plans as the real one.
+        self._adapters = adapters
         self._clock = clock
         self._metrics = metrics or Metrics(clock)
         self._metrics.watch_status(self.status_document)
@@ -156,7 +160,9 @@ class ManagerApp:
 
         async def dry_run() -> bytes:
             sample = await self._sampler.sample()
-            plan = dry_run_plan(self._config, self._registry, consumer.name, sample)
+            plan = dry_run_plan(
+                self._config, self._registry, consumer.name, sample, self._adapters
+            )
             return json_body(request, {"kind": kind, **plan_document(plan)})
 
         return Deferred.fromCoroutine(dry_run())
