@@ -263,3 +263,10 @@ async def test_the_running_daemon_plans_as_check_says(tmp_path: Path) -> None:
     finally:
         daemon.stop()
         await host.stop()
+
+
+def test_the_readme_shows_what_check_prints_today() -> None:
+    out = io.StringIO()
+    assert main(["check", "config/consumers.yaml"], out) == 0
+    readme = (REPO / "README.md").read_text()
+    assert f"$ mgpumanager check config/consumers.yaml\n{out.getvalue()}```" in readme
