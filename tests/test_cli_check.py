@@ -265,7 +265,8 @@ async def test_the_running_daemon_plans_as_check_says(tmp_path: Path) -> None:
         await host.stop()
 
 
-def test_the_readme_shows_what_check_prints_today() -> None:
+def test_the_readme_shows_what_check_prints_today(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # the example names the file as given, relative to the checkout
     out = io.StringIO()
     assert main(["check", "config/consumers.yaml"], out) == 0
     readme = (REPO / "README.md").read_text()
