@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,20 +24,30 @@ SERVERS = ("mvoice", "ollama", "comfyui", "whisper", "speech")
 
 
 def free_base_port() -> int:
-    """A port where it and the next four are free on loopback, now."""
+    """
+    A port where it and the next four are free on loopback, now: below the
+    kernel's ephemeral range, where no client's own end of a connection is
+    given a port the host must listen on again after its restart.
+    """
+    low = _ephemeral_low()
     for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base: int = probe.getsockname()[1]
-        if base + len(SERVERS) >= 65535:
-            continue
+        base = random.randrange(max(1024, low - 12000), low - len(SERVERS))
         if all(_free(base + i) for i in range(len(SERVERS))):
             return base
     raise RuntimeError("no run of five free ports on 127.0.0.1")
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _free(port: int) -> bool:
     with socket.socket() as probe:
+        # As a listening server binds: a port with connections in TIME_WAIT is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:

@@ -17,7 +17,9 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from mgpumanager.config.document import Config, ConfigError, load_config
+from mgpumanager.app.describe import describe, render_consumers
+from mgpumanager.config.document import Config, ConfigError
+from mgpumanager.consumers.adapters import load_resolved_config
 
 DEFAULT_URL = "http://127.0.0.1:8770"
 TIMEOUT_SECONDS = 10.0
@@ -65,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check(path: str, out: TextIO) -> int:
     try:
-        config = load_config(path)
+        # What the daemon runs on: the file, then each adapter's defaults.
+        config = load_resolved_config(path)
     except ConfigError as e:
         print(f"mgpumanager: {e}", file=sys.stderr)
         return 2
@@ -131,17 +134,14 @@ def _mib(value: object) -> str:
 
 
 def render_config(config: Config) -> str:
-    """What ``check`` prints: enough to see the file says what was meant."""
-    rows: list[Sequence[object]] = [("consumer", "url", "serves", "vram", "unload by")]
-    for name, consumer in config.consumers.items():
-        kinds = ",".join(k for k, target in config.routing.items() if target == name) or "-"
-        vram = "self-managed" if consumer.vram_managed else _mib(consumer.vram_resident_mib)
-        unload = "route" if consumer.unload else consumer.systemd_unit or "-"
-        rows.append((name, consumer.url, kinds, vram, unload))
+    """
+    What ``check`` prints: the file is valid, and what the daemon will do
+    with each consumer (:mod:`mgpumanager.app.describe`).
+    """
     routing = ", ".join(f"{kind} -> {name}" for kind, name in config.routing.items())
     return (
-        f"{config.source}: ok\nlisten: {config.listen}\nrouting: {routing or 'none'}\n"
-        f"{table(rows)}"
+        f"{config.source}: ok\nlisten: {config.listen}\nrouting: {routing or 'none'}\n\n"
+        f"{render_consumers(describe(config))}"
     )
 
 

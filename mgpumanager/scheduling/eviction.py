@@ -279,7 +279,7 @@ def dry_run_plan(
         steps=tuple(steps),
         would_evict=tuple(evict),
         would_load=not state.resident,
-        load_by=_load_method(state.config) if not state.resident else None,
+        load_by=load_method(state.config) if not state.resident else None,
     )
 
 
@@ -295,7 +295,8 @@ def _plus_free(sample: GpuSample, freed: int) -> GpuSample:
     )
 
 
-def _load_method(config: ConsumerConfig) -> str:
+def load_method(config: ConsumerConfig) -> str:
+    """How the lifecycle loads ``config`` (what the plan and ``mgpumanager check`` say)."""
     if config.load is not None:
         return f"{config.load.method} {config.load.path}"
     if config.systemd_unit is not None:

@@ -46,6 +46,7 @@ from mgpumanager.web.openai_routes import OpenAIRoutes
 from mgpumanager.web.openapi import openapi_document
 from mgpumanager.web.page import status_page
 from mgpumanager.web.passthrough import Passthrough
+from mgpumanager.web.ports import ConsumerPort
 from mgpumanager.web.routing import RouteTable, raw_rest
 from mgpumanager.web.status import plan_document, status_document
 
@@ -62,10 +63,13 @@ def routed_consumer(config: Config, args: Mapping[str, Any]) -> Iterable[Consume
 
 
 #: The policies of the daemon's own routes.
-JOB = Policy(Does.JOB, limit=routed_consumer, summary="a GPU job, proxied to the routed consumer")
-OWN = Policy(Does.OWN)
-PAGE = Policy(Does.OWN, token=Token.PAGE)
-AUDIO = Policy(Does.PASSTHROUGH, summary="an audio file, relayed from the audio consumer")
+JOB = Policy(
+    Does.JOB, limit=routed_consumer,
+    summary="Run a job of this kind on the GPU (queued, room made), on the routed consumer",
+)
+AUDIO = Policy(
+    Does.PASSTHROUGH, summary="An audio file, relayed from the audio consumer (no GPU job)"
+)
 
 
 class ManagerApp:
@@ -127,7 +131,9 @@ class ManagerApp:
         consumer, route = target
         return self._jobs.run(request, consumer, route.method, route.path, kind)
 
-    @route("/v1/status", ["GET"], PAGE)
+    @route("/v1/status", ["GET"], Policy(
+        Does.OWN, token=Token.PAGE,
+        summary="The live state: card, consumers, queue, decisions"))
     def status(self, request: Request) -> bytes:
         return json_body(request, self.status_document())
 
@@ -142,8 +148,9 @@ class ManagerApp:
             lifecycle=self._lifecycle,
         )
 
-    @route("/v1/plan/", ["GET"], OWN)
-    @route("/v1/plan/<path:kind>", ["GET"], OWN)
+    @route("/v1/plan/", ["GET"], Policy(Does.OWN, summary="No kind named: not found"))
+    @route("/v1/plan/<path:kind>", ["GET"], Policy(
+        Does.OWN, summary="What a job of this kind would evict and load now (a dry run)"))
     def plan(self, request: Request, kind: str = "") -> Deferred[bytes]:
         """
         ``GET /v1/plan/<kind>``: what a job of ``kind`` would evict and load if
@@ -167,25 +174,32 @@ class ManagerApp:
 
         return Deferred.fromCoroutine(dry_run())
 
-    @route("/healthz", ["GET"], Policy(Does.OWN, token=Token.OPEN))
+    @route("/healthz", ["GET"], Policy(Does.OWN, token=Token.OPEN, summary="Liveness"))
     def healthz(self, request: Request) -> bytes:
         return json_body(request, {"status": "ok"})
 
-    @route("/metrics", ["GET"], OWN)
+    @route("/metrics", ["GET"], Policy(Does.OWN, summary="Prometheus metrics"))
     def metrics(self, request: Request) -> bytes:
         request.setHeader(b"content-type", METRICS_CONTENT_TYPE)
         request.setHeader(b"cache-control", b"no-store")
         return self._metrics.exposition()
 
-    @route("/v1/events", ["GET"], PAGE)
+    @route("/v1/events", ["GET"], Policy(
+        Does.OWN, token=Token.PAGE,
+        summary="The status document as Server-Sent Events, on each change"))
     def event_feed(self, request: Request) -> bytes | Deferred[None]:
         return self.events.serve(request)
 
-    @route("/v1/openapi.json", ["GET"], OWN)
+    @route("/v1/openapi.json", ["GET"], Policy(Does.OWN, summary="This document"))
     def openapi(self, request: Request) -> bytes:
-        return json_body(request, openapi_document(self._config))
+        config = self._config
+        port = RouteTable([ConsumerPort], config)
+        document = openapi_document(config, main_port_routes(config).declared, port.declared)
+        return json_body(request, document)
 
-    @route("/", ["GET"], Policy(Does.OWN, token=Token.PAGE_LINK))
+    @route("/", ["GET"], Policy(
+        Does.OWN, token=Token.PAGE_LINK,
+        summary="The status page for browsers (Accept: text/html), a summary otherwise"))
     def index(self, request: Request) -> bytes:
         """The status page for browsers, a plain summary for everything else."""
         token = query_token(request.uri.partition(b"?")[2])

@@ -56,7 +56,8 @@ def gpu_route(path: str, family: str, kind: str) -> Callable[[_F], _F]:
     """Declare an OpenAI-compatible GPU route: a ``kind`` job on ``openai.<family>``."""
     policy = Policy(
         Does.JOB, shape=Shape.OPENAI, limit=family_and_models(family), kind=kind,
-        summary=f"OpenAI-compatible, a {kind} job on openai.{family} (or the model's consumer)",
+        summary=f"OpenAI-compatible: a {kind} GPU job on openai.{family} "
+        "or the model's consumer",
     )
     return route(path, ["POST"], policy, family=family, kind=kind)
 
@@ -135,7 +136,9 @@ class OpenAIRoutes:
             raise ApiError(NO_CONSUMER, f"no consumer serves this route (set openai.{family})")
         return self.config.consumers[name]
 
-    @route(MODELS_PATH, ["GET"], Policy(Does.OWN, shape=Shape.OPENAI))
+    @route(MODELS_PATH, ["GET"], Policy(
+        Does.OWN, shape=Shape.OPENAI,
+        summary="OpenAI-compatible: the models of every configured consumer, merged"))
     def models(self, request: Request) -> Deferred[bytes]:
         """``GET /v1/models``: every configured consumer's models, each ``id`` once."""
         return Deferred.fromCoroutine(self._models(request))

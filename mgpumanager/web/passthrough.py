@@ -40,7 +40,7 @@ def named_consumer(config: Config, args: Mapping[str, Any]) -> Iterable[Consumer
 #: Every passthrough route: forwarded as it came, a GPU job where the adapter says so.
 FORWARDED = Policy(
     Does.PASSTHROUGH, limit=named_consumer,
-    summary="forwarded to the consumer as sent; a GPU job where its adapter says so",
+    summary="Forwarded to the consumer as sent; a GPU job where its adapter says so",
 )
 
 
@@ -70,7 +70,9 @@ class Passthrough:
         """Forward to the consumers of a reloaded configuration."""
         self.config = config
 
-    @route("/upstream/<consumer>", None, FORWARDED)
+    @route("/upstream/<consumer>", None, Policy(
+        Does.PASSTHROUGH, limit=named_consumer,
+        summary="Redirects to /upstream/<consumer>/ (308), where the consumer's root is"))
     def to_root(self, request: Request, consumer: str) -> bytes:
         """Redirect to the slash form: relative links in a server's pages resolve only there."""
         self._consumer(consumer)

@@ -105,6 +105,12 @@ class IConsumerAdapter(Interface):
     def can_unload(consumer: ConsumerConfig) -> bool:
         """Whether the daemon has any way to take this server off the card."""
 
+    def unload_by(consumer: ConsumerConfig) -> str | None:
+        """
+        What :meth:`unload` does to this server, in a few words, as
+        ``mgpumanager check`` prints it; None when :meth:`can_unload` is false.
+        """
+
     def unload(
         control: ConsumerControl, state: ConsumerState, clock: IReactorTime, timeout: float
     ) -> Any:

@@ -22,7 +22,11 @@ from mgpumanager.config.document import ConsumerConfig, Route
 from mgpumanager.consumers.adapters.base import AdapterDefaults, IConsumerAdapter, Observation
 from mgpumanager.consumers.adapters.comfy_completion import PromptCompletion, queue_is_empty
 from mgpumanager.consumers.adapters.ollama_ps import bytes_to_mib
-from mgpumanager.consumers.adapters.polling import poll_until, unload_as_configured
+from mgpumanager.consumers.adapters.polling import (
+    configured_unload,
+    poll_until,
+    unload_as_configured,
+)
 from mgpumanager.consumers.control import ConsumerControl, ControlFailed
 from mgpumanager.state.registry import RESIDENT_SHARE, ConsumerState
 
@@ -77,6 +81,10 @@ class ComfyAdapter:
 
     def can_unload(self, consumer: ConsumerConfig) -> bool:
         return consumer.unloadable
+
+    def unload_by(self, consumer: ConsumerConfig) -> str | None:
+        configured = configured_unload(consumer)
+        return f"{configured}, once its queue is empty" if configured else None
 
     async def unload(
         self, control: ConsumerControl, state: ConsumerState, clock: IReactorTime, timeout: float

@@ -18,7 +18,7 @@ from mgpumanager.consumers.adapters.base import (
     Observation,
     WorkEndsWithTheAnswer,
 )
-from mgpumanager.consumers.adapters.polling import unload_as_configured
+from mgpumanager.consumers.adapters.polling import configured_unload, unload_as_configured
 from mgpumanager.consumers.control import ConsumerControl
 from mgpumanager.state.registry import ConsumerState
 
@@ -68,6 +68,9 @@ class GenericAdapter(WorkEndsWithTheAnswer):
 
     def can_unload(self, consumer: ConsumerConfig) -> bool:
         return consumer.unloadable
+
+    def unload_by(self, consumer: ConsumerConfig) -> str | None:
+        return configured_unload(consumer)
 
     async def unload(
         self, control: ConsumerControl, state: ConsumerState, clock: IReactorTime, timeout: float

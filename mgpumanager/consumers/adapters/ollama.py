@@ -78,6 +78,9 @@ class OllamaAdapter(WorkEndsWithTheAnswer):
     def can_unload(self, consumer: ConsumerConfig) -> bool:
         return True
 
+    def unload_by(self, consumer: ConsumerConfig) -> str | None:
+        return "POST /api/generate keep_alive 0, for each model /api/ps lists"
+
     async def unload(
         self, control: ConsumerControl, state: ConsumerState, clock: IReactorTime, timeout: float
     ) -> None:

@@ -34,6 +34,15 @@ async def poll_until(
         await sleep(clock, interval)
 
 
+def configured_unload(consumer: ConsumerConfig) -> str | None:
+    """What :func:`unload_as_configured` does, in words; None where it cannot."""
+    if consumer.unload is not None:
+        return f"{consumer.unload.method} {consumer.unload.path}"
+    if consumer.systemd_unit is not None:
+        return f"systemctl stop {consumer.systemd_unit}"
+    return None
+
+
 async def unload_as_configured(
     control: ConsumerControl, consumer: ConsumerConfig, timeout: float
 ) -> None:
