@@ -110,6 +110,8 @@ class RunningJob:
     view: QueuedJob
     started: float
     phase: str = PREPARING
+    #: The cards it holds.
+    cards: tuple[int, ...] = (0,)
     prompt_id: str | None = None
     #: When preparing ended and relaying began.
     relaying_since: float | None = None

@@ -1,16 +1,18 @@
 """
-The global GPU scheduler: one job on the card at a time, the rest queue.
+The GPU scheduler: one job on a card at a time, the rest queue.
 
-Two inference servers running at once is exactly how the card runs out of memory,
-so every proxied GPU job, whatever its consumer, holds one ``DeferredLock`` for
-the whole exchange: until the response body has been relayed to the client or the
-exchange failed.  Making room (unloading other consumers) and loading the target
-happen *inside* the held lock, so nothing is ever unloaded under a running job.
+Two inference servers running at once on a card is exactly how it runs out of
+memory, so every proxied GPU job holds the ``DeferredLock`` of each card its
+consumer uses for the whole exchange: until the response body has been relayed
+to the client or the exchange failed.  Making room (unloading other consumers)
+and loading the target happen *inside* the held locks, so nothing is ever
+unloaded under a running job.  Jobs on different cards run at the same time
+(:mod:`mgpumanager.scheduling.cards`).
 
-Waiting jobs sit in the scheduler's own queue, not in the lock's: whenever the
-GPU frees, a :class:`Chooser` picks which waiter gets the lock next, so a
-scheduling policy is one object handed in, never a reordering of Twisted's
-internals.
+Waiting jobs sit in the scheduler's own queue, not in the locks': whenever a
+card frees, a :class:`Chooser` picks which waiter starts next among those whose
+cards are free, so a scheduling policy is one object handed in, never a
+reordering of Twisted's internals.
 
 The scheduler knows nothing of HTTP: it runs a job callable, keeps the numbers
 ``/v1/status`` shows, and refuses with typed errors that carry numbers
@@ -27,7 +29,6 @@ from typing import Any, TypeVar
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
-    DeferredLock,
     ensureDeferred,
     fail,
     succeed,
@@ -39,6 +40,7 @@ from twisted.python.failure import Failure
 from mgpumanager.common.errors import SCHEDULER_ERROR, ApiError, JobTiming
 from mgpumanager.config.document import Config, QueueConfig
 from mgpumanager.config.scheduling import INTERACTIVE, SchedulingConfig
+from mgpumanager.scheduling.cards import CardLocks, CardsOf, one_card, startable
 from mgpumanager.scheduling.queued import (
     COMPLETING,
     Chooser,
@@ -85,6 +87,7 @@ class GpuScheduler:
     :param chooser: which waiting job runs next.
     :param telemetry: told of each job's wait.
     :param scheduling: the ``scheduling`` section (job classes by kind).
+    :param cards_of: the cards a consumer's jobs need (card 0 alone by default).
     """
 
     def __init__(
@@ -97,8 +100,10 @@ class GpuScheduler:
         chooser: Chooser | None = None,
         telemetry: Telemetry = NO_TELEMETRY,
         scheduling: SchedulingConfig | None = None,
+        cards_of: CardsOf = one_card,
     ) -> None:
         self._clock = clock
+        self._cards_of = cards_of
         self._max_depth = queue.max_depth
         self._max_wait = queue.max_wait_seconds
         self._registry = registry
@@ -109,7 +114,7 @@ class GpuScheduler:
         self._telemetry = telemetry
         #: The classes of job kinds (:meth:`class_of`).
         self._scheduling = scheduling if scheduling is not None else SchedulingConfig()
-        self._lock = DeferredLock()
+        self._cards = CardLocks()
         #: By id, so in arrival order.
         self._waiting = WaitingRoom()
         self._next_id = 0
@@ -127,10 +132,26 @@ class GpuScheduler:
         self.last_run_ms: int | None = None
         self.refused_queue_full = 0
         self.queue_timeouts = 0
-        #: The job holding the GPU, if any.
-        self.running: RunningJob | None = None
+        #: The jobs holding cards, by job id (so in order of arrival).
+        self._runs: dict[int, RunningJob] = {}
+        #: The job being handed its cards (see :meth:`current_job`).
+        self._starting: RunningJob | None = None
         self.decisions: collections.deque[QueueDecision] = collections.deque(
             maxlen=DECISIONS_KEPT)
+
+    @property
+    def running(self) -> RunningJob | None:
+        """The earliest-started running job, if any (the one a one-card host has)."""
+        return min(self._runs.values(), key=_start_order, default=None)
+
+    @property
+    def running_jobs(self) -> list[RunningJob]:
+        """Every running job, earliest started first."""
+        return sorted(self._runs.values(), key=_start_order)
+
+    def cards_of(self, consumer: str) -> tuple[int, ...]:
+        """The cards a job of ``consumer`` needs."""
+        return tuple(self._cards_of(consumer))
 
     @property
     def policy_name(self) -> str:
@@ -150,23 +171,25 @@ class GpuScheduler:
         """The class (``interactive`` or ``batch``) a job of ``kind`` has unless it says."""
         return self._scheduling.class_of(kind)
 
-    def running_timing(self) -> JobTiming | None:
+    def current_job(self) -> RunningJob | None:
         """
-        How long the running job waited and prepared, for its answer; called
-        from the job itself, which holds the GPU.
+        The job being started: a job callable asks as it begins (before its
+        first wait) to know itself among the running jobs.
         """
-        running = self.running
-        if running is None:
-            return None
-        return JobTiming(running.queue_ms, running.prepare_ms or 0)
+        return self._starting
 
-    def completing(self, work_id: str) -> None:
+    @staticmethod
+    def running_timing(job: RunningJob) -> JobTiming:
+        """How long a running job waited and prepared, for its answer."""
+        return JobTiming(job.queue_ms, job.prepare_ms or 0)
+
+    @staticmethod
+    def completing(job: RunningJob, work_id: str) -> None:
         """
-        The running job's answer is relayed, and the server's work goes on as
-        ``work_id``: the job keeps the GPU until it ends (status shows it).
+        A running job's answer is relayed, and the server's work goes on as
+        ``work_id``: the job keeps its cards until it ends (status shows it).
         """
-        if self.running is not None:
-            self.running.phase, self.running.prompt_id = COMPLETING, work_id
+        job.phase, job.prompt_id = COMPLETING, work_id
 
     @property
     def queue_depth(self) -> int:
@@ -197,7 +220,7 @@ class GpuScheduler:
         """
         if self._closed is not None:
             return fail(self._closed)
-        must_wait = self._lock.locked or bool(self._waiting)
+        must_wait = bool(self._waiting) or not self._cards.free(self._cards_of(consumer))
         if must_wait and len(self._waiting) >= self._max_depth:
             self.refused_queue_full += 1
             return fail(QueueFull(len(self._waiting), self._retry_after()))
@@ -237,12 +260,15 @@ class GpuScheduler:
         if self._recheck is not None and self._recheck.active():
             self._recheck.cancel()
         self._recheck = None
-        if self._lock.locked or not self._waiting or self._closed is not None:
+        if not self._waiting or self._closed is not None:
             return
         waiting, now = self._views(), self._clock.seconds()
-        chosen = self._chooser.pick(waiting, now)
+        candidates = self._startable(waiting, now)
+        if not candidates:
+            return
+        chosen = self._chooser.pick(candidates, now)
         if chosen is None:
-            at = self._chooser.recheck_at(waiting, now)
+            at = self._chooser.recheck_at(candidates, now)
             if at is not None:
                 self._recheck = self._clock.callLater(max(0.0, at - now), self._dispatch)
             return
@@ -252,9 +278,20 @@ class GpuScheduler:
             rule = self._watcher.job_started(chosen, now)
             if ahead_of:
                 self.decisions.append(QueueDecision(now, "pick", chosen, rule, tuple(ahead_of)))
-        acquired = self._lock.acquire()
-        assert acquired.called, "the GPU lock is only ever taken here, when it is free"
+        self._cards.take(self._cards_of(chosen.consumer))
         waiter.granted.callback(None)
+        # Another card may still be free for another job.
+        self._dispatch_again = True
+
+    def _startable(self, waiting: list[QueuedJob], now: float) -> list[QueuedJob]:
+        """The waiting jobs that may start now, on cards that are free."""
+        busy = self._cards.busy()
+        if not busy:
+            return waiting
+        cards_of = self._cards_of
+        if all(not busy.isdisjoint(cards_of(job.consumer)) for job in waiting):
+            return []
+        return startable(self._chooser.run_order(waiting, now), cards_of, busy)
 
     def _cancelled(self, waiter: Waiter) -> None:
         """The caller gave up waiting (its client went away)."""
@@ -271,15 +308,16 @@ class GpuScheduler:
 
     def _start(self, view: QueuedJob, job: Callable[[], Deferred[_T]]) -> Deferred[_T]:
         """The job holds the GPU lock: count it, prepare its consumer, run it."""
+        cards = self.cards_of(view.consumer)
         if view.consumer not in self._registry:
             # Gone since it queued (a reload refuses such jobs first; this is
-            # the belt to those braces): hand the GPU on, never keep it.
-            self._lock.release()
+            # the belt to those braces): hand the cards on, never keep them.
+            self._cards.release(cards)
             self._dispatch()
             self._notify_if_idle()
             return fail(NoConsumer(f"consumer {view.consumer} no longer exists"))
         started = self._clock.seconds()
-        self.running = RunningJob(view, started)
+        run = self._runs[view.id] = RunningJob(view, started, cards=cards)
         self.last_wait_ms = round((started - view.arrived) * 1000)
         self._telemetry.waited(view, started - view.arrived)
         self.in_flight += 1
@@ -291,10 +329,11 @@ class GpuScheduler:
         # coroutine garbage-collected mid-job (abandoned by everyone) runs its
         # ``finally`` blocks but never fires its Deferred, so it cannot release
         # the lock into other coroutines being torn down.
-        running = Deferred.fromCoroutine(self._prepare_and_run(view.consumer, job))
-        return running.addBoth(self._finish, state, started)
+        running = Deferred.fromCoroutine(self._prepare_and_run(run, job))
+        return running.addBoth(self._finish, state, run)
 
-    async def _prepare_and_run(self, consumer: str, job: Callable[[], Deferred[_T]]) -> _T:
+    async def _prepare_and_run(self, run: RunningJob, job: Callable[[], Deferred[_T]]) -> _T:
+        consumer = run.view.consumer
         try:
             await self._hold(ensureDeferred(self._prepare(consumer)))
         except (ApiError, CancelledError):
@@ -304,14 +343,18 @@ class GpuScheduler:
             raise ApiError(
                 SCHEDULER_ERROR, f"scheduler failed to prepare {consumer}: {e}", consumer
             ) from e
-        if self.running is not None:
-            self.running.relaying(self._clock.seconds())
-        return await self._hold(job())
+        run.relaying(self._clock.seconds())
+        self._starting = run
+        try:
+            started = job()
+        finally:
+            self._starting = None
+        return await self._hold(started)
 
-    def _finish(self, result: _T | Failure, state: ConsumerState, started: float) -> _T | Failure:
-        """The job is over: record it and hand the GPU to the next one."""
+    def _finish(self, result: _T | Failure, state: ConsumerState, run: RunningJob) -> _T | Failure:
+        """The job is over: record it and hand its cards to the next ones."""
         finished = self._clock.seconds()
-        self.last_run_ms = round((finished - started) * 1000)
+        self.last_run_ms = round((finished - run.started) * 1000)
         state.active -= 1
         if not isinstance(result, Failure):
             state.last_used = finished
@@ -320,12 +363,12 @@ class GpuScheduler:
         else:
             self.failed_jobs += 1
         self.in_flight -= 1
-        running, self.running = self.running, None
-        if running is not None and isinstance(result, Failure):
-            _time_the_error(result, running, finished)
-        if running is not None and self._watcher is not None:
-            self._watcher.job_ended(running, finished, not isinstance(result, Failure))
-        self._lock.release()
+        self._runs.pop(run.view.id, None)
+        if isinstance(result, Failure):
+            _time_the_error(result, run, finished)
+        if self._watcher is not None:
+            self._watcher.job_ended(run, finished, not isinstance(result, Failure))
+        self._cards.release(run.cards)
         self._dispatch()
         self._notify_if_idle()
         return result
@@ -431,3 +474,7 @@ def _time_the_error(result: Failure, running: RunningJob, finished: float) -> No
         if prepare_ms is None:
             prepare_ms = round((finished - running.started) * 1000)
         error.timing = JobTiming(running.queue_ms, prepare_ms)
+
+
+def _start_order(job: RunningJob) -> tuple[float, int]:
+    return (job.started, job.view.id)

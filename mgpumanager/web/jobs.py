@@ -113,8 +113,9 @@ class GpuJobs:
         answered: Deferred[None],
     ) -> str | None:
         """The job under the lock; its result is the outcome label when not plain ``ok``."""
-        timing = self._scheduler.running_timing()
-        if timing is not None:
+        running = self._scheduler.current_job()
+        if running is not None:
+            timing = self._scheduler.running_timing(running)
             request.setHeader(b"server-timing", server_timing(timing).encode("ascii"))
         completions = self._completions
         state = self._registry[consumer.name]
@@ -134,7 +135,8 @@ class GpuJobs:
         work = completions.work_started_by(state, answer)
         if work is None:
             return None
-        self._scheduler.completing(work.work_id)
+        if running is not None:
+            self._scheduler.completing(running, work.work_id)
         answered.callback(None)
         how = await self._follow(completions, state, work)
         return COMPLETION_TIMEOUT if how == "timeout" else None
