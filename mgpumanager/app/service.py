@@ -219,6 +219,7 @@ def build(
         clock=reactor,
         interval=config.gpu.poll_interval_seconds,
         timeout=NVML_TIMEOUT_SECONDS,
+        cards=config.cards,
     )
     def run(argv: Sequence[str], timeout: float) -> Deferred[CommandResult]:
         return run_command(reactor, reactor, argv, timeout)
