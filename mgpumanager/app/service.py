@@ -240,7 +240,7 @@ def build(
     if stand_ins is not None and stand_ins.find_pids is not None:
         pids = stand_ins.find_pids
     attributor = ProcessAttributor(registry, pids, deferToThread, reactor)
-    sampler.subscribe(attributor.on_sample)
+    sampler.subscribe_cards(attributor.on_cards)
     sampler.subscribe(holder_release(registry))
 
     metrics = Metrics(reactor)
