@@ -11,12 +11,14 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 
 from mgpumanager.app.service import StandIns
+from mgpumanager.config.cards import one_card
 from mgpumanager.config.document import Config
 
 log = Logger()
@@ -29,6 +31,10 @@ def simulated_in_process(config: Config, reactor: Any, time_scale: float = 1.0) 
     """
     Stand-ins for ``--simulate``: the simulated host runs inside the daemon on
     the ports of the config's consumers, and the daemon reads its card.
+
+    With ``gpus`` in the config, the host has the cards it names (each of its
+    ``total_mib``, 16384 when not given; a card named by uuid has that uuid) and each
+    simulated server sits on the cards of the consumer of its name.
 
     :param time_scale: every duration of the simulated servers is divided by it.
     """
@@ -44,14 +50,33 @@ def simulated_in_process(config: Config, reactor: Any, time_scale: float = 1.0) 
             )
         # A server the config does not name still runs, on a free port.
         ports[name] = (urlsplit(consumer.url).port or 0) if consumer is not None else 0
-    host_config = HostConfig().with_ports(ports).scaled(time_scale)
+    host_config = _with_cards(HostConfig().with_ports(ports), config).scaled(time_scale)
     host = SimulatedHost(host_config, clock=reactor)
-    nvml = SimulatedNvml(host.card)
+    nvml = SimulatedNvml(host.cards)
     return StandIns(
         load_nvml=lambda: nvml,
         find_pids=consumer_pids,
         systemctl=_simulated_systemctl(config.consumers["whisper"].url),
         services=(_SimulatedHostService(host, reactor),),
+    )
+
+
+def _with_cards(host: Any, config: Config) -> Any:
+    """The host's cards and placement from ``gpus``; without it, the host as it always was."""
+    from mgpumanager.simulate.host import PIDS
+
+    if config.cards == one_card(config.gpu):
+        return host
+    default_mib = host.total_mib
+    sizes = [default_mib] * (max(config.card_indexes) + 1)
+    for card in config.cards:
+        sizes[card.index] = card.settings.total_mib or default_mib
+    placement = {
+        name: consumer.cards for name, consumer in config.consumers.items() if name in PIDS
+    }
+    uuids = {card.index: card.uuid for card in config.cards if card.uuid is not None}
+    return attrs.evolve(
+        host, total_mib=sizes[0], cards_mib=tuple(sizes), placement=placement, card_uuids=uuids
     )
 
 

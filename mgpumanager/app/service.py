@@ -227,6 +227,7 @@ def build(
         clock=reactor,
         interval=config.gpu.poll_interval_seconds,
         timeout=NVML_TIMEOUT_SECONDS,
+        cards=config.cards,
     )
     def run(argv: Sequence[str], timeout: float) -> Deferred[CommandResult]:
         return run_command(reactor, reactor, argv, timeout)
@@ -245,7 +246,7 @@ def build(
     if stand_ins is not None and stand_ins.find_pids is not None:
         pids = stand_ins.find_pids
     attributor = ProcessAttributor(registry, pids, deferToThread, reactor)
-    sampler.subscribe(attributor.on_sample)
+    sampler.subscribe_cards(attributor.on_cards)
     sampler.subscribe(holder_release(registry))
 
     metrics = Metrics(reactor)

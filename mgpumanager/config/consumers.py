@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from mgpumanager.config.cards import consumer_cards, vram_per_card
 from mgpumanager.config.reader import FILE_KEY, Listen, Reader, Route, file_keys
 
 ENDPOINT_KINDS = ("tts", "stt", "llm", "image")
@@ -56,7 +57,18 @@ class ConsumerConfig:
     url: str
     health: Route | None
     paths: Mapping[str, Route]
+    #: The cards its processes use (its CUDA_VISIBLE_DEVICES), resolved: without
+    #: ``gpus`` in the file, every managed card.  Built by hand: card 0, the one
+    #: card of a configuration without ``gpus``.
+    cards: tuple[int, ...] = attrs.field(default=(0,), metadata={FILE_KEY: "gpus"})
+    #: What it occupies when loaded, on the card where it occupies most (on one
+    #: card: on that card).  0 = unknown, never pre-evicts.
     vram_resident_mib: int = 0
+    #: What it occupies on each of its cards, when the file says per card;
+    #: :meth:`vram_mib_on` is the way to read it.
+    vram_by_card: Mapping[int, int] = attrs.field(
+        factory=lambda: MappingProxyType({}), metadata={FILE_KEY: None}
+    )
     vram_managed: bool = False
     load: Route | None = None
     unload: Route | None = None
@@ -76,6 +88,12 @@ class ConsumerConfig:
     #: An extra port that answers like ``/upstream/<name>/``.
     listen: Listen | None = None
 
+    def vram_mib_on(self, card: int) -> int:
+        """What it occupies on ``card`` when loaded: 0 on a card it does not use."""
+        if card not in self.cards:
+            return 0
+        return self.vram_by_card.get(card, self.vram_resident_mib)
+
     @property
     def unloadable(self) -> bool:
         """Whether the scheduler has any way to take this consumer off the card."""
@@ -94,9 +112,16 @@ class ConsumerConfig:
 
 
 def parse_consumer(
-    read: Reader, name: object, value: object, everyone: Mapping[str, object]
+    read: Reader,
+    name: object,
+    value: object,
+    everyone: Mapping[str, object],
+    managed: tuple[int, ...] = (0,),
 ) -> ConsumerConfig:
-    """Check one ``consumers.<name>`` entry; ``everyone`` holds all the names."""
+    """
+    Check one ``consumers.<name>`` entry; ``everyone`` holds all the names and
+    ``managed`` the numbers of the managed cards.
+    """
     key_path = f"consumers.{name}"
     if not isinstance(name, str) or not name.strip():
         raise read.fail("consumers", f"consumer names must be non-empty strings (got {name!r})")
@@ -135,12 +160,26 @@ def parse_consumer(
     def coexist(v: object, p: str) -> frozenset[str]:
         return _coexisting(read, name, read.names(v, p), p, everyone)
 
+    cards = read.optional(
+        table, "gpus", key_path, lambda v, p: consumer_cards(read, v, p, managed), managed
+    )
+    no_size: tuple[int, Mapping[int, int]] = (0, {})
+    vram, vram_by_card = read.optional(
+        table,
+        "vram_resident_mib",
+        key_path,
+        lambda v, p: vram_per_card(read, v, p, cards),
+        no_size,
+    )
     return ConsumerConfig(
         name=name,
         url=url.rstrip("/"),
         health=health,
         paths=MappingProxyType(paths),
         adapter=adapter,
+        cards=cards,
+        vram_resident_mib=vram,
+        vram_by_card=MappingProxyType(dict(vram_by_card)),
         **read.values(
             table,
             key_path,
@@ -150,6 +189,8 @@ def parse_consumer(
                 "health": None,
                 "paths": None,
                 "adapter": None,
+                "gpus": None,
+                "vram_resident_mib": None,
                 "vram_managed": read.flag,
                 "load": lifecycle_route,
                 "unload": lifecycle_route,

@@ -18,6 +18,14 @@ from typing import Any
 import attrs
 import yaml
 
+from mgpumanager.config.cards import (
+    CardConfig,
+    GpuConfig,
+    card_size,
+    one_card,
+    parse_cards,
+    unknown_card,
+)
 from mgpumanager.config.consumers import (
     ADAPTER_ONLY_KEYS,
     DEFAULT_ADAPTER,
@@ -32,6 +40,7 @@ from mgpumanager.config.reader import (
     FILE_KEY,
     LISTEN_BACKLOG,
     ConfigError,
+    Convert,
     Listen,
     Reader,
     Route,
@@ -40,6 +49,7 @@ from mgpumanager.config.reader import (
     kind_of,
 )
 from mgpumanager.config.scheduling import SchedulingConfig, SchedulingConfigError
+from mgpumanager.config.sections import audio_prefix, auth, command, queue_depth
 
 __all__ = [
     "ADAPTER_ONLY_KEYS",
@@ -48,6 +58,7 @@ __all__ = [
     "DEFAULT_LISTEN",
     "ENDPOINT_KINDS",
     "LISTEN_BACKLOG",
+    "CardConfig",
     "CompletionConfig",
     "Config",
     "ConfigError",
@@ -67,15 +78,6 @@ __all__ = [
 DEFAULT_AUDIO_PREFIX = "/api/audio/"
 #: The OpenAI-compatible route families, each served by one named consumer.
 OPENAI_ROLES = ("chat", "speech", "transcriptions", "images")
-
-
-@attrs.frozen
-class GpuConfig:
-    """The card: its size when NVML cannot say, the headroom we never hand out."""
-
-    total_mib: int | None = None
-    reserved_mib: int = 1024
-    poll_interval_seconds: float = 2.0
 
 
 @attrs.frozen
@@ -134,7 +136,13 @@ class Config:
 
     source: str = attrs.field(metadata={FILE_KEY: None})
     listen: Listen = DEFAULT_LISTEN
-    gpu: GpuConfig = GpuConfig()
+    #: Every card's defaults (``gpus`` entries inherit them).
+    gpu: GpuConfig = attrs.field(factory=GpuConfig)
+    #: The managed cards, in the file's order; without ``gpus``, card 0 alone.
+    cards: tuple[CardConfig, ...] = attrs.field(
+        default=attrs.Factory(lambda self: one_card(self.gpu), takes_self=True),
+        metadata={FILE_KEY: "gpus"},
+    )
     probes: ProbeConfig = ProbeConfig()
     lifecycle: LifecycleConfig = LifecycleConfig()
     routing: Mapping[str, str] = attrs.field(factory=lambda: MappingProxyType({}))
@@ -149,6 +157,30 @@ class Config:
     auth_token: bytes | None = attrs.field(default=None, repr=False, metadata={FILE_KEY: "auth"})
     openai: OpenAIConfig = OpenAIConfig()
     scheduling: SchedulingConfig = attrs.field(factory=SchedulingConfig)
+
+    def __attrs_post_init__(self) -> None:
+        # A config built by hand (tests, tools) must not name a card it does not manage.
+        managed = self.card_indexes
+        for consumer in self.consumers.values():
+            for card in consumer.cards:
+                if card not in managed:
+                    raise ValueError(f"consumer {consumer.name!r} {unknown_card(card, managed)}")
+
+    @property
+    def card_indexes(self) -> tuple[int, ...]:
+        """The numbers of the managed cards, in the file's order."""
+        return tuple(card.index for card in self.cards)
+
+    def card(self, index: int) -> CardConfig:
+        """
+        The managed card numbered ``index``.
+
+        :raises KeyError: for a card the daemon does not manage.
+        """
+        for card in self.cards:
+            if card.index == index:
+                return card
+        raise KeyError(index)
 
     def body_limit_for(self, kind: str | None) -> int:
         """The request-body limit in bytes for a job of ``kind`` (None: not a job)."""
@@ -179,8 +211,6 @@ class Config:
         return consumer, route
 
 
-
-
 def load_config(path: str | Path) -> Config:
     """
     Read and validate a configuration file.
@@ -207,11 +237,14 @@ def parse_config(document: object, source: str = "<config>") -> Config:
     if not isinstance(document, dict):
         raise read.fail("", f"the top level must be a mapping, not {kind_of(document)}")
     top = read.mapping(document, "", file_keys(Config))
+    gpu = read.optional(top, "gpu", "", _gpu_section(read), GpuConfig())
+    cards = read.optional(top, "gpus", "", partial(parse_cards, read, gpu=gpu), one_card(gpu))
+    indexes = tuple(card.index for card in cards)
     consumers_table = read.section(top, "consumers", "", None)
     if not consumers_table:
         raise read.fail("consumers", "at least one consumer is required")
     consumers = {
-        name: parse_consumer(read, name, value, consumers_table)
+        name: parse_consumer(read, name, value, consumers_table, indexes)
         for name, value in consumers_table.items()
     }
 
@@ -237,6 +270,8 @@ def parse_config(document: object, source: str = "<config>") -> Config:
 
     config = Config(
         source=source,
+        gpu=gpu,
+        cards=cards,
         consumers=MappingProxyType(dict(sorted(consumers.items()))),
         **read.values(
             top,
@@ -245,16 +280,17 @@ def parse_config(document: object, source: str = "<config>") -> Config:
             {
                 "consumers": None,
                 "listen": read.listen,
-                "gpu": read.nested(GpuConfig, {"total_mib": partial(_card_size, read)}),
+                "gpu": None,
+                "gpus": None,
                 "probes": read.nested(ProbeConfig),
-                "lifecycle": read.nested(LifecycleConfig, {"systemctl": partial(_command, read)}),
+                "lifecycle": read.nested(LifecycleConfig, {"systemctl": partial(command, read)}),
                 "routing": routing,
                 "audio_proxy": consumer_name,
-                "audio_path_prefix": partial(_audio_prefix, read),
+                "audio_path_prefix": partial(audio_prefix, read),
                 "limits": partial(_limits, read),
-                "queue": read.nested(QueueConfig, {"max_depth": partial(_queue_depth, read)}),
+                "queue": read.nested(QueueConfig, {"max_depth": partial(queue_depth, read)}),
                 "allowed_origins": lambda v, p: frozenset(read.names(v, p)),
-                "auth": partial(_auth, read),
+                "auth": partial(auth, read),
                 "scheduling": partial(_scheduling, read),
                 "openai": read.nested(
                     OpenAIConfig, {**dict.fromkeys(OPENAI_ROLES, consumer_name), "models": models}
@@ -274,37 +310,8 @@ def _scheduling(read: Reader, value: object, key_path: str) -> SchedulingConfig:
                         e.problem) from None
 
 
-def _card_size(read: Reader, value: object, key_path: str) -> int | None:
-    # 0 reads as "not given": NVML's answer (or nothing) is used instead.
-    return read.size_mib(value, key_path) or None
-
-
-def _command(read: Reader, value: object, key_path: str) -> tuple[str, ...]:
-    command = read.names(value.split() if isinstance(value, str) else value, key_path)
-    if not command:
-        raise read.fail(key_path, "must name a command")
-    return command
-
-
-def _audio_prefix(read: Reader, value: object, key_path: str) -> str:
-    prefix = read.text(value, key_path)
-    segments = prefix[1:-1].split("/")
-    clean = (
-        prefix != "/"
-        and prefix.startswith("/")
-        and prefix.endswith("/")
-        and all(
-            segment not in ("", ".", "..")
-            and all(c.isalnum() or c in "-_.~" for c in segment)
-            for segment in segments
-        )
-    )
-    if not clean:
-        raise read.fail(
-            key_path,
-            f"must start and end with '/' and hold only plain path segments (got {prefix!r})",
-        )
-    return prefix
+def _gpu_section(read: Reader) -> Convert:
+    return read.nested(GpuConfig, {"total_mib": partial(card_size, read)})
 
 
 def _limits(read: Reader, value: object, key_path: str) -> int:
@@ -314,33 +321,6 @@ def _limits(read: Reader, value: object, key_path: str) -> int:
     if limit < 1:
         raise read.fail(f"{key_path}.max_body_mib", "must be at least 1")
     return limit
-
-
-def _queue_depth(read: Reader, value: object, key_path: str) -> int:
-    depth = read.whole(value, key_path)
-    if depth < 1:
-        raise read.fail(key_path, f"must be at least 1 (got {depth})")
-    return depth
-
-
-def _auth(read: Reader, value: object, key_path: str) -> bytes | None:
-    table = read.mapping(value, key_path, ("token_file",))
-    if not table:
-        return None
-    name = read.required(table, "token_file", key_path, read.text)
-    path = Path(name)
-    if not path.is_absolute():
-        path = Path(read.source).parent / path
-    try:
-        token = path.read_bytes().strip()
-    except OSError as e:
-        raise read.fail(f"{key_path}.token_file", f"cannot read {name}: {e.strerror}") from None
-    if len(token) < 16 or any(c <= 32 or c >= 127 for c in token):
-        raise read.fail(
-            f"{key_path}.token_file",
-            "the token must be at least 16 printable characters, no spaces",
-        )
-    return token
 
 
 def _check_ports(read: Reader, config: Config, order: Mapping[str, Any]) -> None:

@@ -26,14 +26,14 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
-from mgpumanager.simulate.host import HostConfig, SimulatedHost
+from mgpumanager.simulate.host import PROFILE_FIELDS, HostConfig, SimulatedHost
 from mgpumanager.simulate.traffic_log import RequestLog, stats_loop
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m mgpumanager.simulate",
-        description="Simulated GPU host: inference servers sharing one simulated card.",
+        description="Simulated GPU host: inference servers sharing simulated cards.",
     )
     parser.add_argument(
         "--card-file",
@@ -50,6 +50,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--daemon-config", metavar="PATH", help="also write a consumers.yaml for mgpumanager"
     )
+    parser.add_argument(
+        "--cards",
+        type=_card_sizes,
+        default=(),
+        metavar="MIB,MIB,...",
+        help="several cards of these sizes, such as 24576,24576 (default: one 16384 MiB card)",
+    )
+    parser.add_argument(
+        "--place",
+        action="append",
+        type=_placement,
+        default=[],
+        metavar="SERVER=CARD,...",
+        help="the cards a server sits on, such as comfyui=1 (default: comfyui on the last "
+        "card, the others on card 0); repeat for several servers",
+    )
     parser.add_argument("--fast", action="store_true", help="millisecond timings, as in tests")
     parser.add_argument(
         "--request-log",
@@ -65,10 +81,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _card_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of MiB: {text!r}") from None
+    if not sizes or any(size <= 0 for size in sizes):
+        raise argparse.ArgumentTypeError(f"every card needs a positive size: {text!r}")
+    return sizes
+
+
+def _placement(text: str) -> tuple[str, tuple[int, ...]]:
+    name, _, cards = text.partition("=")
+    try:
+        indexes = tuple(int(part) for part in cards.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not SERVER=CARD,...: {text!r}") from None
+    if name not in PROFILE_FIELDS or any(index < 0 for index in indexes):
+        servers = ", ".join(PROFILE_FIELDS)
+        raise argparse.ArgumentTypeError(f"not SERVER=CARD,... (servers: {servers}): {text!r}")
+    return name, indexes
+
+
 def host_config(options: argparse.Namespace) -> HostConfig:
     config = HostConfig.fast() if options.fast else HostConfig()
     if options.base_port:
         config = config.with_base_port(options.base_port)
+    if options.cards:
+        config = attrs.evolve(config, total_mib=options.cards[0], cards_mib=options.cards)
+    if options.place:
+        config = attrs.evolve(config, placement=dict(options.place))
+    for name in PROFILE_FIELDS:
+        for index in config.cards_of(name):
+            if index >= len(config.card_sizes):
+                raise SystemExit(f"--place: {name} on card {index}, but the host has "
+                                 f"{len(config.card_sizes)} card(s)")
     return attrs.evolve(config, state_path=os.path.abspath(options.card_file))
 
 
@@ -102,7 +149,13 @@ async def run(
         stats_loop(stats_file, host, reactor)
     for name, url in host.urls().items():
         print(f"{name:8} {url}", flush=True)
-    print(f"card     {config.total_mib} MiB, state in {config.state_path}", flush=True)
+    if len(config.card_sizes) == 1:
+        print(f"card     {config.total_mib} MiB, state in {config.state_path}", flush=True)
+    else:
+        for index, mib in enumerate(config.card_sizes):
+            servers = ", ".join(name for name in PROFILE_FIELDS if index in config.cards_of(name))
+            print(f"card {index}   {mib} MiB: {servers or 'no server'}", flush=True)
+        print(f"cards    state in {config.state_path}", flush=True)
     if daemon_config:
         write_daemon_config(host, daemon_config)
         print(f"daemon   config in {daemon_config}", flush=True)

@@ -16,7 +16,7 @@ from typing import Any
 from klein import Klein
 from twisted.web.server import Request, Site
 
-from mgpumanager.simulate.card import SimulatedCard
+from mgpumanager.simulate.cards import CardMemory
 from mgpumanager.simulate.server import QuietSite, Refusal, SimServer
 from mgpumanager.simulate.voice import fake_wav
 
@@ -53,7 +53,7 @@ class SimSpeech(SimServer):
 
     def __init__(
         self,
-        card: SimulatedCard,
+        card: CardMemory,
         *,
         name: str = "speech",
         voices: tuple[str, ...] = ("af_heart", "alloy"),

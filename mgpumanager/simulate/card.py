@@ -15,7 +15,7 @@ import os
 import tempfile
 import threading
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -35,14 +35,48 @@ class CudaOutOfMemory(Exception):
     reads a simulated server's error sees what a real one would have said.
     """
 
-    def __init__(self, requested_mib: int, total_mib: int, free_mib: int) -> None:
+    def __init__(
+        self, requested_mib: int, total_mib: int, free_mib: int, device: int = 0
+    ) -> None:
         self.requested_mib = requested_mib
         self.total_mib = total_mib
         self.free_mib = free_mib
+        self.device = device
         super().__init__(
             f"CUDA out of memory. Tried to allocate {requested_mib} MiB "
-            f"(GPU 0; {total_mib} MiB total capacity; {free_mib} MiB free)"
+            f"(GPU {device}; {total_mib} MiB total capacity; {free_mib} MiB free)"
         )
+
+
+class PidBook:
+    """
+    The fake process ids of the owners of memory, shared by the cards of one
+    host: a server on two cards is one process, and NVML lists it with one pid
+    on each.
+    """
+
+    def __init__(self) -> None:
+        self._pids: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def register(self, owner: str, pid: int) -> None:
+        with self._lock:
+            taken = {p for o, p in self._pids.items() if o != owner}
+            if pid in taken:
+                raise ValueError(f"pid {pid} is already registered to another owner")
+            self._pids[owner] = pid
+
+    def pid_of(self, owner: str) -> int:
+        """Registered, or derived from the name so that two processes reading agree on it."""
+        with self._lock:
+            pid = self._pids.get(owner)
+            if pid is None:
+                taken = set(self._pids.values())
+                pid = _PID_BASE + zlib.crc32(owner.encode("utf-8")) % _PID_SPAN
+                while pid in taken:
+                    pid += 1
+                self._pids[owner] = pid
+            return pid
 
 
 @attrs.frozen
@@ -67,6 +101,7 @@ class CardState:
     total_mib: int
     used_mib: int
     processes: tuple[ProcessUsage, ...]
+    uuid: str = ""
 
     @property
     def free_mib(self) -> int:
@@ -75,6 +110,7 @@ class CardState:
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            **({"uuid": self.uuid} if self.uuid else {}),
             "total_mib": self.total_mib,
             "used_mib": self.used_mib,
             "processes": [
@@ -100,6 +136,7 @@ class CardState:
                 total_mib=int(document["total_mib"]),
                 used_mib=int(document["used_mib"]),
                 processes=processes,
+                uuid=str(document.get("uuid", "")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed card state: {e!r}") from None
@@ -113,6 +150,10 @@ class SimulatedCard:
     :param state_path: where to mirror the state as JSON after every change, or
         ``None`` to keep it in this process only.
     :param name: what ``nvmlDeviceGetName`` answers.
+    :param uuid: what ``nvmlDeviceGetUUID`` answers.
+    :param index: its NVML index, for the out-of-memory message.
+    :param pids: the process ids, shared with the host's other cards.
+    :param on_change: called after every change (the host's several-card file).
 
     Counters for tests and demos: ``oom_count`` (allocations refused),
     ``peak_used_mib`` (the most ever in use at once).
@@ -121,17 +162,28 @@ class SimulatedCard:
     DEFAULT_NAME = "Simulated GPU"
 
     def __init__(
-        self, total_mib: int, state_path: str | None = None, name: str = DEFAULT_NAME
+        self,
+        total_mib: int,
+        state_path: str | None = None,
+        name: str = DEFAULT_NAME,
+        *,
+        uuid: str = "",
+        index: int = 0,
+        pids: PidBook | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         if total_mib <= 0:
             raise ValueError(f"total_mib must be positive, not {total_mib}")
         self.total_mib = total_mib
         self.state_path = state_path
         self.name = name
+        self.uuid = uuid
+        self.index = index
         self.oom_count = 0
         self.peak_used_mib = 0
         self._held: dict[str, int] = {}
-        self._pids: dict[str, int] = {}
+        self._pids = pids if pids is not None else PidBook()
+        self._on_change = on_change
         # The daemon's sampler reads the card from a thread when both share a process.
         self._lock = threading.Lock()
         # Written once up front: a state path that cannot be written is a setup
@@ -155,19 +207,14 @@ class SimulatedCard:
 
     def register(self, owner: str, pid: int) -> None:
         """Give ``owner`` the process id NVML will report for it."""
-        with self._lock:
-            taken = {p for o, p in self._pids.items() if o != owner}
-            if pid in taken:
-                raise ValueError(f"pid {pid} is already registered to another owner")
-            self._pids[owner] = pid
+        self._pids.register(owner, pid)
 
     def pid_of(self, owner: str) -> int:
         """
         The fake process id of ``owner``: registered, or derived from the name so
         that two processes reading the same card agree on it.
         """
-        with self._lock:
-            return self._pid_locked(owner)
+        return self._pids.pid_of(owner)
 
     def allocate(self, owner: str, mib: int) -> None:
         """
@@ -181,10 +228,10 @@ class SimulatedCard:
             used = sum(self._held.values())
             if used + mib > self.total_mib:
                 self.oom_count += 1
-                error = CudaOutOfMemory(mib, self.total_mib, self.total_mib - used)
+                error = CudaOutOfMemory(mib, self.total_mib, self.total_mib - used, self.index)
             else:
                 error = None
-                self._pid_locked(owner)
+                self._pids.pid_of(owner)
                 self._held[owner] = self._held.get(owner, 0) + mib
                 self.peak_used_mib = max(self.peak_used_mib, used + mib)
         if error is not None:
@@ -196,6 +243,16 @@ class SimulatedCard:
             )
             raise error
         log.debug("{owner} allocated {mib} MiB", owner=owner, mib=mib)
+        self._changed()
+
+    def give_back(self, owner: str, mib: int) -> None:
+        """Take back ``mib`` of what ``owner`` holds: an allocation on several cards undone."""
+        with self._lock:
+            left = self._held.get(owner, 0) - mib
+            if left > 0:
+                self._held[owner] = left
+            else:
+                self._held.pop(owner, None)
         self._changed()
 
     def release(self, owner: str) -> int:
@@ -215,7 +272,7 @@ class SimulatedCard:
         """The whole state at one instant."""
         with self._lock:
             processes = tuple(
-                ProcessUsage(pid=self._pid_locked(owner), owner=owner, used_mib=mib)
+                ProcessUsage(pid=self._pids.pid_of(owner), owner=owner, used_mib=mib)
                 for owner, mib in sorted(self._held.items())
                 if mib > 0
             )
@@ -224,19 +281,12 @@ class SimulatedCard:
                 total_mib=self.total_mib,
                 used_mib=sum(self._held.values()),
                 processes=processes,
+                uuid=self.uuid,
             )
 
-    def _pid_locked(self, owner: str) -> int:
-        pid = self._pids.get(owner)
-        if pid is None:
-            taken = set(self._pids.values())
-            pid = _PID_BASE + zlib.crc32(owner.encode("utf-8")) % _PID_SPAN
-            while pid in taken:
-                pid += 1
-            self._pids[owner] = pid
-        return pid
-
     def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
         if self.state_path is None:
             return
         try:

@@ -20,7 +20,8 @@ from twisted.logger import Logger
 from twisted.web.resource import IResource
 from twisted.web.server import Request
 
-from mgpumanager.simulate.card import CudaOutOfMemory, SimulatedCard
+from mgpumanager.simulate.card import CudaOutOfMemory
+from mgpumanager.simulate.cards import CardMemory
 from mgpumanager.simulate.comfy_feed import ProgressFeed
 from mgpumanager.simulate.comfy_queue import PromptQueue, QueuedPrompt, tiny_png
 from mgpumanager.simulate.server import Refusal, SimServer, number_field
@@ -62,7 +63,7 @@ class SimComfy(SimServer):
 
     def __init__(
         self,
-        card: SimulatedCard,
+        card: CardMemory,
         *,
         name: str = "comfyui",
         steps: int = 4,

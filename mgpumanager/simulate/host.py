@@ -1,5 +1,5 @@
 """
-A whole simulated GPU host: five inference servers on loopback sharing one card.
+A whole simulated GPU host: five inference servers on loopback sharing its card (or cards).
 
 The default profile is a 16 GiB card on which the servers fit in some combinations
 and not in others, which is exactly what the daemon exists to manage:
@@ -23,6 +23,10 @@ speech      800       OpenAI-style TTS over HTTP/1.0; lazy, admin unload
 So a scheduler must take mvoice and whisper off the card before ComfyUI loads, and
 ComfyUI off before mvoice loads again.  Ollama, like the real one, never runs out
 of memory itself: it puts on the GPU what fits and offloads the rest to the CPU.
+
+With several cards (``cards_mib``) each server sits on the cards ``placement`` gives
+it, by default ComfyUI on the last card and the others on card 0, and holds its
+model's size on each of its cards.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import sys
 import tempfile
 from typing import Any, cast
 
-import attrs
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
@@ -40,112 +43,23 @@ from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 
 from mgpumanager.simulate.card import SimulatedCard
+from mgpumanager.simulate.cards import CardBank, CardMemory
 from mgpumanager.simulate.consumers import SimComfy, SimOllama, SimSpeech, SimVoice, SimWhisper
 from mgpumanager.simulate.ollama_models import DEFAULT_EMBED_MODEL, runner_owner
+from mgpumanager.simulate.profile import PIDS, PROFILE_FIELDS, HostConfig, ServerProfile
 from mgpumanager.simulate.recording import ActivityMeter
 from mgpumanager.simulate.server import SimServer, default_clock
 
+__all__ = [
+    "PIDS",
+    "PROFILE_FIELDS",
+    "HostConfig",
+    "ServerProfile",
+    "SimulatedHost",
+    "consumer_pids",
+]
+
 log = Logger()
-
-#: Fake process ids, stable so that a reader of the card file can tell them apart.
-PIDS = {"mvoice": 4101, "ollama": 4102, "comfyui": 4103, "whisper": 4104, "speech": 4105}
-
-
-@attrs.frozen
-class ServerProfile:
-    """One server's size, timings and port (0 = any free port)."""
-
-    model_mib: int
-    port: int = 0
-    load_seconds: float = 0.0
-    work_seconds: float = 0.05
-    unload_seconds: float = 0.1
-    preload: bool = False
-
-
-@attrs.frozen
-class HostConfig:
-    """
-    The simulated host.  The defaults are the documented 16 GiB profile with
-    human-scale timings (seconds) for demos; :meth:`fast` shrinks them for tests.
-    """
-
-    total_mib: int = 16384
-    voice: ServerProfile = ServerProfile(
-        3000, load_seconds=1.0, work_seconds=0.5, unload_seconds=0.3, preload=True
-    )
-    ollama: ServerProfile = ServerProfile(6000, load_seconds=1.0, work_seconds=0.2)
-    comfy: ServerProfile = ServerProfile(9000, load_seconds=2.0, work_seconds=2.0)
-    whisper: ServerProfile = ServerProfile(
-        1500, load_seconds=0.5, work_seconds=0.3, unload_seconds=0.3, preload=True
-    )
-    speech: ServerProfile = ServerProfile(800, load_seconds=0.5, work_seconds=0.3)
-    #: ComfyUI answers ``POST /prompt`` once the image is made rather than at once
-    #: (the real one answers at once; this is for clients that want the old shape).
-    comfy_answers_when_done: bool = False
-    keep_alive_seconds: float = 300.0
-    ollama_lines: int = 20
-    ollama_interval: float = 0.05
-    state_path: str | None = None
-    audio_dir: str | None = None
-    interface: str = "127.0.0.1"
-
-    @classmethod
-    def fast(cls, **changes: Any) -> HostConfig:
-        """The default sizes with timings of a few milliseconds, for test suites."""
-        quick = {"load_seconds": 0.01, "work_seconds": 0.02, "unload_seconds": 0.01}
-        base = cls()
-        profiles = {
-            name: attrs.evolve(getattr(base, name), **quick)
-            for name in ("voice", "ollama", "comfy", "whisper", "speech")
-        }
-        return attrs.evolve(base, **{**profiles, "ollama_interval": 0.01, **changes})
-
-    def scaled(self, scale: float) -> HostConfig:
-        """
-        Every duration divided by ``scale``, so that a replay runs hours of
-        traffic in minutes; the sizes stay as they are.
-        """
-        if scale <= 0:
-            raise ValueError(f"time scale must be above 0, not {scale}")
-        timings = ("load_seconds", "work_seconds", "unload_seconds")
-        profiles = {
-            name: attrs.evolve(
-                getattr(self, name),
-                **{key: getattr(getattr(self, name), key) / scale for key in timings},
-            )
-            for name in PROFILE_FIELDS.values()
-        }
-        return attrs.evolve(
-            self,
-            **profiles,
-            keep_alive_seconds=self.keep_alive_seconds / scale,
-            ollama_interval=self.ollama_interval / scale,
-        )
-
-    def with_base_port(self, base_port: int) -> HostConfig:
-        """Ports ``base_port`` and up for mvoice, ollama, comfyui, whisper, speech."""
-        return self.with_ports({name: base_port + i for i, name in enumerate(PIDS)})
-
-    def with_ports(self, ports: dict[str, int]) -> HostConfig:
-        """The servers named in ``ports`` (by consumer name) on those ports."""
-        changes = {
-            field: attrs.evolve(getattr(self, field), port=ports[name])
-            for name, field in PROFILE_FIELDS.items()
-            if name in ports
-        }
-        return attrs.evolve(self, **changes)
-
-
-#: The :class:`HostConfig` field holding each server's profile, by consumer name.
-PROFILE_FIELDS = {
-    "mvoice": "voice",
-    "ollama": "ollama",
-    "comfyui": "comfy",
-    "whisper": "whisper",
-    "speech": "speech",
-}
-
 
 def consumer_pids() -> dict[str, frozenset[int]]:
     """
@@ -162,15 +76,16 @@ def consumer_pids() -> dict[str, frozenset[int]]:
 
 class SimulatedHost:
     """
-    Builds the servers around one :class:`SimulatedCard` and serves them.
+    Builds the servers around the cards (:class:`CardBank`) and serves them.
 
     :param config: sizes, timings, ports.
     :param clock: the time source of the servers (the global reactor by default).
 
-    Attributes: ``card``, ``voice``, ``ollama``, ``comfy``, ``whisper``, ``servers``
-    (by consumer name: ``mvoice``, ``ollama``, ``comfyui``, ``whisper``, ``speech``), ``ports``
-    (actual ports once started) and ``gpu_jobs``, an :class:`ActivityMeter` shared by
-    all the servers: its ``max_active`` says whether the GPU ever ran two jobs at once.
+    Attributes: ``cards`` (in NVML order), ``card`` (the first), ``voice``, ``ollama``,
+    ``comfy``, ``whisper``, ``servers`` (by consumer name: ``mvoice``, ``ollama``,
+    ``comfyui``, ``whisper``, ``speech``), ``ports`` (actual ports once started) and
+    ``gpu_jobs``, an :class:`ActivityMeter` shared by all the servers: its
+    ``max_active`` says whether the GPU ever ran two jobs at once.
     """
 
     def __init__(
@@ -179,28 +94,32 @@ class SimulatedHost:
         self.config = config if config is not None else HostConfig()
         cfg = self.config
         self.clock = clock if clock is not None else default_clock()
-        self.card = SimulatedCard(cfg.total_mib, state_path=cfg.state_path)
+        self.bank = CardBank(cfg.card_sizes, cfg.state_path, cfg.card_uuids)
+        self.cards = self.bank.cards
+        self.card = self.cards[0]
         for owner, pid in PIDS.items():
-            self.card.register(owner, pid)
+            self.bank.register(owner, pid)
         self.gpu_jobs = ActivityMeter()
         self._own_audio_dir = cfg.audio_dir is None
         self.audio_dir = cfg.audio_dir or tempfile.mkdtemp(prefix="mgpu-sim-audio-")
-        self.voice = SimVoice(self.card, audio_dir=self.audio_dir, **self._options(cfg.voice))
+        self.voice = SimVoice(
+            self._memory("mvoice"), audio_dir=self.audio_dir, **self._options(cfg.voice)
+        )
         self.ollama = SimOllama(
-            self.card,
+            self._memory("ollama"),
             keep_alive_seconds=cfg.keep_alive_seconds,
             num_lines=cfg.ollama_lines,
             interval=cfg.ollama_interval,
             **self._options(cfg.ollama),
         )
         self.comfy = SimComfy(
-            self.card,
+            self._memory("comfyui"),
             answer_when_done=cfg.comfy_answers_when_done,
             **self._options(cfg.comfy),
         )
-        self.speech = SimSpeech(self.card, **self._options(cfg.speech))
+        self.speech = SimSpeech(self._memory("speech"), **self._options(cfg.speech))
         self.whisper = SimWhisper(
-            self.card, preload=cfg.whisper.preload, **self._options(cfg.whisper)
+            self._memory("whisper"), preload=cfg.whisper.preload, **self._options(cfg.whisper)
         )
         self.servers: dict[str, SimServer] = {
             "mvoice": self.voice,
@@ -215,6 +134,14 @@ class SimulatedHost:
         self.ports: dict[str, int] = {}
         self._listening: list[IListeningPort] = []
         self._connections: list[_Connections] = []
+
+    def _memory(self, name: str) -> CardMemory:
+        return self.bank.memory_for(self.config.cards_of(name))
+
+    @property
+    def oom_count(self) -> int:
+        """Allocations refused, on every card."""
+        return self.bank.oom_count
 
     def _options(self, profile: ServerProfile) -> dict[str, Any]:
         return {
@@ -292,6 +219,21 @@ class SimulatedHost:
         which reaches the simulated unit over HTTP instead of systemd.
         """
         urls = self.urls()
+        cfg = self.config
+        document = self._one_card_config(urls, listen)
+        if len(cfg.card_sizes) > 1:
+            document["gpu"].pop("total_mib")
+            document = {
+                "listen": listen,
+                "gpu": document.pop("gpu"),
+                "gpus": [{"index": i, "total_mib": mib} for i, mib in enumerate(cfg.card_sizes)],
+                **document,
+            }
+            for name, consumer in document["consumers"].items():
+                consumer["gpus"] = list(cfg.cards_of(name))
+        return document
+
+    def _one_card_config(self, urls: dict[str, str], listen: str) -> dict[str, Any]:
         cfg = self.config
         return {
             "listen": listen,

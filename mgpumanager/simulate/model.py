@@ -15,7 +15,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mgpumanager.simulate.card import CudaOutOfMemory, SimulatedCard
+from mgpumanager.simulate.card import CudaOutOfMemory
+from mgpumanager.simulate.cards import CardMemory
 
 log = Logger()
 
@@ -37,7 +38,7 @@ class GpuModel:
 
     def __init__(
         self,
-        card: SimulatedCard,
+        card: CardMemory,
         owner: str,
         model_mib: int,
         clock: IReactorTime,

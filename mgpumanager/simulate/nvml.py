@@ -1,11 +1,12 @@
 """
-A stand-in for the ``pynvml`` module that reads a :class:`SimulatedCard`.
+A stand-in for the ``pynvml`` module that reads simulated cards.
 
 The daemon's GPU sampler takes its NVML module as a constructor argument; handing it a
 :class:`SimulatedNvml` instead of ``pynvml`` lets the whole daemon run against the
-simulated host, in the same process (card object) or another one (the card's JSON
-state file).  Only the names the sampler needs exist, with ``pynvml``'s semantics:
-sizes in bytes, calls before ``nvmlInit`` fail with ``Uninitialized``, and errors are
+simulated host, in the same process (card objects) or another one (the cards' JSON
+state file).  Cards are found by NVML index (their position) or by uuid.  Only the
+names the sampler needs exist, with ``pynvml``'s semantics: sizes in bytes, calls
+before ``nvmlInit`` fail with ``Uninitialized``, and errors are
 :class:`pynvml.NVMLError` subclasses so an ``except pynvml.NVMLError`` still catches
 them.
 """
@@ -13,12 +14,14 @@ them.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
 import pynvml
 
-from mgpumanager.simulate.card import CardState, SimulatedCard, read_card_state
+from mgpumanager.simulate.card import CardState, SimulatedCard
+from mgpumanager.simulate.cards import read_cards_state
 
 _MIB = 1024 * 1024
 # What NVML reports for gpuInstanceId/computeInstanceId on a card without MIG.
@@ -28,6 +31,7 @@ NVML_ERROR_UNINITIALIZED: int = pynvml.NVML_ERROR_UNINITIALIZED
 NVML_ERROR_INVALID_ARGUMENT: int = pynvml.NVML_ERROR_INVALID_ARGUMENT
 NVML_ERROR_DRIVER_NOT_LOADED: int = pynvml.NVML_ERROR_DRIVER_NOT_LOADED
 NVML_ERROR_GPU_IS_LOST: int = pynvml.NVML_ERROR_GPU_IS_LOST
+NVML_ERROR_NOT_FOUND: int = pynvml.NVML_ERROR_NOT_FOUND
 
 
 class SimulatedNvmlError(pynvml.NVMLError):  # type: ignore[misc]
@@ -89,24 +93,33 @@ class ProcessInfo:
 
 class SimulatedNvml:
     """
-    The subset of ``pynvml`` the daemon uses, answering for one simulated card.
+    The subset of ``pynvml`` the daemon uses, answering for simulated cards.
 
-    :param source: the card itself, or the path of the JSON state file a
-        :class:`SimulatedCard` writes (``state_path``) in another process.  The file
-        is read on every call, since the card changes under us.
+    :param source: the card, the cards in NVML order, or the path of the JSON
+        state file a :class:`SimulatedCard` (or a host's
+        :class:`~mgpumanager.simulate.cards.CardBank`) writes in another process.
+        The file is read on every call, since the cards change under us.
     """
 
     NVMLError: type[Exception] = SimulatedNvmlError
 
-    def __init__(self, source: SimulatedCard | str | os.PathLike[str]) -> None:
-        self._card = source if isinstance(source, SimulatedCard) else None
-        self._path = None if isinstance(source, SimulatedCard) else os.fspath(source)
+    def __init__(
+        self, source: SimulatedCard | Sequence[SimulatedCard] | str | os.PathLike[str]
+    ) -> None:
+        self._cards: tuple[SimulatedCard, ...] | None = None
+        self._path: str | None = None
+        if isinstance(source, SimulatedCard):
+            self._cards = (source,)
+        elif isinstance(source, str | os.PathLike):
+            self._path = os.fspath(source)
+        else:
+            self._cards = tuple(source)
         self._init_count = 0
 
     # The method names are pynvml's own, hence camelCase.
     def nvmlInit(self) -> None:
         # Like the real library, init fails when there is no card to talk to.
-        self._state(NVML_ERROR_DRIVER_NOT_LOADED)
+        self._states(NVML_ERROR_DRIVER_NOT_LOADED)
         self._init_count += 1
 
     def nvmlShutdown(self) -> None:
@@ -115,13 +128,24 @@ class SimulatedNvml:
 
     def nvmlDeviceGetCount(self) -> int:
         self._require_init()
-        return 1
+        return len(self._states(NVML_ERROR_GPU_IS_LOST))
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> DeviceHandle:
         self._require_init()
-        if index != 0:
+        if not 0 <= index < len(self._states(NVML_ERROR_GPU_IS_LOST)):
             raise SimulatedNvmlError(NVML_ERROR_INVALID_ARGUMENT, f"no GPU at index {index}")
         return DeviceHandle(index)
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str | bytes) -> DeviceHandle:
+        self._require_init()
+        wanted = uuid.decode() if isinstance(uuid, bytes) else uuid
+        for index, state in enumerate(self._states(NVML_ERROR_GPU_IS_LOST)):
+            if state.uuid and state.uuid == wanted:
+                return DeviceHandle(index)
+        raise SimulatedNvmlError(NVML_ERROR_NOT_FOUND, f"no GPU with uuid {wanted}")
+
+    def nvmlDeviceGetUUID(self, handle: DeviceHandle) -> str:
+        return self._device_state(handle).uuid
 
     def nvmlDeviceGetName(self, handle: DeviceHandle) -> str:
         return self._device_state(handle).name
@@ -144,16 +168,17 @@ class SimulatedNvml:
 
     def _device_state(self, handle: DeviceHandle) -> CardState:
         self._require_init()
-        if not isinstance(handle, DeviceHandle) or handle.index != 0:
-            raise SimulatedNvmlError(NVML_ERROR_INVALID_ARGUMENT, f"bad handle {handle!r}")
         # Once initialised, a card that vanishes is a lost GPU, not a missing driver.
-        return self._state(NVML_ERROR_GPU_IS_LOST)
+        states = self._states(NVML_ERROR_GPU_IS_LOST)
+        if not isinstance(handle, DeviceHandle) or not 0 <= handle.index < len(states):
+            raise SimulatedNvmlError(NVML_ERROR_INVALID_ARGUMENT, f"bad handle {handle!r}")
+        return states[handle.index]
 
-    def _state(self, code: int) -> CardState:
-        if self._card is not None:
-            return self._card.snapshot()
+    def _states(self, code: int) -> list[CardState]:
+        if self._cards is not None:
+            return [card.snapshot() for card in self._cards]
         assert self._path is not None
         try:
-            return read_card_state(self._path)
+            return read_cards_state(self._path)
         except (OSError, ValueError) as e:
             raise SimulatedNvmlError(code, f"simulated card state {self._path}: {e}") from None

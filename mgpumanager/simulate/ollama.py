@@ -21,7 +21,7 @@ from klein import Klein
 from twisted.web.server import Request
 
 from mgpumanager.simulate import openai_shapes as openai
-from mgpumanager.simulate.card import SimulatedCard
+from mgpumanager.simulate.cards import CardMemory
 from mgpumanager.simulate.model import GpuModel
 from mgpumanager.simulate.ollama_models import (
     DEFAULT_EMBED_MODEL,
@@ -63,7 +63,7 @@ class SimOllama(SimServer):
 
     def __init__(
         self,
-        card: SimulatedCard,
+        card: CardMemory,
         *,
         name: str = "ollama",
         keep_alive_seconds: float | None = 300.0,

@@ -19,7 +19,7 @@ import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from mgpumanager.simulate.card import SimulatedCard
+from mgpumanager.simulate.cards import CardMemory
 from mgpumanager.simulate.model import GpuModel
 from mgpumanager.simulate.server import Refusal
 
@@ -117,7 +117,7 @@ class Runners:
 
     def __init__(
         self,
-        card: SimulatedCard,
+        card: CardMemory,
         clock: IReactorTime,
         server: str,
         catalogue: list[CatalogueModel],

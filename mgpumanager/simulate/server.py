@@ -22,7 +22,8 @@ from twisted.web import http
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
-from mgpumanager.simulate.card import CudaOutOfMemory, SimulatedCard
+from mgpumanager.simulate.card import CudaOutOfMemory
+from mgpumanager.simulate.cards import CardMemory
 from mgpumanager.simulate.model import GpuModel
 from mgpumanager.simulate.multipart import FormData, MultipartError, boundary_of, parse_form
 from mgpumanager.simulate.recording import ActivityMeter, RecordedRequest, record_request
@@ -82,7 +83,7 @@ class SimServer:
 
     def __init__(
         self,
-        card: SimulatedCard,
+        card: CardMemory,
         *,
         name: str,
         model_mib: int,

@@ -48,7 +48,7 @@ class RequestLog:
 def write_stats(path: str, host: Any) -> None:
     """Replace ``path`` with the card's counters (atomically: a reader never sees half)."""
     document = {
-        "oom_count": host.card.oom_count,
+        "oom_count": sum(card.oom_count for card in host.cards),
         "oom_errors": {name: server.oom_errors for name, server in host.servers.items()},
         "max_gpu_jobs": host.gpu_jobs.max_active,
     }

@@ -12,7 +12,7 @@ from typing import Any
 from klein import Klein
 from twisted.web.server import Request
 
-from mgpumanager.simulate.card import SimulatedCard
+from mgpumanager.simulate.cards import CardMemory
 from mgpumanager.simulate.server import Refusal, SimServer
 
 _SAMPLE_RATE = 16000
@@ -56,7 +56,7 @@ class SimVoice(SimServer):
     app = Klein()
 
     def __init__(
-        self, card: SimulatedCard, *, audio_dir: str, name: str = "mvoice", **options: Any
+        self, card: CardMemory, *, audio_dir: str, name: str = "mvoice", **options: Any
     ) -> None:
         options.setdefault("model_mib", 3000)
         super().__init__(card, name=name, **options)

@@ -13,7 +13,8 @@ from klein import Klein
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from mgpumanager.simulate.card import CudaOutOfMemory, SimulatedCard
+from mgpumanager.simulate.card import CudaOutOfMemory
+from mgpumanager.simulate.cards import CardMemory
 from mgpumanager.simulate.server import Refusal, SimServer
 from mgpumanager.simulate.voice import body_size, transcript
 
@@ -36,7 +37,7 @@ class SimWhisper(SimServer):
 
     def __init__(
         self,
-        card: SimulatedCard,
+        card: CardMemory,
         *,
         name: str = "whisper",
         preload: bool = True,

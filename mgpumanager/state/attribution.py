@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
@@ -27,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mgpumanager.config.document import Config
-from mgpumanager.state.gpu import GpuSample
+from mgpumanager.state.gpu import GpuReading, GpuSample
 from mgpumanager.state.registry import Registry
 
 log = Logger()
@@ -112,8 +113,9 @@ def _unit_main_pid(systemctl: Sequence[str], unit: str) -> int:
 
 class ProcessAttributor:
     """
-    Keeps each consumer's ``measured_resident_mib`` up to date from GPU samples
-    (subscribe :meth:`on_sample` to the sampler).
+    Keeps each consumer's ``measured_resident_mib`` and ``measured_by_card`` up
+    to date from GPU samples (subscribe :meth:`on_cards` to the sampler's
+    ``subscribe_cards``; :meth:`on_sample` takes the first card's sample alone).
 
     :param find_pids: blocking; returns consumer name -> pids.
     :param run_blocking: runs ``find_pids`` off the reactor.
@@ -135,16 +137,21 @@ class ProcessAttributor:
         self._pids: PidMap = {}
         self._found_at: float | None = None
         self._finding: Deferred[None] | None = None
-        self._latest: GpuSample | None = None
+        self._latest: Mapping[int, GpuSample] | None = None
 
     def pids_of(self, name: str) -> frozenset[int]:
         return self._pids.get(name, frozenset())
 
     def on_sample(self, sample: GpuSample) -> None:
-        reading = sample.reading
-        if reading is None:
+        """Attribute one sample of the first managed card."""
+        self.on_cards({self._registry.config.cards[0].index: sample})
+
+    def on_cards(self, samples: Mapping[int, GpuSample]) -> None:
+        """Attribute one sample of each card, by card number."""
+        if not _readings(samples):
             return
-        self._latest = sample
+        self._latest = samples
+        seen = set().union(*(r.processes for r in _readings(samples).values()))
         known = set().union(*self._pids.values()) if self._pids else set()
         since = None if self._found_at is None else self._clock.seconds() - self._found_at
         # A process no consumer owns (a desktop, a stray job) must not make us
@@ -152,11 +159,11 @@ class ProcessAttributor:
         due = (
             since is None
             or since >= self._refresh_seconds
-            or (since >= UNKNOWN_RETRY_SECONDS and not set(reading.processes) <= known)
+            or (since >= UNKNOWN_RETRY_SECONDS and not seen <= known)
         )
         if due and self._finding is None:
             self._refresh()
-        self._apply(sample)
+        self._apply(samples)
 
     def _refresh(self) -> None:
         def found(pids: PidMap) -> None:
@@ -174,16 +181,28 @@ class ProcessAttributor:
         self._finding = self._run_blocking(self._find_pids).addCallbacks(found, failed)
         self._finding.addBoth(done)
 
-    def _apply(self, sample: GpuSample) -> None:
-        reading = sample.reading
-        if reading is None:
+    def _apply(self, samples: Mapping[int, GpuSample]) -> None:
+        readings = _readings(samples)
+        if not readings:
             return
+        time = max(samples[card].time or 0.0 for card in readings)
         for state in self._registry:
             pids = self._pids.get(state.name)
             if not pids:
                 state.measured_resident_mib = state.measured_at = None
+                state.measured_by_card = None
                 continue
-            held = sum(reading.processes.get(pid, 0) for pid in pids)
+            by_card = {
+                card: sum(reading.processes.get(pid, 0) for pid in pids)
+                for card, reading in readings.items()
+            }
+            # The card where it holds most: on one card, what it holds there.
+            held = max(by_card.values())
             state.measured_resident_mib = held
-            state.measured_at = sample.time
+            state.measured_by_card = MappingProxyType(by_card)
+            state.measured_at = time
             state.note_resident_mib(held)
+
+
+def _readings(samples: Mapping[int, GpuSample]) -> dict[int, GpuReading]:
+    return {card: s.reading for card, s in samples.items() if s.reading is not None}

@@ -1,5 +1,5 @@
 """
-The GPU sampler: what NVML says about the card, read off the reactor thread.
+The GPU sampler: what NVML says about the managed cards, read off the reactor thread.
 
 NVML calls block.  They are fast on a healthy driver, but a wedged driver can hang
 them for minutes, and a daemon whose reactor is stuck in ``nvmlDeviceGetMemoryInfo``
@@ -7,6 +7,12 @@ answers nothing, ``/healthz`` included.  So every read runs in a dedicated
 one-thread pool, bounded by a timeout; a read still stuck when the next tick comes
 is not joined by another.  Without NVML (no driver, no card, no library) the sample
 carries the error and the scheduler falls back to its budget.
+
+Every managed card is read in the same read (:func:`~mgpumanager.state.reading.read_cards`).
+The first managed card is *the* card of the one-card daemon: ``latest``, ``sample()`` and
+``subscribe()`` are about it alone, so everything written for one card reads the same
+values as before; ``latest_by_card``, ``sample_cards()`` and ``subscribe_cards()`` are
+about every card.
 """
 
 from __future__ import annotations
@@ -21,14 +27,35 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from mgpumanager.common.periodic import Periodic
+from mgpumanager.config.cards import CardConfig
 from mgpumanager.config.document import Config
+from mgpumanager.state.reading import (
+    MIB,
+    CardsReading,
+    GpuReading,
+    Nvml,
+    describe,
+    read_cards,
+    read_nvml,
+)
+
+__all__ = [
+    "MIB",
+    "BlockingRunner",
+    "CardsSink",
+    "GpuReading",
+    "GpuSample",
+    "GpuSampler",
+    "Nvml",
+    "NvmlTimeout",
+    "SampleSink",
+    "read_nvml",
+]
 
 log = Logger()
 
-MIB = 1024 * 1024
-
 #: Runs a blocking callable somewhere off the reactor and fires with its result.
-BlockingRunner = Callable[[Callable[[], "GpuReading"]], "Deferred[GpuReading]"]
+BlockingRunner = Callable[[Callable[[], Any]], "Deferred[Any]"]
 
 
 class SampleSink(Protocol):
@@ -37,16 +64,10 @@ class SampleSink(Protocol):
     def __call__(self, sample: GpuSample) -> None: ...
 
 
-@attrs.frozen
-class GpuReading:
-    """What one NVML read returned, in MiB."""
+class CardsSink(Protocol):
+    """Anyone who wants every new sample of every card, by card number."""
 
-    name: str
-    total_mib: int
-    used_mib: int
-    free_mib: int
-    #: pid -> MiB, for the processes NVML reports on the card.
-    processes: Mapping[int, int] = attrs.field(factory=lambda: MappingProxyType({}))
+    def __call__(self, samples: Mapping[int, GpuSample]) -> None: ...
 
 
 @attrs.frozen
@@ -64,98 +85,22 @@ class GpuSample:
     def free_mib(self) -> int | None:
         return None if self.reading is None else self.reading.free_mib
 
-#: What ``nvmlDeviceGetHandleByIndex`` returns: opaque, and of a different type in
-#: each implementation (a ctypes pointer in pynvml), so the sampler only passes it on.
-NvmlHandle = Any
-
-
-class NvmlMemory(Protocol):
-    """``nvmlDeviceGetMemoryInfo``'s answer, in bytes."""
-
-    @property
-    def total(self) -> int: ...
-    @property
-    def used(self) -> int: ...
-    @property
-    def free(self) -> int: ...
-
-
-class NvmlProcess(Protocol):
-    """One entry of ``nvmlDeviceGetComputeRunningProcesses``."""
-
-    @property
-    def pid(self) -> int: ...
-    @property
-    def usedGpuMemory(self) -> int | None: ...
-
-
-class Nvml(Protocol):
-    """The part of the ``pynvml`` module the sampler calls (or a stand-in for it)."""
-
-    NVMLError: type[Exception]
-
-    def nvmlInit(self) -> None: ...
-    def nvmlShutdown(self) -> None: ...
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> NvmlHandle: ...
-    def nvmlDeviceGetName(self, handle: NvmlHandle) -> str | bytes: ...
-    def nvmlDeviceGetMemoryInfo(self, handle: NvmlHandle) -> NvmlMemory: ...
-    def nvmlDeviceGetComputeRunningProcesses(
-        self, handle: NvmlHandle
-    ) -> Sequence[NvmlProcess]: ...
-
-
-def read_nvml(nvml: Nvml, device_index: int = 0) -> GpuReading:
-    """
-    One blocking NVML read of a device.  Runs in a thread; raises whatever
-    NVML raises (the sampler turns it into ``err``).
-    """
-    nvml.nvmlInit()
-    try:
-        handle = nvml.nvmlDeviceGetHandleByIndex(device_index)
-        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-        name = nvml.nvmlDeviceGetName(handle)
-        if isinstance(name, bytes):
-            name = name.decode("utf-8", "replace")
-        processes: dict[int, int] = {}
-        try:
-                running: Sequence[NvmlProcess] = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
-        except nvml.NVMLError:
-            running = ()
-        for process in running:
-            used = process.usedGpuMemory
-            # NVML reports None (or a sentinel) when it may not see a process's usage.
-            if isinstance(used, int) and 0 <= used < 1 << 60:
-                processes[int(process.pid)] = processes.get(int(process.pid), 0) + used // MIB
-        return GpuReading(
-            name=str(name),
-            total_mib=memory.total // MIB,
-            used_mib=memory.used // MIB,
-            free_mib=memory.free // MIB,
-            processes=MappingProxyType(processes),
-        )
-    finally:
-        nvml.nvmlShutdown()
-
 
 class NvmlTimeout(Exception):
     """An NVML read did not return in time: a hung driver, most likely."""
 
 
-def _describe(error: BaseException) -> str:
-    text = str(error).strip()
-    name = type(error).__name__
-    return text if text else name
-
-
 class GpuSampler(Periodic):
     """
-    Samples the card every ``interval`` seconds and keeps the latest result.
+    Samples the managed cards every ``interval`` seconds and keeps the latest result.
 
     :param load_nvml: returns the ``pynvml`` module (or a stand-in); called in the
         worker thread, so an import failure is just another sample error.
     :param run_blocking: runs a blocking callable off the reactor
         (``deferToThreadPool`` over a one-thread pool in the daemon).
     :param clock: the reactor's time, for the loop and the read timeout.
+    :param cards: the managed cards (``Config.cards``); by default the card at
+        ``device_index`` alone.
     """
 
     def __init__(
@@ -166,20 +111,56 @@ class GpuSampler(Periodic):
         interval: float,
         timeout: float,
         device_index: int = 0,
+        cards: Sequence[CardConfig] | None = None,
     ) -> None:
         self._load_nvml = load_nvml
         self._run_blocking = run_blocking
         self._clock = clock
         self._timeout = timeout
-        self._device_index = device_index
-        self._pending: Deferred[GpuReading] | None = None
+        self._cards: tuple[CardConfig, ...] = ()
+        self._by_card: dict[int, GpuSample] = {}
+        self._pending: Deferred[CardsReading] | None = None
         self._timer: IDelayedCall | None = None
         self._hung = False
-        self._sinks: list[SampleSink] = []
-        self._waiters: list[Deferred[GpuSample]] = []
-        self.latest = GpuSample()
+        self._sinks: list[tuple[Callable[[Any], None], bool]] = []
+        self._waiters: list[tuple[Deferred[Any], bool]] = []
+        #: Cards NVML lists that the configuration does not manage.
+        self.unmanaged_cards = 0
+        self._told_unmanaged = False
         self.samples_taken = 0
+        self.set_cards(cards if cards is not None else (CardConfig(index=device_index),))
         Periodic.__init__(self, self.sample, clock, interval)
+
+    @property
+    def cards(self) -> tuple[CardConfig, ...]:
+        """The cards each read reads, the first one first."""
+        return self._cards
+
+    @property
+    def latest(self) -> GpuSample:
+        """The latest sample of the first managed card."""
+        return self._by_card[self._cards[0].index]
+
+    @latest.setter
+    def latest(self, sample: GpuSample) -> None:
+        self._by_card = {**self._by_card, self._cards[0].index: sample}
+
+    @property
+    def latest_by_card(self) -> Mapping[int, GpuSample]:
+        """The latest sample of every managed card, by card number, in the file's order."""
+        return MappingProxyType(self._by_card)
+
+    def set_cards(self, cards: Sequence[CardConfig]) -> None:
+        """
+        Read ``cards`` from the next read on (a reload); a card that stays keeps
+        its latest sample until then, a new one starts with none.
+        """
+        if not cards:
+            raise ValueError("a sampler needs at least one card")
+        self._cards = tuple(cards)
+        self._by_card = {
+            card.index: self._by_card.get(card.index, GpuSample()) for card in self._cards
+        }
 
     def now(self) -> float:
         """The time on the clock that stamps the samples."""
@@ -191,26 +172,38 @@ class GpuSampler(Periodic):
         return None if reading is None else reading.used_mib
 
     def reconfigure(self, config: Config) -> None:
-        """Sample at the reloaded ``gpu.poll_interval_seconds``."""
+        """Sample the reloaded cards at the reloaded ``gpu.poll_interval_seconds``."""
+        self.set_cards(config.cards)
         self.set_interval(config.gpu.poll_interval_seconds)
 
     def subscribe(self, sink: SampleSink) -> None:
-        """Call ``sink`` with every new sample."""
-        self._sinks.append(sink)
+        """Call ``sink`` with every new sample of the first managed card."""
+        self._sinks.append((sink, False))
 
+    def subscribe_cards(self, sink: CardsSink) -> None:
+        """Call ``sink`` with every new sample of every card, by card number."""
+        self._sinks.append((sink, True))
 
     def sample(self) -> Deferred[GpuSample]:
         """
         Take one sample now (the loop calls this; so does the scheduler when
-        it waits for an unloaded consumer's memory to come back).  Never fails.
+        it waits for an unloaded consumer's memory to come back) and fire with
+        the first managed card's.  Never fails.
 
         A read still under way is shared rather than joined by another; a read
         stuck past the timeout is reported as an error sample, and until its
         thread comes back, further samples answer at once with that error
         instead of queueing behind it.
         """
-        waiter: Deferred[GpuSample] = Deferred()
-        self._waiters.append(waiter)
+        return self._wait(per_card=False)
+
+    def sample_cards(self) -> Deferred[Mapping[int, GpuSample]]:
+        """Like :meth:`sample`, firing with every card's sample by card number."""
+        return self._wait(per_card=True)
+
+    def _wait(self, per_card: bool) -> Deferred[Any]:
+        waiter: Deferred[Any] = Deferred()
+        self._waiters.append((waiter, per_card))
         if self._pending is None:
             # The timer first: a read that returns at once must find it to cancel.
             self._timer = self._clock.callLater(self._timeout, self._timed_out)
@@ -224,7 +217,7 @@ class GpuSampler(Periodic):
             self._flush_waiters()
         return waiter
 
-    def _read_returned(self, outcome: GpuReading | BaseException) -> None:
+    def _read_returned(self, outcome: CardsReading | BaseException) -> None:
         # Clear first: a waiter answered below may ask for the next sample at once.
         self._pending = None
         self._hung = False
@@ -238,26 +231,54 @@ class GpuSampler(Periodic):
         self._hung = True
         self._record(NvmlTimeout(f"NVML read timed out after {self._timeout:g} s"))
 
-    def _read(self) -> GpuReading:
-        return read_nvml(self._load_nvml(), self._device_index)
+    def _read(self) -> CardsReading:
+        return read_cards(self._load_nvml(), self._cards)
 
-    def _record(self, outcome: GpuReading | BaseException) -> None:
+    def _record(self, outcome: CardsReading | BaseException) -> None:
         now = self._clock.seconds()
-        if isinstance(outcome, GpuReading):
-            self.latest = GpuSample(time=now, reading=outcome)
-        else:
-            if not self.latest.err:
-                log.warn("GPU sampling failed: {err}", err=_describe(outcome))
-            self.latest = GpuSample(time=now, err=_describe(outcome))
+        if isinstance(outcome, CardsReading):
+            self._count_unmanaged(outcome.device_count)
+        by_card: dict[int, GpuSample] = {}
+        for card in self._cards:
+            found = (
+                outcome.cards.get(card.index, "not read")
+                if isinstance(outcome, CardsReading)
+                else describe(outcome)
+            )
+            before = self._by_card.get(card.index, GpuSample())
+            if isinstance(found, GpuReading):
+                by_card[card.index] = GpuSample(time=now, reading=found)
+                continue
+            if not before.err:
+                if card is self._cards[0]:
+                    log.warn("GPU sampling failed: {err}", err=found)
+                else:
+                    log.warn("GPU sampling of card {card} failed: {err}", card=card.index,
+                             err=found)
+            by_card[card.index] = GpuSample(time=now, err=found)
+        self._by_card = by_card
         self.samples_taken += 1
-        for sink in self._sinks:
+        for sink, per_card in self._sinks:
             try:
-                sink(self.latest)
+                sink(self.latest_by_card if per_card else self.latest)
             except Exception:
                 log.failure("GPU sample subscriber failed")
         self._flush_waiters()
 
+    def _count_unmanaged(self, device_count: int | None) -> None:
+        if device_count is None:
+            return
+        self.unmanaged_cards = max(0, device_count - len(self._cards))
+        if self.unmanaged_cards and not self._told_unmanaged:
+            self._told_unmanaged = True
+            log.info(
+                "NVML lists {count} cards and {unmanaged} of them are not managed "
+                "(name them in gpus to manage them)",
+                count=device_count,
+                unmanaged=self.unmanaged_cards,
+            )
+
     def _flush_waiters(self) -> None:
         waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(self.latest)
+        for waiter, per_card in waiters:
+            waiter.callback(self.latest_by_card if per_card else self.latest)

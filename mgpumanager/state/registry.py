@@ -61,8 +61,11 @@ class ConsumerState:
     #: our own loads and unloads, which it may not have seen yet).
     reported_loaded: bool | None = None
     reported_resident_mib: int | None = None
-    #: What NVML attributes to the consumer's processes, when we can tell.
+    #: What NVML attributes to the consumer's processes, when we can tell: on
+    #: the card where they hold most (on one card: on that card).
     measured_resident_mib: int | None = None
+    #: What they hold on each card read, by card number, when we can tell.
+    measured_by_card: Mapping[int, int] | None = None
     measured_at: float | None = None
     peak_resident_mib: int = 0
     #: The models it says it holds, for servers that hold several (Ollama).
@@ -110,6 +113,26 @@ class ConsumerState:
         if self.reported_resident_mib is not None:
             return self.reported_resident_mib
         return self.config.vram_resident_mib if self.resident else 0
+
+    @property
+    def gpu_resident_mib_by_card(self) -> dict[int, int]:
+        """
+        Best knowledge of what it holds on each of its cards (and on any other
+        card where its processes were measured holding memory).  On one card,
+        ``{card: gpu_resident_mib}``.  Unmeasured on several cards, its
+        declared size on each while it is resident: a server's own report is
+        one number that cannot be split between cards.
+        """
+        measured = self.measured_by_card
+        if measured is not None and self.measured_resident_mib is not None:
+            by_card = {card: measured.get(card, 0) for card in self.config.cards}
+            by_card.update((card, mib) for card, mib in measured.items() if mib > 0)
+            return by_card
+        cards = self.config.cards
+        if len(cards) == 1:
+            return {cards[0]: self.gpu_resident_mib}
+        resident = self.resident
+        return {card: self.config.vram_mib_on(card) if resident else 0 for card in cards}
 
     @property
     def size_mib(self) -> int:
