@@ -21,6 +21,8 @@ line folding is unfolded and forwarded rather than refused.
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -474,3 +476,45 @@ async def test_a_bad_request_ends_a_pipeline(stack: Stack) -> None:
     second = answer.find(b"HTTP/1.1 ", 1)
     assert second == -1 or status_of(answer[second:]) == 400, answer[:600]
     assert [seen.query for seen in forwarded(stack, before)] == ["n=1"]
+
+
+# A refusal the client is still sending a body into
+
+
+def head_then_body(port: int, head: bytes, body: bytes, pause: float) -> tuple[bool, bytes]:
+    """
+    Send ``head``, wait ``pause`` seconds (the daemon answers meanwhile), then
+    the body; return whether the body could be sent whole, and the answer.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=3.0) as sock:
+        sock.sendall(head)
+        time.sleep(pause)
+        try:
+            for start in range(0, len(body), 65536):
+                sock.sendall(body[start:start + 65536])
+            sent = True
+        except OSError:
+            sent = False
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except OSError:
+            pass
+        return sent, received
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_413_reaches_a_client_still_sending_the_body(stack: Stack) -> None:
+    # The daemon answers from the head and reads no body, but a client (the
+    # Twisted one, say) may go on sending it.  Had the daemon closed at once,
+    # that client's next write would meet a reset connection and fail the
+    # request before it read the answer; it drains the body instead.
+    body = b"a" * (4 * 2**20)
+    sent, answer = await deferToThread(
+        head_then_body, stack.daemon.port,
+        post(b"/v1/tts", b"Content-Length: %d" % len(body)), body, 0.3,
+    )
+    assert status_of(answer) == 413, answer[:300]
+    assert b'"body_too_large"' in answer
+    assert sent, "the daemon reset the connection while the client was still sending"

@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
@@ -28,6 +29,10 @@ from mgpumanager.web.guard import Guard
 
 log = Logger()
 access = Logger(namespace="mgpumanager.access")
+
+#: How long a refused request's connection keeps draining what the client
+#: still sends, so that the refusal reaches it (see ``LimitedRequest._refuse``).
+LINGER_SECONDS = 2.0
 
 
 class LimitedRequest(Request):
@@ -85,7 +90,15 @@ class LimitedRequest(Request):
         return f"{body} exceeds the limit of {self._limit // 2**20} MiB"
 
     def _refuse(self, error: ApiError) -> None:
-        """Answer before the body is read, and close: nothing of it is kept."""
+        """
+        Answer before the body is read, and close: nothing of it is kept.
+
+        The close lingers: a client may still be sending the body we refuse,
+        and a socket closed with unread data in it resets the connection, which
+        can destroy our answer before the client reads it.  So only our side
+        is shut at once; what still arrives is read and dropped until the
+        client closes or :data:`LINGER_SECONDS` pass.
+        """
         self._refused = True
         channel: Any = self.channel
         site: ManagerSite = channel.site
@@ -105,8 +118,18 @@ class LimitedRequest(Request):
             b"Connection: close\r\n\r\n%s"
             % (error.status, RESPONSES.get(error.status, b"Error"), len(body), extra, body)
         )
-        transport.loseConnection()
+        _close_lingering(transport, channel.site.reactor)
         log.info("refused a request: {message}", message=error.message)
+
+
+def _close_lingering(transport: Any, clock: IReactorTime) -> None:
+    """Shut our side of the connection now, the whole of it once the client is done."""
+    half_close = getattr(transport, "loseWriteConnection", None)
+    if half_close is None:
+        transport.loseConnection()
+        return
+    half_close()
+    clock.callLater(LINGER_SECONDS, transport.loseConnection)
 
 
 class ManagerSite(Site):
