@@ -51,6 +51,7 @@ from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.attribution import PidMap, ProcessAttributor, find_consumer_pids
 from mgpumanager.state.gpu import GpuReading, GpuSampler
 from mgpumanager.state.registry import Registry
+from mgpumanager.web.agent import AgentPort, scheduler_load
 from mgpumanager.web.api import ManagerApp
 from mgpumanager.web.guard import Guard
 from mgpumanager.web.jobs import GpuJobs
@@ -140,11 +141,14 @@ class ManagerService(MultiService):
         self._clock = clock
         #: How long running jobs may finish after SIGTERM (a reload may change it).
         self.grace = grace
+        #: From SIGTERM on (HAProxy's agent check answers ``drain``).
+        self.stopping = False
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        self.stopping = True
         log.info("stopping: no new connections; queued jobs are refused")
         await DeferredList([maybeDeferred(s.stopService) for s in self._listeners])
         self._scheduler.close()
@@ -303,6 +307,10 @@ def build(
         service=service,
         ports=ports,
     ).register(reloader)
+    agent = AgentPort(
+        config, scheduler_load(scheduler, lambda: service.stopping), reactor, endpoint_is_loopback
+    )
+    reloader.on_reload(agent.apply)
     reloader.setServiceParent(service)
     for extra in stand_ins.services if stand_ins else ():
         extra.setServiceParent(service)
@@ -312,6 +320,7 @@ def build(
     _Loop(app.events).setServiceParent(service)
     http.setServiceParent(service)
     ports.setServiceParent(service)
+    agent.setServiceParent(service)
     if not loopback:
         log.warn(
             "listening on {listen}, which is not loopback only: anyone who can reach it "

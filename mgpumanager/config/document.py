@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 import yaml
 
+from mgpumanager.config.agent import AgentConfig
 from mgpumanager.config.consumers import (
     ADAPTER_ONLY_KEYS,
     DEFAULT_ADAPTER,
@@ -149,6 +150,7 @@ class Config:
     auth_token: bytes | None = attrs.field(default=None, repr=False, metadata={FILE_KEY: "auth"})
     openai: OpenAIConfig = OpenAIConfig()
     scheduling: SchedulingConfig = attrs.field(factory=SchedulingConfig)
+    agent: AgentConfig = attrs.field(factory=AgentConfig)
 
     def body_limit_for(self, kind: str | None) -> int:
         """The request-body limit in bytes for a job of ``kind`` (None: not a job)."""
@@ -256,6 +258,7 @@ def parse_config(document: object, source: str = "<config>") -> Config:
                 "allowed_origins": lambda v, p: frozenset(read.names(v, p)),
                 "auth": partial(_auth, read),
                 "scheduling": partial(_scheduling, read),
+                "agent": read.nested(AgentConfig, {"listen": read.listen}),
                 "openai": read.nested(
                     OpenAIConfig, {**dict.fromkeys(OPENAI_ROLES, consumer_name), "models": models}
                 ),
@@ -346,6 +349,11 @@ def _auth(read: Reader, value: object, key_path: str) -> bytes | None:
 def _check_ports(read: Reader, config: Config, order: Mapping[str, Any]) -> None:
     """Every port the daemon opens is its own: a second listener there would fail."""
     taken = {config.listen.port: "listen"}
+    agent = config.agent.listen
+    if agent is not None and agent.port in taken:
+        raise read.fail("agent.listen", f"port {agent.port} is already taken by listen")
+    if agent is not None:
+        taken[agent.port] = "agent.listen"
     for name in order:
         listen = config.consumers[name].listen
         if listen is None:
