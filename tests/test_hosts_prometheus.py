@@ -28,7 +28,8 @@ from tests.hosts import Host, Program, missing_line, post, program, start_hosts,
 
 DEPLOY = REPO / "deploy"
 MISSING = missing_line("prometheus", "promtool")
-pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+if MISSING is not None:
+    pytest.skip(MISSING, allow_module_level=True)
 
 
 def promtool(*args: str) -> str:
