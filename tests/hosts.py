@@ -81,23 +81,32 @@ class Host:
 
 
 async def start_hosts(workdir: Path, names: Sequence[str]) -> list[Host]:
-    """Start a host per name: simulated servers first, then the daemons side by side."""
-    hosts = []
-    for name in names:
-        home = workdir / name
-        home.mkdir()
-        sim = SimulatedHost(HostConfig.fast(
-            state_path=str(home / "card.json"), audio_dir=str(home / "audio"), total_mib=32768
-        ))
-        await sim.start(reactor)
-        agent_port = free_port()
-        config = sim.daemon_config()
-        config["agent"] = {"listen": f"127.0.0.1:{agent_port}"}
-        daemon = Daemon(config, home, ("--simulated-card", str(home / "card.json")))
-        hosts.append(Host(name, sim, daemon, agent_port))
-    await gatherResults([deferToThread(host.daemon.start) for host in hosts])
-    for host in hosts:
-        await wait_until_healthy(host.daemon)
+    """
+    Start a host per name: simulated servers first, then the daemons side by
+    side.  Whatever started is stopped again if one of them fails to.
+    """
+    hosts: list[Host] = []
+    try:
+        for name in names:
+            home = workdir / name
+            home.mkdir()
+            sim = SimulatedHost(HostConfig.fast(
+                state_path=str(home / "card.json"), audio_dir=str(home / "audio"),
+                total_mib=32768,
+            ))
+            await sim.start(reactor)
+            agent_port = free_port()
+            config = sim.daemon_config()
+            config["agent"] = {"listen": f"127.0.0.1:{agent_port}"}
+            daemon = Daemon(config, home, ("--simulated-card", str(home / "card.json")))
+            hosts.append(Host(name, sim, daemon, agent_port))
+        await gatherResults([deferToThread(host.daemon.start) for host in hosts],
+                            consumeErrors=True)
+        for host in hosts:
+            await wait_until_healthy(host.daemon)
+    except BaseException:
+        await stop_hosts(hosts)
+        raise
     return hosts
 
 

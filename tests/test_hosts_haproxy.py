@@ -108,14 +108,15 @@ async def _until(check: Callable[[], Any], what: str, tries: int = 200) -> None:
 async def stage(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stage]:
     workdir = tmp_path_factory.mktemp("hosts")
     hosts = await start_hosts(workdir, ("a", "b"))
-    front, stats = free_port(), free_port()
-    config = workdir / "haproxy.cfg"
-    shipped = (REPO / "deploy" / "haproxy.cfg").read_text()
-    config.write_text(loopback_config(shipped, front, stats, hosts))
-    haproxy = Program([program("haproxy") or "haproxy", "-db", "-f", str(config)],
-                      workdir / "haproxy.log")
-    stage = Stage(hosts, haproxy, f"http://127.0.0.1:{front}", f"http://127.0.0.1:{stats}")
+    haproxy: Program | None = None
     try:
+        front, stats = free_port(), free_port()
+        config = workdir / "haproxy.cfg"
+        shipped = (REPO / "deploy" / "haproxy.cfg").read_text()
+        config.write_text(loopback_config(shipped, front, stats, hosts))
+        haproxy = Program([program("haproxy") or "haproxy", "-db", "-f", str(config)],
+                          workdir / "haproxy.log")
+        stage = Stage(hosts, haproxy, f"http://127.0.0.1:{front}", f"http://127.0.0.1:{stats}")
         await deferToThread(haproxy.answers, stage.stats + "/")
 
         async def both_weighed() -> bool:
@@ -126,7 +127,8 @@ async def stage(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stage
         await _until(both_weighed, "both hosts up, their agents read")
         yield stage
     finally:
-        haproxy.stop()
+        if haproxy is not None:
+            haproxy.stop()
         await stop_hosts(hosts)
 
 
