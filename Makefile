@@ -19,7 +19,7 @@ lint:
 	$(BIN)/lint-imports
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 bench:
 	bench/setup.sh

@@ -27,6 +27,8 @@ FAMILIES = {
     "mgpumanager_consumer_vram_bytes", "mgpumanager_gpu_memory_total_bytes",
     "mgpumanager_gpu_memory_used_bytes", "mgpumanager_gpu_memory_free_bytes",
 }
+#: Families that come with the several-cards and yield features (SPEC Part 3).
+TO_COME = {"mgpumanager_card_yielded"}
 HISTOGRAMS = {
     "mgpumanager_queue_wait_seconds", "mgpumanager_job_duration_seconds",
     "mgpumanager_load_duration_seconds", "mgpumanager_unload_duration_seconds",
@@ -49,11 +51,20 @@ def test_every_dashboard_query_names_only_exported_families() -> None:
     assert len(ids) == len(set(ids))
 
 
-def test_the_scrape_snippet_reads_the_metrics_route() -> None:
-    snippet = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
-    (job,) = snippet["scrape_configs"]
+def test_prometheus_scrapes_every_host_and_loads_the_alerts() -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
-    assert job["static_configs"][0]["targets"] == ["127.0.0.1:8770"]
+    (targets,) = (static["targets"] for static in job["static_configs"])
+    assert len(targets) == len(set(targets)) >= 2
+    assert config["rule_files"] == ["alerts.yml"]
+
+
+def test_every_alert_names_only_exported_families() -> None:
+    rules = yaml.safe_load((DEPLOY / "alerts.yml").read_text())
+    exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    named = {family(s) for expr in exprs for s in re.findall(r"\bmgpumanager_\w+", expr)}
+    assert named <= FAMILIES | TO_COME, named - FAMILIES - TO_COME
 
 
 def test_the_unit_reloads_with_sighup_and_keeps_no_new_privileges() -> None:

@@ -53,6 +53,7 @@ from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.attribution import ConsumerPids, PidMap, ProcessAttributor
 from mgpumanager.state.gpu import GpuReading, GpuSampler
 from mgpumanager.state.registry import Registry
+from mgpumanager.web.agent import AgentPort, scheduler_load
 from mgpumanager.web.api import ManagerApp
 from mgpumanager.web.guard import Guard
 from mgpumanager.web.jobs import GpuJobs
@@ -142,6 +143,8 @@ class ManagerService(MultiService):
         self._clock = clock
         #: How long running jobs may finish after SIGTERM (a reload may change it).
         self.grace = grace
+        #: From SIGTERM on (HAProxy's agent check answers ``drain``).
+        self.stopping = False
 
     def reconfigure(self, config: Config) -> None:
         """Give running jobs the reloaded ``shutdown_grace_seconds`` at the next stop."""
@@ -151,6 +154,7 @@ class ManagerService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        self.stopping = True
         log.info("stopping: no new connections; queued jobs are refused")
         await DeferredList([maybeDeferred(s.stopService) for s in self._listeners])
         self._scheduler.close()
@@ -294,6 +298,9 @@ def build(
     service = ManagerService(
         (http, ports), scheduler, pool, reactor, config.shutdown_grace_seconds
     )
+    agent = AgentPort(
+        config, scheduler_load(scheduler, lambda: service.stopping), reactor, endpoint_is_loopback
+    )
     # Who takes a reloaded configuration, in this order (see app.reloading):
     takers = ConfigTakers()
     # the consumers, and their waiting jobs when they are gone: their adapters
@@ -323,6 +330,7 @@ def build(
     # the per-server ports last: opening one is the only step that can fail
     # half-way, and everything else is in place by then.
     takers.add("ports", ports)
+    takers.add("agent port", agent)
     reloader = Reloader(
         config,
         reactor,
@@ -338,6 +346,7 @@ def build(
     _Loop(app.events).setServiceParent(service)
     http.setServiceParent(service)
     ports.setServiceParent(service)
+    agent.setServiceParent(service)
     if not loopback:
         log.warn(
             "listening on {listen}, which is not loopback only: anyone who can reach it "

@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 import yaml
 
+from mgpumanager.config.agent import AgentConfig
 from mgpumanager.config.cards import (
     CardConfig,
     GpuConfig,
@@ -157,6 +158,7 @@ class Config:
     auth_token: bytes | None = attrs.field(default=None, repr=False, metadata={FILE_KEY: "auth"})
     openai: OpenAIConfig = OpenAIConfig()
     scheduling: SchedulingConfig = attrs.field(factory=SchedulingConfig)
+    agent: AgentConfig = attrs.field(factory=AgentConfig)
 
     def __attrs_post_init__(self) -> None:
         # A config built by hand (tests, tools) must not name a card it does not manage.
@@ -292,6 +294,7 @@ def parse_config(document: object, source: str = "<config>") -> Config:
                 "allowed_origins": lambda v, p: frozenset(read.names(v, p)),
                 "auth": partial(auth, read),
                 "scheduling": partial(_scheduling, read),
+                "agent": read.nested(AgentConfig, {"listen": read.listen}),
                 "openai": read.nested(
                     OpenAIConfig, {**dict.fromkeys(OPENAI_ROLES, consumer_name), "models": models}
                 ),
@@ -326,6 +329,11 @@ def _limits(read: Reader, value: object, key_path: str) -> int:
 def _check_ports(read: Reader, config: Config, order: Mapping[str, Any]) -> None:
     """Every port the daemon opens is its own: a second listener there would fail."""
     taken = {config.listen.port: "listen"}
+    agent = config.agent.listen
+    if agent is not None and agent.port in taken:
+        raise read.fail("agent.listen", f"port {agent.port} is already taken by listen")
+    if agent is not None:
+        taken[agent.port] = "agent.listen"
     for name in order:
         listen = config.consumers[name].listen
         if listen is None:
