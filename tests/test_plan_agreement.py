@@ -5,10 +5,11 @@ scheduler's real make-room loop then unloads, in the same order.
 
 Each example builds a random set of consumers (sizes, coexistence, residency by
 our books or by their own report, last use, unload routes or systemd units or
-neither, self-managed or not) and a random card (read through NVML or not, with
-or without a configured size), asks the dry run, then runs the real
-:class:`~mgpumanager.scheduling.lifecycle.Lifecycle` on a fake card that frees a victim's
-memory when it is unloaded, and compares.
+neither, self-managed or not) on one card or two (each consumer on either or
+both), and random cards (read through NVML or not, with or without a
+configured size), asks the dry run, then runs the real
+:class:`~mgpumanager.scheduling.lifecycle.Lifecycle` on fake cards that free a
+victim's memory on each of its cards when it is unloaded, and compares.
 """
 
 from __future__ import annotations
@@ -46,13 +47,14 @@ def plan_of(*args: Any) -> dict[str, Any]:
 
 
 @st.composite
-def worlds(draw: st.DrawFn) -> tuple[Config, dict[str, Any], str, int | None]:
+def worlds(draw: st.DrawFn) -> tuple[Config, dict[str, Any], str, dict[int, int] | None]:
     """
     A configuration, the registry's state per consumer, a target, NVML's free
-    MiB (None: no NVML).  Mostly the target needs room (its size declared, not
+    MiB by card (None: no NVML).  Mostly the target needs room (its size declared, not
     on the card, not self-managed) and the card is tight, so that most examples
     evict someone; the rest cover the cases where nothing is done.
     """
+    cards = draw(st.sampled_from([(0,), (0, 1)]))
     count = draw(st.integers(3, 6))
     names = [f"c{i}" for i in range(count)]
     target = draw(st.sampled_from(names))
@@ -68,6 +70,8 @@ def worlds(draw: st.DrawFn) -> tuple[Config, dict[str, Any], str, int | None]:
                 st.lists(st.sampled_from([n for n in names if n != name]), max_size=1)
             ),
         }
+        if len(cards) > 1:
+            extra["gpus"] = draw(st.sampled_from([[0], [1], [0, 1]]))
         if way_out == "route":
             extra["unload"] = {"path": "/unload"}
         if way_out == "unit":
@@ -85,13 +89,16 @@ def worlds(draw: st.DrawFn) -> tuple[Config, dict[str, Any], str, int | None]:
             states[name].update(believed_loaded=False, reported_loaded=None)
         consumers[name] = _consumer(9200 + i, **extra)
     total = draw(st.sampled_from([None, 16384, CARD_MIB]))
-    config = parse_config(
-        {
-            "gpu": {"total_mib": total, "reserved_mib": draw(st.sampled_from([0, 1024]))},
-            "consumers": consumers,
-        }
+    document: dict[str, Any] = {
+        "gpu": {"total_mib": total, "reserved_mib": draw(st.sampled_from([0, 1024]))},
+        "consumers": consumers,
+    }
+    if len(cards) > 1:
+        document["gpus"] = [{"index": card} for card in cards]
+    config = parse_config(document)
+    free = (
+        {card: draw(st.integers(0, 16000)) for card in cards} if draw(st.booleans()) else None
     )
-    free = draw(st.integers(0, 16000)) if draw(st.booleans()) else None
     return config, states, target, free
 
 
@@ -107,21 +114,35 @@ def build_registry(config: Config, states: dict[str, Any]) -> Registry:
 
 
 class FakeCard:
-    """NVML's free memory (or no NVML at all); an unload gives the victim's back."""
+    """
+    NVML's free memory on each card (or no NVML at all); an unload gives the
+    victim's back on each of its cards.
+    """
 
-    def __init__(self, free_mib: int | None) -> None:
-        self.free_mib = free_mib
+    def __init__(self, config: Config, free_mib: dict[int, int] | None) -> None:
+        self.cards = config.card_indexes
+        self.free_mib = dict(free_mib) if free_mib is not None else None
+
+    def samples(self) -> dict[int, GpuSample]:
+        if self.free_mib is None:
+            return {card: GpuSample(time=EPOCH) for card in self.cards}
+        return {
+            card: GpuSample(
+                time=EPOCH, reading=GpuReading("fake", CARD_MIB, CARD_MIB - free, free)
+            )
+            for card, free in self.free_mib.items()
+        }
 
     def sample(self) -> Deferred[GpuSample]:
-        if self.free_mib is None:
-            return succeed(GpuSample(time=EPOCH))
-        used = CARD_MIB - self.free_mib
-        reading = GpuReading("fake", CARD_MIB, used, self.free_mib)
-        return succeed(GpuSample(time=EPOCH, reading=reading))
+        return succeed(self.samples()[self.cards[0]])
 
-    def release(self, mib: int) -> None:
+    def sample_cards(self) -> Deferred[dict[int, GpuSample]]:
+        return succeed(self.samples())
+
+    def release(self, by_card: dict[int, int]) -> None:
         if self.free_mib is not None:
-            self.free_mib += mib
+            for card, mib in by_card.items():
+                self.free_mib[card] += mib
 
 
 class Answered:
@@ -161,16 +182,16 @@ class Consumers:
 
     def _unload(self, name: str) -> None:
         self.unloaded.append(name)
-        self._card.release(self._registry[name].gpu_resident_mib)
+        self._card.release(self._registry[name].gpu_resident_mib_by_card)
 
 
 def run_real_loop(
-    config: Config, registry: Registry, target: str, free: int | None
+    config: Config, registry: Registry, target: str, free: dict[int, int] | None
 ) -> list[str]:
-    """Prepare ``target`` for real on the fake card; the consumers unloaded, in order."""
+    """Prepare ``target`` for real on the fake cards; the consumers unloaded, in order."""
     clock = Clock()
     clock.advance(EPOCH)
-    card = FakeCard(free)
+    card = FakeCard(config, free)
     consumers = Consumers(config, registry, card)
     control = ConsumerControl(consumers, clock, consumers.run)
     sampler: GpuSampler = card  # type: ignore[assignment]
@@ -188,18 +209,17 @@ def run_real_loop(
     return consumers.unloaded
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(worlds())
 def test_the_dry_run_names_the_victims_the_real_loop_unloads(
-    world: tuple[Config, dict[str, Any], str, int | None],
+    world: tuple[Config, dict[str, Any], str, dict[int, int] | None],
 ) -> None:
     config, states, target, free = world
-    sample = FakeCard(free).sample()
-    plan_sample: list[GpuSample] = []
-    sample.addCallback(plan_sample.append)
+    samples = FakeCard(config, free).samples()
 
-    plan = plan_of(config, build_registry(config, states), target, plan_sample[0])
+    plan = plan_of(config, build_registry(config, states), target, samples)
     unloaded = run_real_loop(config, build_registry(config, states), target, free)
 
-    event(f"{len(unloaded)} unloaded, {'NVML' if free is not None else 'no NVML'}")
+    cards = f"{len(config.cards)} card{'s' if len(config.cards) > 1 else ''}"
+    event(f"{len(unloaded)} unloaded, {'NVML' if free is not None else 'no NVML'}, {cards}")
     assert unloaded == plan["would_evict"]

@@ -259,7 +259,13 @@ def build(
     )
     def needs_swap(name: str) -> bool:
         # The registry's configuration is the current one, consumers and all.
-        return dry_run_plan(registry.config, registry, name, sampler.latest, adapters).needs_swap
+        return dry_run_plan(
+            registry.config, registry, name, sampler.latest_by_card, adapters
+        ).needs_swap
+
+    def cards_of(name: str) -> tuple[int, ...]:
+        # A consumer a reload removed keeps the cards it had until its jobs end.
+        return registry[name].config.cards if name in registry else ()
 
     chooser = PolicyChooser(make_policy(config.scheduling), needs_swap)
     scheduler = GpuScheduler(
@@ -270,6 +276,7 @@ def build(
         telemetry=metrics,
         chooser=chooser,
         scheduling=config.scheduling,
+        cards_of=cards_of,
     )
     proxy = ConsumerProxy(
         lambda consumer: agent_for_timeout(consumer.timeouts.connect_seconds),

@@ -139,11 +139,8 @@ class Config:
     listen: Listen = DEFAULT_LISTEN
     #: Every card's defaults (``gpus`` entries inherit them).
     gpu: GpuConfig = attrs.field(factory=GpuConfig)
-    #: The managed cards, in the file's order; without ``gpus``, card 0 alone.
-    cards: tuple[CardConfig, ...] = attrs.field(
-        default=attrs.Factory(lambda self: one_card(self.gpu), takes_self=True),
-        metadata={FILE_KEY: "gpus"},
-    )
+    #: The cards the file lists under ``gpus`` (none: card 0 alone, see :attr:`cards`).
+    gpus: tuple[CardConfig, ...] = ()
     probes: ProbeConfig = ProbeConfig()
     lifecycle: LifecycleConfig = LifecycleConfig()
     routing: Mapping[str, str] = attrs.field(factory=lambda: MappingProxyType({}))
@@ -167,6 +164,15 @@ class Config:
             for card in consumer.cards:
                 if card not in managed:
                     raise ValueError(f"consumer {consumer.name!r} {unknown_card(card, managed)}")
+
+    @property
+    def cards(self) -> tuple[CardConfig, ...]:
+        """
+        The managed cards, in the file's order; without ``gpus``, card 0 alone
+        with the settings of ``gpu`` (derived, so that a copy with another
+        ``gpu`` has them).
+        """
+        return self.gpus or one_card(self.gpu)
 
     @property
     def card_indexes(self) -> tuple[int, ...]:
@@ -240,8 +246,9 @@ def parse_config(document: object, source: str = "<config>") -> Config:
         raise read.fail("", f"the top level must be a mapping, not {kind_of(document)}")
     top = read.mapping(document, "", file_keys(Config))
     gpu = read.optional(top, "gpu", "", _gpu_section(read), GpuConfig())
-    cards = read.optional(top, "gpus", "", partial(parse_cards, read, gpu=gpu), one_card(gpu))
-    indexes = tuple(card.index for card in cards)
+    none: tuple[CardConfig, ...] = ()
+    gpus = read.optional(top, "gpus", "", partial(parse_cards, read, gpu=gpu), none)
+    indexes = tuple(card.index for card in gpus or one_card(gpu))
     consumers_table = read.section(top, "consumers", "", None)
     if not consumers_table:
         raise read.fail("consumers", "at least one consumer is required")
@@ -273,7 +280,7 @@ def parse_config(document: object, source: str = "<config>") -> Config:
     config = Config(
         source=source,
         gpu=gpu,
-        cards=cards,
+        gpus=gpus,
         consumers=MappingProxyType(dict(sorted(consumers.items()))),
         **read.values(
             top,

@@ -1,13 +1,17 @@
 """
-Eviction decisions: does the next job's consumer fit on the card, and if not,
-whom to unload.  Pure functions of the configuration, the consumers' states and
-the latest GPU sample, so that the real scheduler and the dry-run
+Eviction decisions: does the next job's consumer fit on each of its cards, and
+if not, whom to unload.  Pure functions of the configuration, the consumers'
+states and the latest GPU samples, so that the real scheduler and the dry-run
 ``GET /v1/plan/<kind>`` reach the same answer, and every answer can say why.
+
+Making room is per card: on each card the target uses, the fit is that card's
+free memory (or its budget), and the victims are the consumers resident on
+that card; unloading one frees every card it uses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 
 import attrs
 
@@ -64,17 +68,20 @@ def check_fit(
     resident: Iterable[ConsumerState],
     size_mib: int | None = None,
     held_elsewhere_mib: int = 0,
+    card: int | None = None,
 ) -> Fit:
     """
-    Whether ``target`` fits: by NVML's live free memory when a sample is at
-    hand, else by the budget of the consumers that may not share the card
-    with it.  ``resident`` are the consumers taken as loaded; every size is
-    :attr:`~mgpumanager.state.registry.ConsumerState.size_mib`, the target's
-    ``size_mib`` (its declared size when not given).  ``held_elsewhere_mib``
-    is memory the budget must count that no consumer of ours holds (a
-    consumer a reload removed while it was loaded).
+    Whether ``target`` fits on ``card`` (the first managed card when not
+    given): by NVML's live free memory when the card's sample is at hand, else
+    by the budget of the consumers on that card that may not share it with
+    the target.  ``resident`` are the consumers taken as loaded; every size is
+    the one on that card (:meth:`~mgpumanager.state.registry.ConsumerState.size_on`),
+    the target's ``size_mib`` (its declared size there when not given).
+    ``held_elsewhere_mib`` is memory the budget must count that no consumer of
+    ours holds (a consumer a reload removed while it was loaded).
     """
-    needed = target.vram_resident_mib if size_mib is None else size_mib
+    card = config.card_indexes[0] if card is None else card
+    needed = target.vram_mib_on(card) if size_mib is None else size_mib
     reading = sample.reading
     if reading is not None:
         wanted = needed + CUSHION_MIB
@@ -89,10 +96,12 @@ def check_fit(
         state
         for state in resident
         if state.name != target.name
+        and card in state.config.cards
         and not state.config.vram_managed
         and not config.may_coexist(state.name, target.name)
     ]
-    total = config.gpu.total_mib
+    settings = config.card(card).settings
+    total = settings.total_mib
     if total is None:
         # No card size at all: the only safe assumption is that the target
         # needs the card to itself.
@@ -103,15 +112,15 @@ def check_fit(
             available_mib=None,
             why="card size unknown (no NVML, no gpu.total_mib): exclusive use assumed",
         )
-    held = sum(state.size_mib for state in blocking) + held_elsewhere_mib
-    headroom = total - config.gpu.reserved_mib - held
+    held = sum(state.size_on(card) for state in blocking) + held_elsewhere_mib
+    headroom = total - settings.reserved_mib - held
     return Fit(
         fits=headroom >= needed,
         basis="budget",
         needed_mib=needed,
         available_mib=headroom,
         why=(
-            f"budget {total} total - {config.gpu.reserved_mib} reserved - {held} held "
+            f"budget {total} total - {settings.reserved_mib} reserved - {held} held "
             f"by non-coexisting residents = {headroom} MiB vs {needed} MiB"
         ),
     )
@@ -123,20 +132,25 @@ def rank_candidates(
     states: Iterable[ConsumerState],
     evicted: Iterable[str] = (),
     adapters: Adapters | None = None,
+    card: int | None = None,
 ) -> list[Candidate]:
     """
-    Every other consumer with the reason it may or may not be unloaded; the
-    eligible ones first, least recently used first (never used counts as
-    oldest, ties broken by name).  ``evicted`` were unloaded in earlier steps.
+    Every other consumer with the reason it may or may not be unloaded to
+    make room on ``card`` (any card when not given); the eligible ones first,
+    least recently used first (never used counts as oldest, ties broken by
+    name).  ``evicted`` were unloaded in earlier steps.
     """
     gone = set(evicted)
     candidates = []
     for state in states:
         if state.name == target:
             continue
-        reason = "unloaded in an earlier step" if state.name in gone else _ineligible(
-            config, target, state, adapters
-        )
+        if state.name in gone:
+            reason: str | None = "unloaded in an earlier step"
+        elif card is not None and card not in state.config.cards:
+            reason = f"not on card {card}"
+        else:
+            reason = _ineligible(config, target, state, adapters)
         candidates.append(
             Candidate(
                 name=state.name,
@@ -195,6 +209,8 @@ class Step:
     victim: Candidate | None
     #: None while there is a victim; else "fits", or why nothing more is unloaded.
     stop: str | None
+    #: The card this step makes room on.
+    card: int = 0
 
 def plan_step(
     config: Config,
@@ -204,26 +220,32 @@ def plan_step(
     already_evicted: Collection[str] = (),
     held_elsewhere_mib: int = 0,
     adapters: Adapters | None = None,
+    card: int | None = None,
 ) -> Step:
     """
-    The next step of making room for ``target``: the one decision both the
-    scheduler's real loop and the dry run take.  ``already_evicted`` were
-    unloaded in earlier steps of the same run; they count as gone whatever
-    the registry still believes, and at most :data:`MAX_EVICTIONS` are.
-    ``adapters`` are the daemon's resolved ones; without them (a test, a
-    one-off dry run) each is found by name.
+    The next step of making room for ``target`` on ``card`` (the first
+    managed card when not given): the one decision both the scheduler's real
+    loop and the dry run take.  ``sample`` is that card's.  ``already_evicted``
+    were unloaded in earlier steps of the same run; they count as gone
+    whatever the registry still believes, and at most :data:`MAX_EVICTIONS`
+    are.  ``adapters`` are the daemon's resolved ones; without them (a test,
+    a one-off dry run) each is found by name.
     """
+    card = config.card_indexes[0] if card is None else card
     resident = [s for s in states if s.resident and s.name not in already_evicted]
     fit = check_fit(
-        config, target.config, sample, resident, target.size_mib, held_elsewhere_mib
+        config, target.config, sample, resident, target.size_on(card), held_elsewhere_mib, card
     )
-    candidates = rank_candidates(config, target.name, states, already_evicted, adapters)
+    ranked_on = card if len(config.cards) > 1 else None
+    candidates = rank_candidates(
+        config, target.name, states, already_evicted, adapters, ranked_on
+    )
     if fit.fits:
-        return Step(fit, candidates, None, "fits")
+        return Step(fit, candidates, None, "fits", card)
     if len(already_evicted) >= MAX_EVICTIONS:
-        return Step(fit, candidates, None, f"still short after {MAX_EVICTIONS} evictions")
+        return Step(fit, candidates, None, f"still short after {MAX_EVICTIONS} evictions", card)
     victim = pick_victim(candidates)
-    return Step(fit, candidates, victim, None if victim else "nothing can be evicted")
+    return Step(fit, candidates, victim, None if victim else "nothing can be evicted", card)
 
 
 @attrs.frozen
@@ -249,30 +271,39 @@ def dry_run_plan(
     config: Config,
     registry: Registry,
     target: str,
-    sample: GpuSample,
+    samples: GpuSample | Mapping[int, GpuSample],
     adapters: Adapters | None = None,
 ) -> Plan:
     """
     What making room for ``target`` would do now, touching nothing: the
-    scheduler's own :func:`plan_step`, with each eviction assumed to free the
-    victim's declared (or measured) memory.
+    scheduler's own :func:`plan_step` on each of its cards in turn, with each
+    eviction assumed to free the victim's declared (or measured) memory on
+    every card it uses.  ``samples`` are each card's (one sample: the first
+    card's, on a one-card host).
     """
+    if isinstance(samples, GpuSample):
+        samples = {config.card_indexes[0]: samples}
     state = registry[target]
     skip = why_no_room_needed(state)
-    states = list(registry)
+    states = list(registry) if skip is None else []
     steps: list[Step] = []
     evict: list[str] = []
-    freed = 0
-    while skip is None:
-        step = plan_step(
-            config, states, state, _plus_free(sample, freed), evict,
-            registry.held_elsewhere_mib, adapters,
-        )
-        steps.append(step)
-        if step.victim is None:
-            break
-        evict.append(step.victim.name)
-        freed += registry[step.victim.name].size_mib
+    freed: dict[int, int] = {}
+    for card in state.config.cards if skip is None else ():
+        sample = samples.get(card, GpuSample())
+        held = registry.held_elsewhere_on(card)
+        while True:
+            step = plan_step(
+                config, states, state, _plus_free(sample, freed.get(card, 0)), evict,
+                held, adapters, card,
+            )
+            steps.append(step)
+            if step.victim is None:
+                break
+            evict.append(step.victim.name)
+            victim = registry[step.victim.name]
+            for its_card in victim.config.cards:
+                freed[its_card] = freed.get(its_card, 0) + victim.size_on(its_card)
     return Plan(
         target=target,
         skip_make_room=skip,

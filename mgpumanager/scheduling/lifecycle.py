@@ -1,20 +1,24 @@
 """
-Consumer lifecycle: make room on the card, then load the job's consumer.
+Consumer lifecycle: make room on the job's cards, then load the job's consumer.
 
-Runs as the scheduler's ``prepare`` step, so always with the GPU lock held: no
-consumer is ever unloaded while any job runs.  Each eviction is verified: an
-unload route answering 200 is not proof that the memory came back (CUDA frees
-it when the process's context goes), so we watch NVML until it does, and refuse
-to load anything on top of memory that never returned.
+Runs as the scheduler's ``prepare`` step, so always with the job's card locks
+held: no consumer is ever unloaded while a job runs on one of its cards.  Each
+eviction is verified on every card the victim used: an unload route answering
+200 is not proof that the memory came back (CUDA frees it when the process's
+context goes), so we watch NVML until it does, and refuse to load anything on
+top of memory that never returned.  Jobs on different cards may prepare at the
+same time; their making of room takes turns, so two of them never unload the
+same consumer (one on both their cards) at once.
 """
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping
 from typing import Protocol
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -31,7 +35,7 @@ from mgpumanager.scheduling.telemetry import (
     UNLOADED,
     Telemetry,
 )
-from mgpumanager.state.gpu import GpuSample, GpuSampler
+from mgpumanager.state.gpu import GpuReading, GpuSample, GpuSampler
 from mgpumanager.state.registry import ConsumerState, Registry
 
 log = Logger()
@@ -72,6 +76,8 @@ class Decision:
     #: "evict" for a make-room step; "timeout" for work given up on (the
     #: scheduler's own log adds "pick" entries beside these).
     type: str = "evict"
+    #: The card the step made room on (None: no card, a timeout).
+    card: int | None = None
 
 class Lifecycle:
     """
@@ -109,6 +115,7 @@ class Lifecycle:
         self.loads = 0
         self.failed_loads = 0
         self.decisions: collections.deque[Decision] = collections.deque(maxlen=DECISIONS_KEPT)
+        self._making_room = DeferredLock()
 
     def reconfigure(self, config: Config) -> None:
         """Work to a reloaded configuration from the next step on."""
@@ -118,33 +125,55 @@ class Lifecycle:
         """The scheduler's ``prepare`` step: make room for ``name``, then load it."""
         state = self._registry[name]
         if why_no_room_needed(state) is None:
-            await self._make_room(state)
+            await self._making_room.acquire()
+            try:
+                await self._make_room(state)
+            finally:
+                self._making_room.release()
         if not state.resident:
             await self._load(state)
 
     async def _make_room(self, target: ConsumerState) -> None:
-        """Carry out :func:`~mgpumanager.scheduling.eviction.plan_step` until it stops."""
+        """
+        Carry out :func:`~mgpumanager.scheduling.eviction.plan_step` on each of
+        the target's cards until it stops there.
+        """
         evicted: list[str] = []
         # One view of the consumers for the whole step, whatever a reload does
         # meanwhile: the plan never names a consumer it cannot find.
         config = self._config
         states = {state.name: state for state in self._registry}
+        for card in target.config.cards:
+            if not await self._make_room_on(card, target, config, states, evicted):
+                return
+
+    async def _make_room_on(
+        self,
+        card: int,
+        target: ConsumerState,
+        config: Config,
+        states: dict[str, ConsumerState],
+        evicted: list[str],
+    ) -> bool:
+        """Make room on one card; whether to go on to the target's next card."""
         while True:
-            sample = await self._sampler.sample()
+            samples = await self._sampler.sample_cards()
+            sample = samples.get(card, GpuSample())
             if why_no_room_needed(target) is not None:
-                return  # the fresh sample shows it loaded after all
+                return False  # the fresh sample shows it loaded after all
             step = plan_step(
                 config, list(states.values()), target, sample, evicted,
-                self._registry.held_elsewhere_mib, self._adapters,
+                self._registry.held_elsewhere_on(card), self._adapters, card,
             )
             if step.fit.fits:
-                return
+                return True
             decision = Decision(
                 time=self._clock.seconds(),
                 target=target.name,
                 fit=step.fit,
                 candidates=step.candidates,
                 victim=step.victim.name if step.victim else None,
+                card=card,
             )
             self.decisions.append(decision)
             if step.victim is None:
@@ -155,28 +184,22 @@ class Lifecycle:
                     why=step.fit.why,
                     outcome=decision.outcome,
                 )
-                return
+                return True
             log.info(
                 "evicting {victim} for {target}: {why}",
                 victim=step.victim.name,
                 target=target.name,
                 why=step.fit.why,
             )
-            await self._evict(states[step.victim.name], sample, decision)
+            await self._evict(states[step.victim.name], samples, decision)
             evicted.append(step.victim.name)
 
-    async def _evict(self, victim: ConsumerState, before: GpuSample, decision: Decision) -> None:
+    async def _evict(
+        self, victim: ConsumerState, before: Mapping[int, GpuSample], decision: Decision
+    ) -> None:
         started = self._clock.seconds()
         pids = self._pids.pids_of(victim.name)
-        # What it held just before: the memory that must come back.  Not its
-        # size (the most it ever held): a server that once held more would
-        # never seem to give enough back.
-        size = (
-            victim.measured_resident_mib
-            or victim.reported_resident_mib
-            or victim.config.vram_resident_mib
-            or victim.size_mib
-        )
+        sizes = held_before_unload(victim)
         try:
             timeout = self._config.lifecycle.unload_timeout_seconds
             adapter = self._adapters.of(victim.config)
@@ -194,7 +217,7 @@ class Lifecycle:
         decision.unload_ms = round((unloaded - started) * 1000)
         self._telemetry.unloaded(victim.name, unloaded - started)
         try:
-            recovered = await self._await_memory_back(size, before, pids)
+            recovered = await self._await_memory_back(sizes, before, pids)
         except CancelledError:
             decision.outcome = "unloaded; cancelled while waiting for the memory"
             raise
@@ -245,32 +268,28 @@ class Lifecycle:
         raise ApiError(UNLOAD_FAILED, message, victim.name)
 
     async def _await_memory_back(
-        self, declared: int, before: GpuSample, pids: frozenset[int]
+        self, sizes: Mapping[int, int], before: Mapping[int, GpuSample], pids: frozenset[int]
     ) -> int | bool | None:
         """
-        Poll the card until the victim's memory is back: the recovered MiB,
-        ``False`` if it never came back in time, ``None`` without NVML (after
-        a fixed settle).
+        Poll the victim's cards until its memory is back on every one: the
+        recovered MiB, ``False`` if it never came back in time, ``None``
+        without NVML (after a fixed settle).
         """
         lifecycle = self._config.lifecycle
-        baseline = before.reading
-        if baseline is None:
+        baselines = {card: before[card].reading for card in sizes if card in before}
+        if not baselines or any(reading is None for reading in baselines.values()):
             await self._sleep(lifecycle.settle_seconds)
             return None
-        held_before = sum(baseline.processes.get(pid, 0) for pid in pids)
         deadline = self._clock.seconds() + lifecycle.verify_timeout_seconds
         while True:
-            sample = await self._sampler.sample()
-            reading = sample.reading
-            if reading is not None:
-                recovered = reading.free_mib - baseline.free_mib
-                if recovered >= RECOVERED_SHARE * declared:
-                    return max(recovered, 0)
-                if held_before > 0:
-                    # NVML sees the victim's own processes: trust that directly.
-                    held_now = sum(reading.processes.get(pid, 0) for pid in pids)
-                    if held_now < LEFTOVER_SHARE * max(declared, held_before):
-                        return max(recovered, 0)
+            samples = await self._sampler.sample_cards()
+            back = [
+                memory_back(baseline, samples[card].reading, sizes[card], pids)
+                for card, baseline in baselines.items()
+                if baseline is not None and card in samples
+            ]
+            if len(back) == len(baselines) and all(mib is not None for mib in back):
+                return sum(mib for mib in back if mib is not None)
             if self._clock.seconds() >= deadline:
                 return False
             await self._sleep(lifecycle.verify_interval_seconds)
@@ -320,3 +339,46 @@ class Lifecycle:
 
     def _sleep(self, seconds: float) -> Deferred[None]:
         return deferLater(self._clock, seconds, lambda: None)
+
+
+def held_before_unload(victim: ConsumerState) -> dict[int, int]:
+    """
+    What the victim held on each of its cards just before its unload: the
+    memory that must come back.  Not its size (the most it ever held): a
+    server that once held more would never seem to give enough back.
+    """
+    if len(victim.config.cards) == 1:
+        size = (
+            victim.measured_resident_mib
+            or victim.reported_resident_mib
+            or victim.config.vram_resident_mib
+            or victim.size_mib
+        )
+        return {victim.config.cards[0]: size}
+    measured = victim.measured_by_card or {}
+    return {
+        card: measured.get(card) or victim.config.vram_mib_on(card) or victim.size_on(card)
+        for card in victim.config.cards
+    }
+
+
+def memory_back(
+    baseline: GpuReading, reading: GpuReading | None, declared: int, pids: frozenset[int]
+) -> int | None:
+    """
+    The MiB a card got back since ``baseline``, once that counts as the
+    victim's memory returned (enough of it free again, or its processes
+    hardly holding any); None while it does not.
+    """
+    if reading is None:
+        return None
+    recovered = reading.free_mib - baseline.free_mib
+    if recovered >= RECOVERED_SHARE * declared:
+        return max(recovered, 0)
+    held_before = sum(baseline.processes.get(pid, 0) for pid in pids)
+    if held_before > 0:
+        # NVML sees the victim's own processes: trust that directly.
+        held_now = sum(reading.processes.get(pid, 0) for pid in pids)
+        if held_now < LEFTOVER_SHARE * max(declared, held_before):
+            return max(recovered, 0)
+    return None

@@ -152,6 +152,20 @@ class ConsumerState:
         """
         return self.config.systemd_unit is not None and not self.resident
 
+    def size_on(self, card: int) -> int:
+        """
+        What it takes on ``card``, as a victim and as a target: :attr:`size_mib`
+        when it uses that card alone; else the larger of its declared size there
+        and what it was measured holding there.
+        """
+        cards = self.config.cards
+        if card not in cards:
+            return 0
+        if len(cards) == 1:
+            return self.size_mib
+        measured = self.measured_by_card.get(card, 0) if self.measured_by_card else 0
+        return max(self.config.vram_mib_on(card), measured)
+
     def mark_loaded(self, loaded: bool, now: float) -> None:
         """Record our own load/unload; a stale report must not contradict it."""
         self.believed_loaded = loaded
@@ -181,6 +195,8 @@ class Holder:
     #: only sign that its memory went.
     removed_at: float = 0.0
     card_used_mib: int | None = None
+    #: The cards it used.
+    cards: frozenset[int] = frozenset({0})
 
 
 class Registry:
@@ -256,7 +272,8 @@ class Registry:
             state = self._states[name]
             if state.resident and state.size_mib > 0:
                 self.holders[name] = Holder(
-                    name, state.size_mib, pids_of(name), now, card_used_mib
+                    name, state.size_mib, pids_of(name), now, card_used_mib,
+                    frozenset(state.config.cards),
                 )
         self.config = config
         self._states = states
@@ -266,6 +283,10 @@ class Registry:
     def held_elsewhere_mib(self) -> int:
         """Memory the budget must count that no consumer of ours holds."""
         return sum(holder.size_mib for holder in self.holders.values())
+
+    def held_elsewhere_on(self, card: int) -> int:
+        """What :attr:`held_elsewhere_mib` holds on ``card``."""
+        return sum(holder.size_mib for holder in self.holders.values() if card in holder.cards)
 
     def release_holders(self, processes: Mapping[int, int], now: float = 0.0) -> list[str]:
         """

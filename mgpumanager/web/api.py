@@ -166,9 +166,9 @@ class ManagerApp:
         consumer, _ = target
 
         async def dry_run() -> bytes:
-            sample = await self._sampler.sample()
+            samples = await self._sampler.sample_cards()
             plan = dry_run_plan(
-                self._config, self._registry, consumer.name, sample, self._adapters
+                self._config, self._registry, consumer.name, samples, self._adapters
             )
             return json_body(request, {"kind": kind, **plan_document(plan)})
 
