@@ -15,11 +15,14 @@ In one run it starts, on 127.0.0.1 ephemeral ports:
   HTTP/1.1, buffering off both ways);
 - the daemon, ``twistd -n mgpumanager``, routing tts -> fast, llm -> stream,
   stt -> large, image -> slow, every POST through the GPU lock;
+- the design card's bare prototype (bench/prototype.py: a Klein route, one
+  DeferredLock, treq to the upstream), routing the same kinds the same way;
 
-and measures the same workload directly, through nginx and through the daemon, in
-alternating rounds (the order of the three rotates every round) so that noise hits all
-three alike. It prints one table per section with the median and [min..max] over
-rounds, the targets and PASS/MISS. It exits 0 when it could measure, whatever the
+and measures the same workload directly, through nginx, through the daemon and through
+the prototype, in alternating rounds (their order rotates every round) so that noise
+hits them alike. The daemon's CPU per request is reported as a ratio to the
+prototype's in the same round. It prints one table per section with the median and
+[min..max] over rounds, the targets and PASS/MISS. It exits 0 when it could measure, whatever the
 targets say; non-zero only when the harness itself failed.
 """
 
@@ -53,6 +56,10 @@ MB = 1_000_000
 MIB = 1 << 20
 CONCURRENCIES = (1, 8, 64)
 QUEUED = 64
+#: The route-table issue's target for daemon CPU / prototype CPU per request at c=1,
+#: and the goal beyond it.
+PROTOTYPE_RATIO_TARGET = 0.85
+PROTOTYPE_RATIO_GOAL = 0.6
 
 
 class TimeLimitReached(Exception):
@@ -201,12 +208,17 @@ SDK_PATH = "/v1/chat/completions"
 
 @dataclass
 class Way:
-    """Direct, through nginx, or through the daemon: where each kind of request goes."""
+    """
+    Direct, through nginx, the daemon or the prototype: where each kind of request goes.
+    ``transfers``: whether it takes part in the large-body section (the prototype does
+    not: ``treq.collect`` has no backpressure, by design of the card).
+    """
 
     name: str
     routes: dict[str, tuple[int, str]]
     cpu_pid: int | None
     rss_pid: int | None
+    transfers: bool = True
 
     def port(self, kind: str) -> int:
         return self.routes[kind][0]
@@ -295,6 +307,12 @@ class Bench:
         }
         self.daemon = servers.Daemon("daemon", self.daemon_config, self.workdir, self.children)
         self.daemon.start()
+        self.prototype = servers.Prototype(self.workdir, self.children, {
+            "tts": f"http://{servers.HOST}:{fast_port}/api/tts",
+            "llm": f"http://{servers.HOST}:{stream_port}/api/generate",
+            "stt": f"http://{servers.HOST}:{large_port}/large",
+        })
+        self.prototype.wait()
 
         self.wrk_script = self.workdir / "post.lua"
         self.wrk_script.write_text(WRK_SCRIPT)
@@ -313,9 +331,13 @@ class Bench:
                 cpu_pid=self.proxy.worker_pid, rss_pid=self.proxy.worker_pid),
             Way("daemon", {kind: (daemon_port, f"/v1/{kind}") for kind in ("tts", "llm", "stt")},
                 cpu_pid=self.daemon.pid, rss_pid=self.daemon.pid),
+            Way("prototype",
+                {kind: (self.prototype.port, f"/v1/{kind}") for kind in ("tts", "llm", "stt")},
+                cpu_pid=self.prototype.pid, rss_pid=self.prototype.pid, transfers=False),
         ]
         self.log(f"up: nginx fast :{fast_port}, stream :{stream_port}, large :{large_port}, "
-                 f"slow :{self.slow_port}, nginx proxy :{proxy_port}, daemon :{daemon_port}")
+                 f"slow :{self.slow_port}, nginx proxy :{proxy_port}, daemon :{daemon_port}, "
+                 f"prototype :{self.prototype.port}")
 
     def warm_up(self) -> None:
         """Every way answers every kind before anything is measured (probes included)."""
@@ -331,6 +353,8 @@ class Bench:
             for _ in range(50):
                 clients.post(way.port("tts"), way.path("tts"))
             clients.stream(way.port("llm"), way.path("llm", "lines=3&interval_ms=1"))
+            if not way.transfers:
+                continue
             got, _ = clients.download(way.port("stt"), way.path("stt", f"mode=down&bytes={MIB}"))
             sent, _ = clients.upload(way.port("stt"), way.path("stt", "mode=up"), MIB)
             if got != MIB or sent != MIB:
@@ -357,12 +381,22 @@ class Bench:
                 if pid and outcome.requests:
                     results.add(f"{key}.cpu_ms", (after - before) * 1000 / outcome.requests)
                 p50[way.name], p99[way.name] = outcome.p50_ms, outcome.p99_ms
-                self.log(f"round {index + 1} c={connections:<2} {way.name:<6} "
+                self.log(f"round {index + 1} c={connections:<2} {way.name:<9} "
                          f"{outcome.rps:9.0f} req/s  p50 {outcome.p50_ms:7.3f} ms  "
                          f"p99 {outcome.p99_ms:7.3f} ms  errors {outcome.errors}")
-            for name in ("nginx", "daemon"):
+            for name in ("nginx", "daemon", "prototype"):
                 results.add(f"wrk.c{connections}.{name}.added_p50", p50[name] - p50["direct"])
                 results.add(f"wrk.c{connections}.{name}.added_p99", p99[name] - p99["direct"])
+            daemon_cpu = results.get(f"wrk.c{connections}.daemon.cpu_ms")
+            prototype_cpu = results.get(f"wrk.c{connections}.prototype.cpu_ms")
+            # The same round's pair: a ratio of medians would mix rounds that noise hit
+            # differently.
+            if len(daemon_cpu) == len(prototype_cpu) == index + 1 and prototype_cpu[-1] > 0:
+                ratio = daemon_cpu[-1] / prototype_cpu[-1]
+                results.add(f"wrk.c{connections}.ratio", ratio)
+                self.log(f"round {index + 1} c={connections:<2} daemon CPU/request "
+                         f"{daemon_cpu[-1] * 1000:.0f} us, prototype "
+                         f"{prototype_cpu[-1] * 1000:.0f} us: {ratio:.2f}x")
         self.sdk_round(index)
 
     def sdk_round(self, index: int) -> None:
@@ -410,7 +444,7 @@ class Bench:
             }
             for metric, value in figures[way.name].items():
                 self.results.add(f"stream.{way.name}.{metric}", value)
-        for name in ("nginx", "daemon"):
+        for name in ("nginx", "daemon", "prototype"):
             for metric, value in figures[name].items():
                 self.results.add(f"stream.{name}.added_{metric}",
                                  value - figures["direct"][metric])
@@ -424,7 +458,7 @@ class Bench:
 
     def transfer_round(self, index: int) -> None:
         size = self.options.transfer_bytes
-        for way in rotated(self.ways, index):
+        for way in rotated([way for way in self.ways if way.transfers], index):
             with self.sampling(way.rss_pid) as sampler:
                 got, seconds = clients.download(way.port("stt"),
                                                 way.path("stt", f"mode=down&bytes={size}"))
@@ -559,8 +593,9 @@ class Bench:
 
     def round_estimate(self) -> float:
         options = self.options
-        return ((len(CONCURRENCIES) * 3 + len(SDK_CONCURRENCIES) * 2) * (options.duration + 0.4)
-                + 3 * options.streams * 1.1 + 12 + options.slow_bytes / options.slow_rate + 4)
+        runs = len(CONCURRENCIES) * len(self.ways) + len(SDK_CONCURRENCIES) * 2
+        return (runs * (options.duration + 0.4) + len(self.ways) * options.streams * 1.1
+                + 12 + options.slow_bytes / options.slow_rate + 4)
 
     def run(self) -> None:
         options = self.options
@@ -628,7 +663,7 @@ class Bench:
             ["wrk", wrk_version()],
             ["rounds", f"{getattr(self, 'rounds_done', 0)} of {options.rounds}"
                        + (f" ({self.info['rounds_cut']})" if "rounds_cut" in self.info else "")
-                       + "; the order of direct/nginx/daemon rotates each round"],
+                       + "; the order of direct/nginx/daemon/prototype rotates each round"],
             ["wrk run", f"{options.duration:g} s each, threads = min(c, 2), POST 17-byte JSON"],
             ["cells", "median [min..max] over rounds"],
         ]
@@ -652,13 +687,27 @@ class Bench:
                             "server CPU ms/req", "errors"], rows, left=2))
         parts.append("server CPU = utime+stime from /proc/<pid>/stat over the wrk run / requests:"
                      "\n  direct = the upstream nginx worker, nginx = the proxy nginx worker, "
-                     "daemon = the twistd process.\nadded = this path's p50 minus direct's p50 "
+                     "daemon = the twistd process,\n  prototype = the card's bare prototype's "
+                     "process.\nadded = this path's p50 minus direct's p50 "
                      "in the same round (every daemon request takes the GPU lock).")
+        rows = [[str(connections),
+                 results.cell(f"wrk.c{connections}.daemon.cpu_ms", 0, scale=1000),
+                 results.cell(f"wrk.c{connections}.prototype.cpu_ms", 0, scale=1000),
+                 results.cell(f"wrk.c{connections}.ratio", 2)]
+                for connections in CONCURRENCIES]
+        parts.append(table(["c", "daemon CPU us/req", "prototype CPU us/req",
+                            "daemon / prototype"], rows))
+        parts.append("The ratio is taken within each round (both ran in it), then its median "
+                     "over rounds;\n  the prototype has no access log, metrics, guard, policy "
+                     "or Server-Timing.")
         for connections in CONCURRENCIES:
             results.target("1", f"daemon CPU per request, c={connections}",
                            f"wrk.c{connections}.daemon.cpu_ms", 0.9, "ms")
         results.target("1", "daemon added p50 latency, c=1", "wrk.c1.daemon.added_p50", 1.0,
                        "ms")
+        results.target("1", f"daemon CPU / the prototype's, c=1 (goal "
+                       f"{PROTOTYPE_RATIO_GOAL:g}x)", "wrk.c1.ratio", PROTOTYPE_RATIO_TARGET,
+                       "x the prototype")
         parts.append(targets_table(results, "1"))
 
         parts.append(heading(f"1b. The openai SDK's request shape: POST {SDK_PATH} "
@@ -711,7 +760,7 @@ class Bench:
                              f"and {size_mb} MB up"))
         rows = []
         for direction in ("down", "up"):
-            for way in self.ways:
+            for way in (way for way in self.ways if way.transfers):
                 key = f"big.{direction}.{way.name}"
                 rows.append([f"{size_mb} MB {direction}", way.name,
                              results.cell(f"{key}.mbps", 0),
