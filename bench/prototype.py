@@ -17,6 +17,7 @@ import treq
 from klein import Klein
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredLock
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.server import Request, Site
 
@@ -45,12 +46,12 @@ class Prototype:
         try:
             content_type = request.getHeader(b"content-type") or b"application/json"
             response: Any = await treq.request(
-                "POST", url, data=request.content, headers={b"content-type": content_type})
+                "POST", url, data=request.content,
+                headers=Headers({b"content-type": [content_type]}))
             request.setResponseCode(response.code)
-            for name in (b"content-type",):
-                values = response.headers.getRawHeaders(name)
-                if values:
-                    request.responseHeaders.setRawHeaders(name, values)
+            answer_type = response.headers.getRawHeaders(b"content-type")
+            if answer_type:
+                request.responseHeaders.setRawHeaders(b"content-type", answer_type)
             if response.length is not UNKNOWN_LENGTH:
                 request.setHeader(b"content-length", b"%d" % response.length)
             await treq.collect(response, request.write)
@@ -70,7 +71,7 @@ def main(argv: list[str]) -> None:
     port = int(argv[0])
     upstreams = dict(pair.split("=", 1) for pair in argv[1:])
     site = QuietSite(Prototype(upstreams).app.resource())
-    reactor.listenTCP(port, site, interface=HOST)  # type: ignore[attr-defined]
+    reactor.listenTCP(port, site, interface=HOST)  # type: ignore[attr-defined,arg-type]
     reactor.run()  # type: ignore[attr-defined]
 
 

@@ -60,6 +60,8 @@ QUEUED = 64
 #: and the goal beyond it.
 PROTOTYPE_RATIO_TARGET = 0.85
 PROTOTYPE_RATIO_GOAL = 0.6
+#: The report's sections, in order; ``--sections`` picks some.
+SECTIONS = ("1", "1b", "2", "3", "4", "5")
 
 
 class TimeLimitReached(Exception):
@@ -80,6 +82,7 @@ class Options:
     slow_rate: float
     status_gets: int
     idle_window: float
+    sections: frozenset[str] = frozenset(SECTIONS)
 
 
 def parse_options(argv: list[str] | None = None) -> Options:
@@ -97,7 +100,13 @@ def parse_options(argv: list[str] | None = None) -> Options:
                         help="skip the idle CPU measurement (60 s)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temp dir (configs and logs) and print its path")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="the sections to run, comma-separated (default all: "
+                             f"{','.join(SECTIONS)}); e.g. --sections 1 for CPU per request")
     args = parser.parse_args(argv)
+    sections = frozenset(name.strip() for name in args.sections.split(",") if name.strip())
+    if not sections or not sections <= set(SECTIONS):
+        parser.error(f"--sections takes some of {','.join(SECTIONS)}")
     quick: bool = args.quick
     rounds = args.rounds if args.rounds is not None else (1 if quick else 3)
     duration = args.duration if args.duration is not None else (2.0 if quick else 5.0)
@@ -116,6 +125,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         slow_rate=10 * MB,
         status_gets=100 if quick else 200,
         idle_window=15.0 if quick else 60.0,
+        sections=sections,
     )
 
 
@@ -397,7 +407,6 @@ class Bench:
                 self.log(f"round {index + 1} c={connections:<2} daemon CPU/request "
                          f"{daemon_cpu[-1] * 1000:.0f} us, prototype "
                          f"{prototype_cpu[-1] * 1000:.0f} us: {ratio:.2f}x")
-        self.sdk_round(index)
 
     def sdk_round(self, index: int) -> None:
         """The openai SDK's request shape, through /v1/chat/completions, against direct."""
@@ -593,9 +602,12 @@ class Bench:
 
     def round_estimate(self) -> float:
         options = self.options
-        runs = len(CONCURRENCIES) * len(self.ways) + len(SDK_CONCURRENCIES) * 2
-        return (runs * (options.duration + 0.4) + len(self.ways) * options.streams * 1.1
-                + 12 + options.slow_bytes / options.slow_rate + 4)
+        sections = options.sections
+        runs = (len(CONCURRENCIES) * len(self.ways) * ("1" in sections)
+                + len(SDK_CONCURRENCIES) * 2 * ("1b" in sections))
+        return (runs * (options.duration + 0.4)
+                + len(self.ways) * options.streams * 1.1 * ("2" in sections)
+                + (12 + options.slow_bytes / options.slow_rate) * ("3" in sections) + 4)
 
     def run(self) -> None:
         options = self.options
@@ -604,7 +616,8 @@ class Bench:
         self.warm_up()
         assert self.daemon is not None
         self.results.add("mem.start.rss", procfs.memory_kib(self.daemon.pid)["VmRSS"] / 1024)
-        reserve = 10.0 + (0 if options.skip_idle else options.idle_window + 12)
+        idle = "5" in options.sections and not options.skip_idle
+        reserve = 10.0 + (options.idle_window + 12 if idle else 0)
         estimate = self.round_estimate()
         done = 0
         for index in range(options.rounds):
@@ -614,11 +627,13 @@ class Bench:
                 self.info["rounds_cut"] = f"stopped by --time-limit after {done} rounds"
                 break
             started = time.monotonic()
-            for phase, body in (("throughput", self.throughput_round),
-                                ("streaming", self.streaming_round),
-                                ("large bodies", self.transfer_round),
-                                ("/v1/status", self.status_round)):
-                self.guarded(f"round {index + 1} {phase}", body, index)
+            for phase, section, body in (("throughput", "1", self.throughput_round),
+                                         ("openai SDK", "1b", self.sdk_round),
+                                         ("streaming", "2", self.streaming_round),
+                                         ("large bodies", "3", self.transfer_round),
+                                         ("/v1/status", "4", self.status_round)):
+                if section in options.sections:
+                    self.guarded(f"round {index + 1} {phase}", body, index)
             done += 1
             estimate = max(estimate, time.monotonic() - started)
         self.rounds_done = done
@@ -629,7 +644,9 @@ class Bench:
         else:
             self.results.errors.append(f"the daemon died:\n{servers.tail(self.daemon.log)}")
         self.daemon.stop()
-        if options.skip_idle:
+        if "5" not in options.sections:
+            pass
+        elif options.skip_idle:
             self.info["idle_skipped"] = "--skip-idle"
         elif self.left() < options.idle_window + 12:
             self.info["idle_skipped"] = "not enough --time-limit left"
@@ -671,6 +688,22 @@ class Bench:
             rows.append(["mode", "--quick (smoke run: fewer rounds, shorter runs)"])
         parts.append(table(["machine", ""], rows, left=2))
 
+        for section in SECTIONS:
+            if section in options.sections:
+                getattr(self, f"report_{section}")(parts)
+
+        parts.append(heading("Summary"))
+        parts.append(targets_table(results))
+        verdicts = [results.verdict(target)[1] for target in results.targets]
+        parts.append(f"{verdicts.count('PASS')} PASS, {verdicts.count('MISS')} MISS, "
+                     f"{verdicts.count('NOT MEASURED')} not measured")
+        if results.errors:
+            parts.append(heading("Harness problems"))
+            parts.extend(f"- {error}" for error in results.errors)
+        return "\n".join(part for part in parts if part)
+
+    def report_1(self, parts: list[str]) -> None:
+        results = self.results
         parts.append(heading("1. Requests/s and latency: POST /v1/tts -> fast upstream "
                              "(nginx return 200)"))
         rows = []
@@ -710,6 +743,8 @@ class Bench:
                        "x the prototype")
         parts.append(targets_table(results, "1"))
 
+    def report_1b(self, parts: list[str]) -> None:
+        results = self.results
         parts.append(heading(f"1b. The openai SDK's request shape: POST {SDK_PATH} "
                              "-> fast upstream"))
         rows = []
@@ -732,6 +767,9 @@ class Bench:
                        "sdk.c1.daemon.added_p50", 1.0, "ms")
         parts.append(targets_table(results, "1b"))
 
+    def report_2(self, parts: list[str]) -> None:
+        results = self.results
+        options = self.options
         parts.append(heading("2. Streaming: POST /v1/llm -> 20 NDJSON lines 50 ms apart "
                              f"({options.streams} streams per path per round)"))
         rows = []
@@ -755,6 +793,9 @@ class Bench:
                        "|<=|")
         parts.append(targets_table(results, "2"))
 
+    def report_3(self, parts: list[str]) -> None:
+        results = self.results
+        options = self.options
         size_mb = options.transfer_bytes // MB
         parts.append(heading(f"3. Large bodies and memory: POST /v1/stt, {size_mb} MB down "
                              f"and {size_mb} MB up"))
@@ -793,6 +834,9 @@ class Bench:
                        "MiB")
         parts.append(targets_table(results, "3"))
 
+    def report_4(self, parts: list[str]) -> None:
+        results = self.results
+        options = self.options
         parts.append(heading(f"4. GET /v1/status while {QUEUED} jobs wait on the GPU lock "
                              f"({options.status_gets} sequential GETs, one keep-alive "
                              "connection)"))
@@ -810,6 +854,8 @@ class Bench:
         results.target("4", f"/v1/status p99, {QUEUED} queued", "status.queued.p99", 10.0, "ms")
         parts.append(targets_table(results, "4"))
 
+    def report_5(self, parts: list[str]) -> None:
+        results = self.results
         parts.append(heading("5. Idle: four consumers probed every 5 s, NVML sampled every 2 s"))
         if "idle_skipped" in self.info:
             parts.append(f"skipped: {self.info['idle_skipped']}")
@@ -824,16 +870,6 @@ class Bench:
                          f"{self.info.get('idle_nvml', '')}.")
             results.target("5", "idle CPU", "idle.percent", 1.0, "% of a core", "<")
             parts.append(targets_table(results, "5"))
-
-        parts.append(heading("Summary"))
-        parts.append(targets_table(results))
-        verdicts = [results.verdict(target)[1] for target in results.targets]
-        parts.append(f"{verdicts.count('PASS')} PASS, {verdicts.count('MISS')} MISS, "
-                     f"{verdicts.count('NOT MEASURED')} not measured")
-        if results.errors:
-            parts.append(heading("Harness problems"))
-            parts.extend(f"- {error}" for error in results.errors)
-        return "\n".join(part for part in parts if part)
 
 
 def wrk_version() -> str:
