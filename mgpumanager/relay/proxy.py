@@ -114,14 +114,18 @@ class ConsumerProxy:
         """
         return Deferred.fromCoroutine(self._relay(request, consumer, method, path, cap))
 
-    async def _send(
+    def _send(
         self, request: Request, consumer: ConsumerConfig, method: str, url: bytes, headers: Any
-    ) -> IResponse:
+    ) -> Deferred[IResponse]:
         """
         Send the request; once more, on another connection, when the first
         failed before a byte of it was written (``RequestNotSent``: the pooled
         connection was already closing).  Anything later might have reached
         the consumer, and a POST is never delivered twice.
+
+        An errback rather than a coroutine: it runs on every request, and a
+        coroutine's Deferred is a layer more to start and resume.  Cancelling
+        the result cancels whichever attempt is under way.
         """
 
         def send() -> Deferred[IResponse]:
@@ -131,11 +135,12 @@ class ConsumerProxy:
                 body = FileBodyProducer(request.content)
             return self._agent_for(consumer).request(method.encode("ascii"), url, headers, body)
 
-        try:
-            return await send()
-        except RequestNotSent:
+        def again(failure: Failure) -> Deferred[IResponse]:
+            failure.trap(RequestNotSent)
             log.info("upstream {name}: request never sent; sending it again", name=consumer.name)
-            return await send()
+            return send()
+
+        return send().addErrback(again)
 
     async def _relay(
         self, request: Request, consumer: ConsumerConfig, method: str, path: str, cap: int
@@ -150,7 +155,7 @@ class ConsumerProxy:
         timeouts = consumer.timeouts
         try:
             response: IResponse = await within(
-                Deferred.fromCoroutine(self._send(request, consumer, method, url, headers)),
+                self._send(request, consumer, method, url, headers),
                 timeouts.response_seconds,
                 self._clock,
                 f"upstream {consumer.name}",
