@@ -244,7 +244,8 @@ def dry_run_plan(config: Config, registry: Registry, target: str, sample: GpuSam
     """
     state = registry[target]
     skip = why_no_room_needed(state)
-    states = list(registry)
+    # Asked at every pick: most targets skip making room, and need no list of states.
+    states = list(registry) if skip is None else []
     steps: list[Step] = []
     evict: list[str] = []
     freed = 0
