@@ -46,8 +46,9 @@ class Results:
         values = self.get(key)
         return statistics.median(values) if values else None
 
-    def cell(self, key: str, digits: int = 2) -> str:
-        values = self.get(key)
+    def cell(self, key: str, digits: int = 2, scale: float = 1.0) -> str:
+        """The median and [min..max] of ``key``, each times ``scale`` (ms to us: 1000)."""
+        values = [value * scale for value in self.get(key)]
         if not values:
             return "-"
         middle = f"{statistics.median(values):.{digits}f}"

@@ -15,11 +15,14 @@ In one run it starts, on 127.0.0.1 ephemeral ports:
   HTTP/1.1, buffering off both ways);
 - the daemon, ``twistd -n mgpumanager``, routing tts -> fast, llm -> stream,
   stt -> large, image -> slow, every POST through the GPU lock;
+- the design card's bare prototype (bench/prototype.py: a Klein route, one
+  DeferredLock, treq to the upstream), routing the same kinds the same way;
 
-and measures the same workload directly, through nginx and through the daemon, in
-alternating rounds (the order of the three rotates every round) so that noise hits all
-three alike. It prints one table per section with the median and [min..max] over
-rounds, the targets and PASS/MISS. It exits 0 when it could measure, whatever the
+and measures the same workload directly, through nginx, through the daemon and through
+the prototype, in alternating rounds (their order rotates every round) so that noise
+hits them alike. The daemon's CPU per request is reported as a ratio to the
+prototype's in the same round. It prints one table per section with the median and
+[min..max] over rounds, the targets and PASS/MISS. It exits 0 when it could measure, whatever the
 targets say; non-zero only when the harness itself failed.
 """
 
@@ -53,6 +56,12 @@ MB = 1_000_000
 MIB = 1 << 20
 CONCURRENCIES = (1, 8, 64)
 QUEUED = 64
+#: The route-table issue's target for daemon CPU / prototype CPU per request at c=1,
+#: and the goal beyond it.
+PROTOTYPE_RATIO_TARGET = 0.85
+PROTOTYPE_RATIO_GOAL = 0.6
+#: The report's sections, in order; ``--sections`` picks some.
+SECTIONS = ("1", "1b", "2", "3", "4", "5")
 
 
 class TimeLimitReached(Exception):
@@ -73,6 +82,7 @@ class Options:
     slow_rate: float
     status_gets: int
     idle_window: float
+    sections: frozenset[str] = frozenset(SECTIONS)
 
 
 def parse_options(argv: list[str] | None = None) -> Options:
@@ -90,7 +100,13 @@ def parse_options(argv: list[str] | None = None) -> Options:
                         help="skip the idle CPU measurement (60 s)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temp dir (configs and logs) and print its path")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="the sections to run, comma-separated (default all: "
+                             f"{','.join(SECTIONS)}); e.g. --sections 1 for CPU per request")
     args = parser.parse_args(argv)
+    sections = frozenset(name.strip() for name in args.sections.split(",") if name.strip())
+    if not sections or not sections <= set(SECTIONS):
+        parser.error(f"--sections takes some of {','.join(SECTIONS)}")
     quick: bool = args.quick
     rounds = args.rounds if args.rounds is not None else (1 if quick else 3)
     duration = args.duration if args.duration is not None else (2.0 if quick else 5.0)
@@ -109,6 +125,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         slow_rate=10 * MB,
         status_gets=100 if quick else 200,
         idle_window=15.0 if quick else 60.0,
+        sections=sections,
     )
 
 
@@ -201,12 +218,17 @@ SDK_PATH = "/v1/chat/completions"
 
 @dataclass
 class Way:
-    """Direct, through nginx, or through the daemon: where each kind of request goes."""
+    """
+    Direct, through nginx, the daemon or the prototype: where each kind of request goes.
+    ``transfers``: whether it takes part in the large-body section (the prototype does
+    not: ``treq.collect`` has no backpressure, by design of the card).
+    """
 
     name: str
     routes: dict[str, tuple[int, str]]
     cpu_pid: int | None
     rss_pid: int | None
+    transfers: bool = True
 
     def port(self, kind: str) -> int:
         return self.routes[kind][0]
@@ -295,6 +317,12 @@ class Bench:
         }
         self.daemon = servers.Daemon("daemon", self.daemon_config, self.workdir, self.children)
         self.daemon.start()
+        self.prototype = servers.Prototype(self.workdir, self.children, {
+            "tts": f"http://{servers.HOST}:{fast_port}/api/tts",
+            "llm": f"http://{servers.HOST}:{stream_port}/api/generate",
+            "stt": f"http://{servers.HOST}:{large_port}/large",
+        })
+        self.prototype.wait()
 
         self.wrk_script = self.workdir / "post.lua"
         self.wrk_script.write_text(WRK_SCRIPT)
@@ -313,9 +341,13 @@ class Bench:
                 cpu_pid=self.proxy.worker_pid, rss_pid=self.proxy.worker_pid),
             Way("daemon", {kind: (daemon_port, f"/v1/{kind}") for kind in ("tts", "llm", "stt")},
                 cpu_pid=self.daemon.pid, rss_pid=self.daemon.pid),
+            Way("prototype",
+                {kind: (self.prototype.port, f"/v1/{kind}") for kind in ("tts", "llm", "stt")},
+                cpu_pid=self.prototype.pid, rss_pid=self.prototype.pid, transfers=False),
         ]
         self.log(f"up: nginx fast :{fast_port}, stream :{stream_port}, large :{large_port}, "
-                 f"slow :{self.slow_port}, nginx proxy :{proxy_port}, daemon :{daemon_port}")
+                 f"slow :{self.slow_port}, nginx proxy :{proxy_port}, daemon :{daemon_port}, "
+                 f"prototype :{self.prototype.port}")
 
     def warm_up(self) -> None:
         """Every way answers every kind before anything is measured (probes included)."""
@@ -331,6 +363,8 @@ class Bench:
             for _ in range(50):
                 clients.post(way.port("tts"), way.path("tts"))
             clients.stream(way.port("llm"), way.path("llm", "lines=3&interval_ms=1"))
+            if not way.transfers:
+                continue
             got, _ = clients.download(way.port("stt"), way.path("stt", f"mode=down&bytes={MIB}"))
             sent, _ = clients.upload(way.port("stt"), way.path("stt", "mode=up"), MIB)
             if got != MIB or sent != MIB:
@@ -357,13 +391,22 @@ class Bench:
                 if pid and outcome.requests:
                     results.add(f"{key}.cpu_ms", (after - before) * 1000 / outcome.requests)
                 p50[way.name], p99[way.name] = outcome.p50_ms, outcome.p99_ms
-                self.log(f"round {index + 1} c={connections:<2} {way.name:<6} "
+                self.log(f"round {index + 1} c={connections:<2} {way.name:<9} "
                          f"{outcome.rps:9.0f} req/s  p50 {outcome.p50_ms:7.3f} ms  "
                          f"p99 {outcome.p99_ms:7.3f} ms  errors {outcome.errors}")
-            for name in ("nginx", "daemon"):
+            for name in ("nginx", "daemon", "prototype"):
                 results.add(f"wrk.c{connections}.{name}.added_p50", p50[name] - p50["direct"])
                 results.add(f"wrk.c{connections}.{name}.added_p99", p99[name] - p99["direct"])
-        self.sdk_round(index)
+            daemon_cpu = results.get(f"wrk.c{connections}.daemon.cpu_ms")
+            prototype_cpu = results.get(f"wrk.c{connections}.prototype.cpu_ms")
+            # The same round's pair: a ratio of medians would mix rounds that noise hit
+            # differently.
+            if len(daemon_cpu) == len(prototype_cpu) == index + 1 and prototype_cpu[-1] > 0:
+                ratio = daemon_cpu[-1] / prototype_cpu[-1]
+                results.add(f"wrk.c{connections}.ratio", ratio)
+                self.log(f"round {index + 1} c={connections:<2} daemon CPU/request "
+                         f"{daemon_cpu[-1] * 1000:.0f} us, prototype "
+                         f"{prototype_cpu[-1] * 1000:.0f} us: {ratio:.2f}x")
 
     def sdk_round(self, index: int) -> None:
         """The openai SDK's request shape, through /v1/chat/completions, against direct."""
@@ -410,7 +453,7 @@ class Bench:
             }
             for metric, value in figures[way.name].items():
                 self.results.add(f"stream.{way.name}.{metric}", value)
-        for name in ("nginx", "daemon"):
+        for name in ("nginx", "daemon", "prototype"):
             for metric, value in figures[name].items():
                 self.results.add(f"stream.{name}.added_{metric}",
                                  value - figures["direct"][metric])
@@ -424,7 +467,7 @@ class Bench:
 
     def transfer_round(self, index: int) -> None:
         size = self.options.transfer_bytes
-        for way in rotated(self.ways, index):
+        for way in rotated([way for way in self.ways if way.transfers], index):
             with self.sampling(way.rss_pid) as sampler:
                 got, seconds = clients.download(way.port("stt"),
                                                 way.path("stt", f"mode=down&bytes={size}"))
@@ -559,8 +602,12 @@ class Bench:
 
     def round_estimate(self) -> float:
         options = self.options
-        return ((len(CONCURRENCIES) * 3 + len(SDK_CONCURRENCIES) * 2) * (options.duration + 0.4)
-                + 3 * options.streams * 1.1 + 12 + options.slow_bytes / options.slow_rate + 4)
+        sections = options.sections
+        runs = (len(CONCURRENCIES) * len(self.ways) * ("1" in sections)
+                + len(SDK_CONCURRENCIES) * 2 * ("1b" in sections))
+        return (runs * (options.duration + 0.4)
+                + len(self.ways) * options.streams * 1.1 * ("2" in sections)
+                + (12 + options.slow_bytes / options.slow_rate) * ("3" in sections) + 4)
 
     def run(self) -> None:
         options = self.options
@@ -569,7 +616,8 @@ class Bench:
         self.warm_up()
         assert self.daemon is not None
         self.results.add("mem.start.rss", procfs.memory_kib(self.daemon.pid)["VmRSS"] / 1024)
-        reserve = 10.0 + (0 if options.skip_idle else options.idle_window + 12)
+        idle = "5" in options.sections and not options.skip_idle
+        reserve = 10.0 + (options.idle_window + 12 if idle else 0)
         estimate = self.round_estimate()
         done = 0
         for index in range(options.rounds):
@@ -579,11 +627,13 @@ class Bench:
                 self.info["rounds_cut"] = f"stopped by --time-limit after {done} rounds"
                 break
             started = time.monotonic()
-            for phase, body in (("throughput", self.throughput_round),
-                                ("streaming", self.streaming_round),
-                                ("large bodies", self.transfer_round),
-                                ("/v1/status", self.status_round)):
-                self.guarded(f"round {index + 1} {phase}", body, index)
+            for phase, section, body in (("throughput", "1", self.throughput_round),
+                                         ("openai SDK", "1b", self.sdk_round),
+                                         ("streaming", "2", self.streaming_round),
+                                         ("large bodies", "3", self.transfer_round),
+                                         ("/v1/status", "4", self.status_round)):
+                if section in options.sections:
+                    self.guarded(f"round {index + 1} {phase}", body, index)
             done += 1
             estimate = max(estimate, time.monotonic() - started)
         self.rounds_done = done
@@ -594,7 +644,9 @@ class Bench:
         else:
             self.results.errors.append(f"the daemon died:\n{servers.tail(self.daemon.log)}")
         self.daemon.stop()
-        if options.skip_idle:
+        if "5" not in options.sections:
+            pass
+        elif options.skip_idle:
             self.info["idle_skipped"] = "--skip-idle"
         elif self.left() < options.idle_window + 12:
             self.info["idle_skipped"] = "not enough --time-limit left"
@@ -628,7 +680,7 @@ class Bench:
             ["wrk", wrk_version()],
             ["rounds", f"{getattr(self, 'rounds_done', 0)} of {options.rounds}"
                        + (f" ({self.info['rounds_cut']})" if "rounds_cut" in self.info else "")
-                       + "; the order of direct/nginx/daemon rotates each round"],
+                       + "; the order of direct/nginx/daemon/prototype rotates each round"],
             ["wrk run", f"{options.duration:g} s each, threads = min(c, 2), POST 17-byte JSON"],
             ["cells", "median [min..max] over rounds"],
         ]
@@ -636,6 +688,22 @@ class Bench:
             rows.append(["mode", "--quick (smoke run: fewer rounds, shorter runs)"])
         parts.append(table(["machine", ""], rows, left=2))
 
+        for section in SECTIONS:
+            if section in options.sections:
+                getattr(self, f"report_{section}")(parts)
+
+        parts.append(heading("Summary"))
+        parts.append(targets_table(results))
+        verdicts = [results.verdict(target)[1] for target in results.targets]
+        parts.append(f"{verdicts.count('PASS')} PASS, {verdicts.count('MISS')} MISS, "
+                     f"{verdicts.count('NOT MEASURED')} not measured")
+        if results.errors:
+            parts.append(heading("Harness problems"))
+            parts.extend(f"- {error}" for error in results.errors)
+        return "\n".join(part for part in parts if part)
+
+    def report_1(self, parts: list[str]) -> None:
+        results = self.results
         parts.append(heading("1. Requests/s and latency: POST /v1/tts -> fast upstream "
                              "(nginx return 200)"))
         rows = []
@@ -652,15 +720,31 @@ class Bench:
                             "server CPU ms/req", "errors"], rows, left=2))
         parts.append("server CPU = utime+stime from /proc/<pid>/stat over the wrk run / requests:"
                      "\n  direct = the upstream nginx worker, nginx = the proxy nginx worker, "
-                     "daemon = the twistd process.\nadded = this path's p50 minus direct's p50 "
+                     "daemon = the twistd process,\n  prototype = the card's bare prototype's "
+                     "process.\nadded = this path's p50 minus direct's p50 "
                      "in the same round (every daemon request takes the GPU lock).")
+        rows = [[str(connections),
+                 results.cell(f"wrk.c{connections}.daemon.cpu_ms", 0, scale=1000),
+                 results.cell(f"wrk.c{connections}.prototype.cpu_ms", 0, scale=1000),
+                 results.cell(f"wrk.c{connections}.ratio", 2)]
+                for connections in CONCURRENCIES]
+        parts.append(table(["c", "daemon CPU us/req", "prototype CPU us/req",
+                            "daemon / prototype"], rows))
+        parts.append("The ratio is taken within each round (both ran in it), then its median "
+                     "over rounds;\n  the prototype has no access log, metrics, guard, policy "
+                     "or Server-Timing.")
         for connections in CONCURRENCIES:
             results.target("1", f"daemon CPU per request, c={connections}",
                            f"wrk.c{connections}.daemon.cpu_ms", 0.9, "ms")
         results.target("1", "daemon added p50 latency, c=1", "wrk.c1.daemon.added_p50", 1.0,
                        "ms")
+        results.target("1", f"daemon CPU / the prototype's, c=1 (goal "
+                       f"{PROTOTYPE_RATIO_GOAL:g}x)", "wrk.c1.ratio", PROTOTYPE_RATIO_TARGET,
+                       "x the prototype")
         parts.append(targets_table(results, "1"))
 
+    def report_1b(self, parts: list[str]) -> None:
+        results = self.results
         parts.append(heading(f"1b. The openai SDK's request shape: POST {SDK_PATH} "
                              "-> fast upstream"))
         rows = []
@@ -683,6 +767,9 @@ class Bench:
                        "sdk.c1.daemon.added_p50", 1.0, "ms")
         parts.append(targets_table(results, "1b"))
 
+    def report_2(self, parts: list[str]) -> None:
+        results = self.results
+        options = self.options
         parts.append(heading("2. Streaming: POST /v1/llm -> 20 NDJSON lines 50 ms apart "
                              f"({options.streams} streams per path per round)"))
         rows = []
@@ -706,12 +793,15 @@ class Bench:
                        "|<=|")
         parts.append(targets_table(results, "2"))
 
+    def report_3(self, parts: list[str]) -> None:
+        results = self.results
+        options = self.options
         size_mb = options.transfer_bytes // MB
         parts.append(heading(f"3. Large bodies and memory: POST /v1/stt, {size_mb} MB down "
                              f"and {size_mb} MB up"))
         rows = []
         for direction in ("down", "up"):
-            for way in self.ways:
+            for way in (way for way in self.ways if way.transfers):
                 key = f"big.{direction}.{way.name}"
                 rows.append([f"{size_mb} MB {direction}", way.name,
                              results.cell(f"{key}.mbps", 0),
@@ -744,6 +834,9 @@ class Bench:
                        "MiB")
         parts.append(targets_table(results, "3"))
 
+    def report_4(self, parts: list[str]) -> None:
+        results = self.results
+        options = self.options
         parts.append(heading(f"4. GET /v1/status while {QUEUED} jobs wait on the GPU lock "
                              f"({options.status_gets} sequential GETs, one keep-alive "
                              "connection)"))
@@ -761,6 +854,8 @@ class Bench:
         results.target("4", f"/v1/status p99, {QUEUED} queued", "status.queued.p99", 10.0, "ms")
         parts.append(targets_table(results, "4"))
 
+    def report_5(self, parts: list[str]) -> None:
+        results = self.results
         parts.append(heading("5. Idle: four consumers probed every 5 s, NVML sampled every 2 s"))
         if "idle_skipped" in self.info:
             parts.append(f"skipped: {self.info['idle_skipped']}")
@@ -775,16 +870,6 @@ class Bench:
                          f"{self.info.get('idle_nvml', '')}.")
             results.target("5", "idle CPU", "idle.percent", 1.0, "% of a core", "<")
             parts.append(targets_table(results, "5"))
-
-        parts.append(heading("Summary"))
-        parts.append(targets_table(results))
-        verdicts = [results.verdict(target)[1] for target in results.targets]
-        parts.append(f"{verdicts.count('PASS')} PASS, {verdicts.count('MISS')} MISS, "
-                     f"{verdicts.count('NOT MEASURED')} not measured")
-        if results.errors:
-            parts.append(heading("Harness problems"))
-            parts.extend(f"- {error}" for error in results.errors)
-        return "\n".join(part for part in parts if part)
 
 
 def wrk_version() -> str:

@@ -268,3 +268,23 @@ class Daemon:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+
+class Prototype:
+    """The design card's bare prototype (bench/prototype.py) on a loopback port."""
+
+    def __init__(self, workdir: Path, children: Children, upstreams: dict[str, str]) -> None:
+        self.port = free_port()
+        self.log = workdir / "prototype.log"
+        self.process = children.spawn(
+            [sys.executable, str(BENCH / "prototype.py"), str(self.port),
+             *(f"{kind}={url}" for kind, url in upstreams.items())],
+            self.log,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait(self) -> None:
+        wait_for_port(self.port, self.process, self.log)

@@ -267,3 +267,14 @@ def test_the_pool_still_hands_connections_back_through_put_connection() -> None:
     assert issubclass(RequestNotSent, Exception)
     pool = ReusePool(_reactor, lambda *_: None, lambda key: 4.0)
     assert pool.persistent
+
+
+def test_the_pool_reads_its_idle_timeout_as_each_connection_goes_in() -> None:
+    """
+    ``ReusePool`` sets ``cachedConnectionTimeout`` to the connection's idle
+    time just before handing it to ``_putConnection``, which must read it
+    there (rather than move the timer after, which costs a failed heap search).
+    """
+    assert "self.cachedConnectionTimeout" in inspect.getsource(
+        HTTPConnectionPool._putConnection
+    )

@@ -11,7 +11,7 @@ makes the upstream request, exactly once.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from twisted.web.http_headers import Headers
 
@@ -48,7 +48,7 @@ def _named_by_connection(connection: Iterable[bytes]) -> set[bytes]:
 
 
 def end_to_end(
-    headers: Headers, never: Iterable[bytes], connection: Iterable[bytes] | None = None
+    headers: Headers, never: Collection[bytes], connection: Iterable[bytes] | None = None
 ) -> list[tuple[bytes, Sequence[bytes]]]:
     """
     The headers that may cross the proxy: all of them, less ``never`` and any
@@ -58,7 +58,9 @@ def end_to_end(
     """
     if connection is None:
         connection = headers.getRawHeaders(b"connection", [])
-    dropped = set(never) | _named_by_connection(connection)
+    # Most messages name nothing in Connection: then ``never`` serves as it is.
+    named = _named_by_connection(connection) if connection else None
+    dropped = set(never) | named if named else never
     return [
         (name, values)
         for name, values in headers.getAllRawHeaders()
@@ -82,6 +84,12 @@ FORWARDING = frozenset(
 #: A Host value we are willing to repeat to a consumer: a name or address and
 #: an optional port, nothing that could smuggle another parameter in.
 _PLAIN_HOST = re.compile(rb"\A(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?\Z")
+
+
+#: Never sent upstream, with and without the client's ``Authorization``: made
+#: once, not per request.
+_NEVER_UP = NOT_FORWARDED_UP | FORWARDING
+_NEVER_UP_NOR_AUTHORIZATION = _NEVER_UP | {b"authorization"}
 
 
 #: The daemon's own request headers (``X-Mgpu-Class``, ``X-Mgpu-Priority``):
@@ -120,9 +128,7 @@ def upstream_headers(
     daemon's bearer token from reaching a consumer, and its token cookie never
     does.
     """
-    never = NOT_FORWARDED_UP | FORWARDING
-    if drop_authorization:
-        never = never | {b"authorization"}
+    never = _NEVER_UP_NOR_AUTHORIZATION if drop_authorization else _NEVER_UP
     outbound = Headers()
     for name, values in end_to_end(inbound, never):
         lowered = name.lower()

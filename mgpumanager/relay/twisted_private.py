@@ -119,6 +119,7 @@ class ReusePool(HTTPConnectionPool):
         super().__init__(reactor, persistent=True)
         self._reuse_for = reuse_for
         self._idle_limit = idle_limit
+        self._default_idle = self.cachedConnectionTimeout
 
     def _putConnection(self, key: Any, connection: Any) -> None:
         transport = getattr(connection, "transport", None)
@@ -134,6 +135,7 @@ class ReusePool(HTTPConnectionPool):
         parser = getattr(connection, "_parser", None)
         response = getattr(parser, "response", None)
         if parser is None or response is None:
+            self.cachedConnectionTimeout = self._default_idle
             super()._putConnection(key, connection)
             return
         headers = parser.connHeaders
@@ -147,10 +149,14 @@ class ReusePool(HTTPConnectionPool):
         if idle is None or idle <= 0:
             connection.transport.loseConnection()
             return
+        # The pool's own timer is set for ``cachedConnectionTimeout``, read as
+        # the connection goes in: set it to this connection's idle time rather
+        # than move the timer after.  A timer made in this reactor turn is not
+        # in the reactor's heap yet, so moving it sooner fails a list search
+        # whose ValueError builds the DelayedCall's repr: per request.
+        # (Typed int by Twisted; it only goes to callLater, which takes a float.)
+        self.cachedConnectionTimeout = idle  # type: ignore[assignment]
         super()._putConnection(key, connection)
-        timer = self._timeouts.get(connection)
-        if timer is not None and timer.active():
-            timer.reset(idle)
 
 
 def fail_start_on_listen_error(service: StreamServerEndpointService) -> None:

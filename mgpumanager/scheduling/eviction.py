@@ -285,6 +285,7 @@ def dry_run_plan(
         samples = {config.card_indexes[0]: samples}
     state = registry[target]
     skip = why_no_room_needed(state)
+    # Asked at every pick: most targets skip making room, and need no list of states.
     states = list(registry) if skip is None else []
     steps: list[Step] = []
     evict: list[str] = []

@@ -74,14 +74,16 @@ class History:
     last_batch_start: float | None = None
     last_interactive_end: float | None = None
 
+    # Built directly rather than through attrs.evolve, which reads the class's
+    # fields on every call: an interactive job's end comes with every job.
     def started(self, job_class: str, now: float) -> History:
         if job_class == BATCH:
-            return attrs.evolve(self, last_batch_start=now)
+            return History(now, self.last_interactive_end)
         return self
 
     def ended(self, job_class: str, now: float) -> History:
         if job_class == INTERACTIVE:
-            return attrs.evolve(self, last_interactive_end=now)
+            return History(self.last_batch_start, now)
         return self
 
 

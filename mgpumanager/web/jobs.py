@@ -12,7 +12,7 @@ GPU until the work is done; from then on the client leaving no longer ends it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -91,11 +91,7 @@ class GpuJobs:
         job: Deferred[str | None] = watch.ended(
             self._scheduler.submit(
                 consumer.name,
-                watch.running(
-                    lambda: Deferred.fromCoroutine(
-                        self._job(request, consumer, method, path, answered)
-                    )
-                ),
+                watch.running(lambda: self._job(request, consumer, method, path, answered)),
                 kind=kind,
                 job_class=job_class,
                 priority=priority,
@@ -104,15 +100,20 @@ class GpuJobs:
         job.addBoth(_answer_once, answered)
         return answered
 
-    async def _job(
+    def _job(
         self,
         request: Request,
         consumer: ConsumerConfig,
         method: str,
         path: str,
         answered: Deferred[None],
-    ) -> str | None:
-        """The job under the lock; its result is the outcome label when not plain ``ok``."""
+    ) -> Deferred[str | None]:
+        """
+        The job under the lock; its result is the outcome label when not plain
+        ``ok``.  A job that ends with its exchange (nearly all) is the relay's
+        own Deferred: a coroutine around it would be one more layer to start
+        and resume on every request.
+        """
         running = self._scheduler.current_job()
         if running is not None:
             timing = self._scheduler.running_timing(running)
@@ -120,8 +121,25 @@ class GpuJobs:
         completions = self._completions
         state = self._registry[consumer.name]
         if completions is None or not completions.completes_later(state, method, path):
-            await self._proxy.relay(request, consumer, method, path)
-            return None
+            # Fires with None: the outcome of a job that ends with its answer.
+            relayed = self._proxy.relay(request, consumer, method, path)
+            return cast("Deferred[str | None]", relayed)
+        return Deferred.fromCoroutine(
+            self._job_completing(request, consumer, method, path, answered, completions, state)
+        )
+
+    async def _job_completing(
+        self,
+        request: Request,
+        consumer: ConsumerConfig,
+        method: str,
+        path: str,
+        answered: Deferred[None],
+        completions: Completions,
+        state: ConsumerState,
+    ) -> str | None:
+        """A job whose server's work outlives its answer: the GPU is held until it ends."""
+        running = self._scheduler.current_job()
         try:
             answer = await self._proxy.relay_keeping(
                 request, consumer, method, path, ANSWER_COPY_BYTES

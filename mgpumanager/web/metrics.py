@@ -28,6 +28,7 @@ from mgpumanager.scheduling.queued import QueuedJob
 from mgpumanager.scheduling.telemetry import COMPLETION_TIMEOUT, JobWatch
 
 _T = TypeVar("_T")
+_M = TypeVar("_M", Counter, Histogram)
 
 #: Prometheus' own content type for the text format, version 0.0.4.
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -90,6 +91,11 @@ class Metrics:
         self._evictions = Counter(
             "mgpumanager_evictions", "Evictions by victim and outcome",
             ["victim", "outcome"], registry=self.registry)
+        # The labelled series each job touches, looked up once per label values:
+        # prometheus_client's ``labels`` checks, converts and locks on every call.
+        self._job_counts: dict[tuple[str, ...], Counter] = {}
+        self._job_durations: dict[tuple[str, ...], Histogram] = {}
+        self._wait_times: dict[tuple[str, ...], Histogram] = {}
 
     def watch_status(self, status: StatusSource) -> None:
         """Read the gauges from ``status`` (the ``/v1/status`` document) at each scrape."""
@@ -103,15 +109,15 @@ class Metrics:
         return _TimedJob(self, consumer, kind)
 
     def job_ended(self, consumer: str, kind: str, outcome: str, seconds: float | None) -> None:
-        self._jobs.labels(consumer, kind, outcome).inc()
+        _series(self._job_counts, self._jobs, consumer, kind, outcome).inc()
         if seconds is not None:
-            self._durations.labels(consumer, kind).observe(seconds)
+            _series(self._job_durations, self._durations, consumer, kind).observe(seconds)
 
     def job_refused(self, consumer: str, kind: str, code: str) -> None:
-        self._jobs.labels(consumer, kind, code).inc()
+        _series(self._job_counts, self._jobs, consumer, kind, code).inc()
 
     def waited(self, job: QueuedJob, seconds: float) -> None:
-        self._waits.labels(job.consumer, job.job_class).observe(seconds)
+        _series(self._wait_times, self._waits, job.consumer, job.job_class).observe(seconds)
 
     def unloaded(self, victim: str, seconds: float) -> None:
         self._unloads.labels(victim).observe(seconds)
@@ -124,6 +130,18 @@ class Metrics:
 
     def now(self) -> float:
         return self._clock.seconds()
+
+
+def _series(cache: dict[tuple[str, ...], _M], metric: _M, *labels: str) -> _M:
+    """
+    ``metric.labels(*labels)``, remembered in ``cache``.  A series is made on
+    its first use, as before, so the exposition shows the same series; it is
+    never removed (prometheus_client keeps it too).
+    """
+    series = cache.get(labels)
+    if series is None:
+        series = cache[labels] = metric.labels(*labels)
+    return series
 
 
 class _TimedJob:
