@@ -41,7 +41,7 @@ CONFIG = attrs.evolve(parse_config(DOCUMENT), auth_token=TOKEN)
 MiB = 2**20
 
 #: A value for each kind of path argument, so that every route has a real path.
-_SAMPLES = {"consumer": "small", "kind": "llm", "rest": "a/b", "name": "clip.wav"}
+_SAMPLES = {"consumer": "small", "kind": "llm", "rest": "a/b", "name": "clip.wav", "index": "0"}
 
 
 def sample_paths(declared: Declared) -> Iterator[str]:

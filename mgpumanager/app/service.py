@@ -8,6 +8,7 @@ module) as arguments and be tested with stand-ins.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -49,12 +50,16 @@ from mgpumanager.scheduling.choosing import PolicyChooser
 from mgpumanager.scheduling.eviction import dry_run_plan
 from mgpumanager.scheduling.lifecycle import Lifecycle
 from mgpumanager.scheduling.policy import make_policy
+from mgpumanager.scheduling.reclaim import GuestKeeper
 from mgpumanager.scheduling.scheduler import GpuScheduler
+from mgpumanager.scheduling.yields import CardYields
 from mgpumanager.state.attribution import ConsumerPids, PidMap, ProcessAttributor
 from mgpumanager.state.gpu import GpuReading, GpuSampler
+from mgpumanager.state.guests import GuestWatch
 from mgpumanager.state.registry import Registry
 from mgpumanager.web.agent import AgentPort, scheduler_load
 from mgpumanager.web.api import ManagerApp
+from mgpumanager.web.card_routes import CardRoutes
 from mgpumanager.web.guard import Guard
 from mgpumanager.web.jobs import GpuJobs
 from mgpumanager.web.limits import idle_limit
@@ -252,6 +257,8 @@ def build(
     attributor = ProcessAttributor(registry, pids, deferToThread, reactor)
     sampler.subscribe_cards(attributor.on_cards)
     sampler.subscribe(holder_release(registry))
+    guests = GuestWatch(registry, attributor.pids_of, {os.getpid()})
+    sampler.subscribe_cards(guests.on_cards)
 
     metrics = Metrics(reactor)
     lifecycle = Lifecycle(
@@ -291,10 +298,14 @@ def build(
         config, registry, scheduler, proxy, sampler, lifecycle, reactor, listen, jobs, metrics,
         adapters,
     )
+    yields = CardYields(config, scheduler, lifecycle, reactor, free_mib=sampler.free_mib_on)
+    keeper = GuestKeeper(config, registry, guests, yields, scheduler, lifecycle, reactor)
+    sampler.subscribe_cards(keeper.on_cards)
+    cards = CardRoutes(config, yields)
     tunnels = WebSocketTunnels(reactor, drop_authorization=config.auth_token is not None)
     passthrough = Passthrough(config, jobs, proxy, tunnels, adapters)
     openai = OpenAIRoutes(config, jobs, control, config.probes.timeout_seconds)
-    routes = RouteTable([app, openai, passthrough], config)
+    routes = RouteTable([app, openai, passthrough, cards], config)
     guard = Guard(config, loopback, routes)
     site = ManagerSite(routes.resource, routes.body_limit, guard, routes.error_shape)
     endpoint = serverFromString(reactor, description)
@@ -306,7 +317,10 @@ def build(
         (http, ports), scheduler, pool, reactor, config.shutdown_grace_seconds
     )
     agent = AgentPort(
-        config, scheduler_load(scheduler, lambda: service.stopping), reactor, endpoint_is_loopback
+        config,
+        scheduler_load(scheduler, lambda: service.stopping, yields.all_yielded),
+        reactor,
+        endpoint_is_loopback,
     )
     # Who takes a reloaded configuration, in this order (see app.reloading):
     takers = ConfigTakers()
@@ -320,6 +334,8 @@ def build(
     takers.add("scheduler", scheduler)
     # what the daemon does on its own: make room, load, probe, sample, attribute;
     takers.add("lifecycle", lifecycle)
+    takers.add("yields", yields)
+    takers.add("guest keeper", keeper)
     takers.add("control", control)
     takers.add("prober", prober)
     takers.add("sampler", sampler)
@@ -331,6 +347,7 @@ def build(
     takers.add("app", app)
     takers.add("passthrough", passthrough)
     takers.add("openai routes", openai)
+    takers.add("card routes", cards)
     takers.add("proxy", proxy)
     takers.add("tunnels", tunnels)
     takers.add("service", service)

@@ -51,6 +51,8 @@ QUEUE_TIMEOUT = ErrorCode("queue_timeout", 503, True)
 FORBIDDEN = ErrorCode("forbidden", 403, False)
 UNAUTHORIZED = ErrorCode("unauthorized", 401, False)
 INTERNAL_ERROR = ErrorCode("internal_error", 500, True)
+#: A yield given back (resumed) before the card was held for the guest.
+YIELD_GIVEN_UP = ErrorCode("yield_given_up", 409, False)
 
 
 class ApiError(Exception):

@@ -180,7 +180,7 @@ def _ineligible(
         return "not resident"
     if state.config.vram_managed:
         return "manages its own VRAM"
-    if config.may_coexist(state.name, target):
+    if target in config.consumers and config.may_coexist(state.name, target):
         return f"may coexist with {target}"
     adapter = (adapters.of(state.config) if adapters is not None
                else adapter_named(state.config.adapter))

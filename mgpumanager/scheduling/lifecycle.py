@@ -14,7 +14,7 @@ same consumer (one on both their cards) at once.
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import attrs
@@ -27,7 +27,14 @@ from mgpumanager.common.errors import LOAD_FAILED, UNLOAD_FAILED, ApiError
 from mgpumanager.config.document import Config
 from mgpumanager.consumers.adapters.resolved import Adapters
 from mgpumanager.consumers.control import ConsumerControl, ControlFailed
-from mgpumanager.scheduling.eviction import Candidate, Fit, plan_step, why_no_room_needed
+from mgpumanager.scheduling.eviction import (
+    Candidate,
+    Fit,
+    pick_victim,
+    plan_step,
+    rank_candidates,
+    why_no_room_needed,
+)
 from mgpumanager.scheduling.telemetry import (
     FAILED,
     NO_TELEMETRY,
@@ -243,6 +250,56 @@ class Lifecycle:
             target=decision.target,
             unload_ms=decision.unload_ms,
             recovery_ms=decision.recovery_ms,
+        )
+
+    async def clear_card(
+        self,
+        card: int,
+        why: str,
+        enough: Callable[[GpuSample], bool] = lambda sample: False,
+        kind: str = "yield",
+    ) -> list[str]:
+        """
+        Unload the consumers resident on ``card``, least recently used first,
+        each verified on every card it uses, until none is left or ``enough``
+        holds for the card's fresh sample; the consumers unloaded.  For a yield
+        to a guest or a reclaim of memory; the caller holds the card's lock.
+
+        :param kind: the decisions' ``type``.
+        :raises ApiError: ``unload_failed``, as a job's making of room would.
+        """
+        unloaded: list[str] = []
+        await self._making_room.acquire()
+        try:
+            states = {state.name: state for state in self._registry}
+            while True:
+                samples = await self._sampler.sample_cards()
+                sample = samples.get(card, GpuSample())
+                if enough(sample):
+                    break
+                candidates = rank_candidates(
+                    self._config, "", states.values(), unloaded, self._adapters, card
+                )
+                victim = pick_victim(candidates)
+                if victim is None:
+                    break
+                fit = Fit(False, "skip", 0, sample.free_mib, why)
+                decision = Decision(self._clock.seconds(), f"card {card}", fit, candidates,
+                                    victim.name, type=kind, card=card)
+                self.decisions.append(decision)
+                log.info("{kind} on card {card}: unloading {victim} ({why})",
+                         kind=kind, card=card, victim=victim.name, why=why)
+                await self._evict(states[victim.name], samples, decision)
+                unloaded.append(victim.name)
+        finally:
+            self._making_room.release()
+        return unloaded
+
+    def record(self, kind: str, card: int, why: str, outcome: str) -> None:
+        """A card-wide step for the decision log (a yield, a resume)."""
+        self.decisions.append(
+            Decision(self._clock.seconds(), f"card {card}", Fit(True, "skip", 0, None, why), [],
+                     None, outcome=outcome, type=kind, card=card)
         )
 
     def record_timeout(self, consumer: str, work: str, seconds: float) -> None:

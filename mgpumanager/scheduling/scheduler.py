@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+import attrs
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -136,6 +137,11 @@ class GpuScheduler:
         self._runs: dict[int, RunningJob] = {}
         #: The job being handed its cards (see :meth:`current_job`).
         self._starting: RunningJob | None = None
+        #: Cards asked for by :meth:`hold_card`, with who waits: served before
+        #: any job once free, and no job starts on them meanwhile.
+        self._holds: dict[int, list[Deferred[None]]] = {}
+        #: Cards held for guests, and until when (see :meth:`card_held_until`).
+        self._held_until: dict[int, float | None] = {}
         self.decisions: collections.deque[QueueDecision] = collections.deque(
             maxlen=DECISIONS_KEPT)
 
@@ -159,13 +165,37 @@ class GpuScheduler:
         return str(getattr(self._chooser, "name", "fifo"))
 
     def queue_entries(self) -> list[QueueEntry]:
-        """The waiting jobs in run order, with swap and ETA where the chooser knows them."""
+        """
+        The waiting jobs in run order, with swap and ETA where the chooser
+        knows them; a job waiting for a card held for a guest starts no
+        sooner than the hold's end (unknown when it has none).
+        """
         if not self._waiting:
             return []
         now = self._clock.seconds()
-        if self._watcher is not None:
-            return self._watcher.entries(self._views(), now, self.running)
-        return [QueueEntry(job) for job in self._chooser.run_order(self._views(), now)]
+        if self._watcher is None:
+            return [QueueEntry(job) for job in self._chooser.run_order(self._views(), now)]
+        entries = self._watcher.entries(self._views(), now, self.running)
+        if not self._held_until:
+            return entries
+        return [self._after_holds(entry, now) for entry in entries]
+
+    def card_held_until(self, card: int, until: float | None) -> None:
+        """A card is held for a guest until ``until`` (None: until given back)."""
+        self._held_until[card] = until
+
+    def card_given_back(self, card: int) -> None:
+        self._held_until.pop(card, None)
+
+    def _after_holds(self, entry: QueueEntry, now: float) -> QueueEntry:
+        held = [self._held_until[card] for card in self._cards_of(entry.job.consumer)
+                if card in self._held_until]
+        if not held:
+            return entry
+        if None in held or entry.eta_seconds is None:
+            return attrs.evolve(entry, eta_seconds=None)
+        ends = max(until for until in held if until is not None) - now
+        return attrs.evolve(entry, eta_seconds=round(max(entry.eta_seconds, ends), 1))
 
     def class_of(self, kind: str) -> str:
         """The class (``interactive`` or ``batch``) a job of ``kind`` has unless it says."""
@@ -220,7 +250,9 @@ class GpuScheduler:
         """
         if self._closed is not None:
             return fail(self._closed)
-        must_wait = bool(self._waiting) or not self._cards.free(self._cards_of(consumer))
+        cards = self._cards_of(consumer)
+        must_wait = (bool(self._waiting) or not self._cards.free(cards)
+                     or not self._holds.keys().isdisjoint(cards))
         if must_wait and len(self._waiting) >= self._max_depth:
             self.refused_queue_full += 1
             return fail(QueueFull(len(self._waiting), self._retry_after()))
@@ -260,6 +292,8 @@ class GpuScheduler:
         if self._recheck is not None and self._recheck.active():
             self._recheck.cancel()
         self._recheck = None
+        if self._holds:
+            self._serve_holds()
         if not self._waiting or self._closed is not None:
             return
         waiting, now = self._views(), self._clock.seconds()
@@ -285,13 +319,49 @@ class GpuScheduler:
 
     def _startable(self, waiting: list[QueuedJob], now: float) -> list[QueuedJob]:
         """The waiting jobs that may start now, on cards that are free."""
-        busy = self._cards.busy()
+        busy = self._cards.busy().union(self._holds)
         if not busy:
             return waiting
         cards_of = self._cards_of
         if all(not busy.isdisjoint(cards_of(job.consumer)) for job in waiting):
             return []
         return startable(self._chooser.run_order(waiting, now), cards_of, busy)
+
+    def hold_card(self, card: int) -> Deferred[None]:
+        """
+        Hold ``card`` as a job would, for someone who is not a job (a yield to
+        a guest, a reclaim of memory): fires once the card is held, after the
+        job running on it ends; no waiting job starts on it meanwhile, and
+        none until :meth:`release_card`.  Cancelling it before then gives up.
+        Several holders of one card hold it in turn, in the order they asked.
+        """
+
+        def give_up(_: Deferred[None]) -> None:
+            waiting = self._holds.get(card, [])
+            if held in waiting:
+                waiting.remove(held)
+            if not waiting:
+                self._holds.pop(card, None)
+            self._dispatch()
+
+        held: Deferred[None] = Deferred(give_up)
+        self._holds.setdefault(card, []).append(held)
+        self._dispatch()
+        return held
+
+    def release_card(self, card: int) -> None:
+        """Give back a card :meth:`hold_card` held: jobs may start on it again."""
+        self._cards.release([card])
+        self._dispatch()
+
+    def _serve_holds(self) -> None:
+        for card, waiting in list(self._holds.items()):
+            if self._cards.free([card]):
+                held = waiting.pop(0)
+                if not waiting:
+                    del self._holds[card]
+                self._cards.take([card])
+                held.callback(None)
 
     def _cancelled(self, waiter: Waiter) -> None:
         """The caller gave up waiting (its client went away)."""

@@ -166,6 +166,11 @@ class GpuSampler(Periodic):
         """The time on the clock that stamps the samples."""
         return self._clock.seconds()
 
+    def free_mib_on(self, card: int) -> int | None:
+        """A card's free memory in its latest sample, None without a reading."""
+        sample = self.latest_by_card.get(card)
+        return None if sample is None else sample.free_mib
+
     def latest_used_mib(self) -> int | None:
         """The card's used memory in the latest sample, None without a reading."""
         reading = self.latest.reading

@@ -36,6 +36,7 @@ from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.gpu import GpuSampler
 from mgpumanager.state.registry import Registry
 from mgpumanager.web.answers import json_body
+from mgpumanager.web.card_routes import CardRoutes
 from mgpumanager.web.declare import Does, Policy, Token, route
 from mgpumanager.web.events import EventFeed
 from mgpumanager.web.guard import query_token, token_cookie
@@ -276,7 +277,7 @@ def quote_segment(name: str) -> str:
 
 
 #: Whose declared routes the main port serves.
-MAIN_PORT_ROUTES: tuple[type, ...] = (ManagerApp, OpenAIRoutes, Passthrough)
+MAIN_PORT_ROUTES: tuple[type, ...] = (ManagerApp, OpenAIRoutes, Passthrough, CardRoutes)
 
 
 def main_port_routes(config: Config) -> RouteTable:

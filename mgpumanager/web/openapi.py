@@ -26,6 +26,7 @@ from mgpumanager.config.document import ENDPOINT_KINDS, Config
 from mgpumanager.web.answers import Shape
 from mgpumanager.web.declare import Declared, Does
 from mgpumanager.web.openapi_schemas import (
+    CARD_YIELD,
     ERROR_ENVELOPE,
     MODELS,
     OPENAI_ERROR,
@@ -88,6 +89,7 @@ def _consumers(config: Config) -> JsonObject:
 _PARAMETERS: dict[str, Callable[[Config], JsonObject]] = {
     "kind": _kinds,
     "consumer": _consumers,
+    "index": lambda config: {"type": "integer", "enum": list(config.card_indexes)},
 }
 
 _PAGE = {"200": {"description": "the page or the summary", "content": {
@@ -109,6 +111,11 @@ _OWN: dict[str, JsonObject] = {
     "/healthz": {"200": _json("alive", _HEALTHZ)},
     "/": _PAGE,
     "/v1/models": {"200": _json("every configured consumer's models, each id once", MODELS)},
+    "/v1/gpus/<int:index>/yield": {
+        "200": _json("the card, its yield (null once resumed) and its free MiB", CARD_YIELD),
+        "400": _error("a body that is not {seconds, reason}"),
+        "404": _error("no managed card of that index"),
+    },
 }
 
 

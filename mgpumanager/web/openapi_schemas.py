@@ -162,3 +162,23 @@ MODELS: JsonObject = {
         },
     },
 }
+
+_YIELDED: JsonObject = {
+    "type": ["object", "null"],
+    "required": ["reason", "since", "until"],
+    "properties": {
+        "reason": {"type": "string"},
+        "since": {"type": "string", "format": "date-time"},
+        "until": {"type": ["string", "null"]},
+    },
+}
+
+CARD_YIELD: JsonObject = {
+    "type": "object",
+    "required": ["card", "yielded", "free_mib"],
+    "properties": {
+        "card": {"type": "integer"},
+        "yielded": _YIELDED,
+        "free_mib": {"type": ["integer", "null"]},
+    },
+}
