@@ -89,6 +89,45 @@ def with_image_job(document: dict[str, Any]) -> dict[str, Any]:
     return changed
 
 
+def on_two_cards(document: dict[str, Any]) -> dict[str, Any]:
+    """
+    ``document`` on a host with two cards, as the daemon reports several:
+    ComfyUI alone on card 1, the others on card 0; any running job and the
+    queue on their consumers' cards.
+    """
+    changed = copy.deepcopy(document)
+    cards_of = {"comfyui": [1]}
+    for entry in changed["consumers"]:
+        cards = cards_of.get(entry["name"], [0])
+        mib = entry["gpu_resident_mib"] or (entry["vram_budget_mib"] if entry["loaded"] else 0)
+        entry.update(gpus=cards, gpu_resident_mib_by_card={str(cards[0]): mib})
+    scheduler = changed["scheduler"]
+    running = scheduler.get("running")
+    if running:
+        running["cards"] = cards_of.get(running["consumer"], [0])
+    scheduler["running_jobs"] = [running] if running else []
+    for job in scheduler.get("queue", []):
+        job["cards"] = cards_of.get(job["consumer"], [0])
+
+    def card(index: int, used: int, **more: Any) -> dict[str, Any]:
+        return {
+            "index": index, "uuid": f"GPU-stand-in-{index}", "name": "Stand-in GPU",
+            "total_mib": 16384, "used_mib": used, "free_mib": 16384 - used,
+            "reserved_mib": 1024, "last_sample": changed["time"], "holders": [],
+            "guests": [], "guest_mib": 0, "yielded": None, "err": None,
+            "running": next((job["id"] for job in scheduler["running_jobs"]
+                             if index in job["cards"]), None), **more,
+        }
+
+    held = [sum(c["gpu_resident_mib_by_card"].get(str(index), 0) for c in changed["consumers"])
+            for index in (0, 1)]
+    # Card 0 also carries 500 MiB of a process that is no consumer's.
+    changed["gpus"] = [card(0, held[0] + 500), card(1, held[1])]
+    changed["gpu"].update({k: changed["gpus"][0][k] for k in ("used_mib", "free_mib")})
+    changed["unmanaged_cards"] = 0
+    return changed
+
+
 class StandInDaemon(Resource):
     """
     The daemon's page-facing routes over a real socket: the current document
