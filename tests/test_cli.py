@@ -20,9 +20,9 @@ from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from mgpumanager.app.cli import main
+from mgpumanager.app.cli import main, render_status
 from mgpumanager.config.document import load_config
-from tests.test_page_browser import status_document, with_image_job
+from tests.test_page_browser import on_two_cards, status_document, with_image_job
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((REPO / "config").glob("*.yaml"))
@@ -172,3 +172,26 @@ def test_a_closed_port_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     code, out = run("status", "--url", f"http://127.0.0.1:{closed}")
     assert (code, out) == (1, "")
     assert f"cannot reach http://127.0.0.1:{closed}" in capsys.readouterr().err
+
+
+def test_status_prints_a_line_per_card_and_the_cards_of_jobs_and_consumers() -> None:
+    out = render_status(on_two_cards(with_image_job(status_document())))
+    lines = out.splitlines()
+    assert lines[0] == (
+        "card 0: Stand-in GPU  total 16384 MiB  used 6500 MiB  free 9884 MiB  reserved 1024 MiB")
+    assert lines[1] == ("card 1: Stand-in GPU  total 16384 MiB  used 9000 MiB  free 7384 MiB  "
+                        "reserved 1024 MiB  running job job-7")
+    (comfyui,) = [line for line in lines if line.startswith("comfyui ")]
+    assert comfyui.split()[:6] == ["comfyui", "healthy", "resident", "9000", "MiB", "1"]
+    assert "running: comfyui image (completing, since 2026-12-01T10:00:02.000Z) on card 1" in out
+    (waiting,) = [line for line in lines if line.startswith("1 ")]
+    assert waiting.split()[-1] == "0", "the waiting job's card"
+
+
+def test_status_of_one_card_prints_the_card_as_before() -> None:
+    document = on_two_cards(with_image_job(status_document()))
+    document["gpus"] = document["gpus"][:1]
+    out = render_status(document)
+    assert out.splitlines()[0].startswith("card 0: Stand-in GPU  total 16384 MiB")
+    assert "running: comfyui image (completing, since 2026-12-01T10:00:02.000Z)\n" in out
+    assert " cards" not in out.splitlines()[2], "no cards column for one card"

@@ -1,7 +1,8 @@
 """
 Tests for :mod:`mgpumanager.web.metrics` in memory: each job outcome under its
 label and with its duration, waits observed where the scheduler starts a job,
-the routes that serve the figures, and the page chosen by ``Accept``.
+the routes that serve the figures, the gauges of each card under its ``card``
+label, and the page chosen by ``Accept``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from mgpumanager.common.errors import QUEUE_FULL, ApiError
 from mgpumanager.relay.proxy import UpstreamBroke
 from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.registry import Registry
-from mgpumanager.web.metrics import Metrics
+from mgpumanager.web.metrics import MIB, Metrics
 from tests.test_api import BASE, World, success_result_of
 from tests.test_scheduler import CONFIG, Jobs
+from tests.test_status_cards import SAMPLES, busy_host
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -105,6 +107,27 @@ def test_metrics_route_serves_the_text_format_with_the_gauges_from_status() -> N
     up = {s.labels["consumer"] for s in families["mgpumanager_consumer_up"].samples}
     assert up == {c["name"] for c in status["consumers"]}
     assert "mgpumanager_gpu_memory_used_bytes" not in families  # no sample yet
+
+
+def test_the_card_gauges_carry_the_card_label() -> None:
+    host = busy_host()  # a job on each card of two, one waiting; card 1 not read
+    metrics = Metrics(host.clock)
+    metrics.watch_status(lambda: host.status(SAMPLES))
+    found = samples(metrics)
+
+    def card(name: str, index: int) -> float | None:
+        return found.get((f"mgpumanager_{name}", (("card", str(index)),)))
+
+    assert card("jobs_running", 0) == 1 and card("jobs_running", 1) == 1
+    assert card("card_yielded", 0) == 0 and card("card_yielded", 1) == 0
+    assert card("gpu_memory_total_bytes", 0) == 24576 * MIB
+    assert card("gpu_memory_used_bytes", 0) == 10000 * MIB
+    assert card("gpu_memory_free_bytes", 0) == 14576 * MIB
+    assert card("gpu_guest_bytes", 0) == 0
+    # Card 1 has no reading: its memory and guests are absent, not zero.
+    for name in ("gpu_memory_total_bytes", "gpu_memory_used_bytes", "gpu_guest_bytes"):
+        assert card(name, 1) is None, name
+    assert found[("mgpumanager_queue_depth", ())] == 1
 
 
 def test_the_index_is_the_page_for_browsers_and_text_for_others() -> None:

@@ -80,6 +80,7 @@ async def test_metrics_count_jobs_evictions_loads_and_a_refusal(tmp_path: Path) 
         "mgpumanager_evictions", "mgpumanager_consumer_up", "mgpumanager_consumer_resident",
         "mgpumanager_consumer_vram_bytes", "mgpumanager_gpu_memory_total_bytes",
         "mgpumanager_gpu_memory_used_bytes", "mgpumanager_gpu_memory_free_bytes",
+        "mgpumanager_gpu_guest_bytes", "mgpumanager_card_yielded",
     } <= families
 
     jobs = "mgpumanager_jobs_total"
@@ -109,7 +110,10 @@ async def test_metrics_count_jobs_evictions_loads_and_a_refusal(tmp_path: Path) 
         "loads"]
 
     assert value(samples, "mgpumanager_queue_depth") == 0
-    assert value(samples, "mgpumanager_jobs_running") == 0
+    # The card's gauges carry its number, card 0 on a one-card host.
+    assert value(samples, "mgpumanager_jobs_running", card="0") == 0
+    assert value(samples, "mgpumanager_card_yielded", card="0") == 0
+    assert value(samples, "mgpumanager_gpu_guest_bytes", card="0") == 0
     for consumer in status["consumers"]:
         name = consumer["name"]
         up = value(samples, "mgpumanager_consumer_up", consumer=name)
@@ -120,7 +124,8 @@ async def test_metrics_count_jobs_evictions_loads_and_a_refusal(tmp_path: Path) 
         assert vram == consumer["size_mib"] * MIB, "the size the budget uses"
     assert value(samples, "mgpumanager_consumer_resident", consumer="mvoice") == 1
     assert value(samples, "mgpumanager_consumer_up", consumer="ollama") == 1
-    assert value(samples, "mgpumanager_gpu_memory_total_bytes") == config.total_mib * MIB
-    used = value(samples, "mgpumanager_gpu_memory_used_bytes")
-    free = value(samples, "mgpumanager_gpu_memory_free_bytes")
+    assert value(samples, "mgpumanager_gpu_memory_total_bytes", card="0") == (
+        config.total_mib * MIB)
+    used = value(samples, "mgpumanager_gpu_memory_used_bytes", card="0")
+    free = value(samples, "mgpumanager_gpu_memory_free_bytes", card="0")
     assert used is not None and free is not None and used + free == config.total_mib * MIB

@@ -89,6 +89,45 @@ def with_image_job(document: dict[str, Any]) -> dict[str, Any]:
     return changed
 
 
+def on_two_cards(document: dict[str, Any]) -> dict[str, Any]:
+    """
+    ``document`` on a host with two cards, as the daemon reports several:
+    ComfyUI alone on card 1, the others on card 0; any running job and the
+    queue on their consumers' cards.
+    """
+    changed = copy.deepcopy(document)
+    cards_of = {"comfyui": [1]}
+    for entry in changed["consumers"]:
+        cards = cards_of.get(entry["name"], [0])
+        mib = entry["gpu_resident_mib"] or (entry["vram_budget_mib"] if entry["loaded"] else 0)
+        entry.update(gpus=cards, gpu_resident_mib_by_card={str(cards[0]): mib})
+    scheduler = changed["scheduler"]
+    running = scheduler.get("running")
+    if running:
+        running["cards"] = cards_of.get(running["consumer"], [0])
+    scheduler["running_jobs"] = [running] if running else []
+    for job in scheduler.get("queue", []):
+        job["cards"] = cards_of.get(job["consumer"], [0])
+
+    def card(index: int, used: int, **more: Any) -> dict[str, Any]:
+        return {
+            "index": index, "uuid": f"GPU-stand-in-{index}", "name": "Stand-in GPU",
+            "total_mib": 16384, "used_mib": used, "free_mib": 16384 - used,
+            "reserved_mib": 1024, "last_sample": changed["time"], "holders": [],
+            "guests": [], "guest_mib": 0, "yielded": None, "err": None,
+            "running": next((job["id"] for job in scheduler["running_jobs"]
+                             if index in job["cards"]), None), **more,
+        }
+
+    held = [sum(c["gpu_resident_mib_by_card"].get(str(index), 0) for c in changed["consumers"])
+            for index in (0, 1)]
+    # Card 0 also carries 500 MiB of a process that is no consumer's.
+    changed["gpus"] = [card(0, held[0] + 500), card(1, held[1])]
+    changed["gpu"].update({k: changed["gpus"][0][k] for k in ("used_mib", "free_mib")})
+    changed["unmanaged_cards"] = 0
+    return changed
+
+
 class StandInDaemon(Resource):
     """
     The daemon's page-facing routes over a real socket: the current document
@@ -255,10 +294,36 @@ async def test_fits_a_phone_screen(
     assert await browser.errors() == []
 
 
+#: Each card's consumers on its bar, by card number.
+BARS = """return Object.fromEntries([...document.querySelectorAll('.card[data-card]')].map(card =>
+  [card.dataset.card, [...card.querySelectorAll('.seg[data-consumer]')]
+    .map(e => e.dataset.consumer)]))"""
 
-def demo_config_on_free_ports() -> dict[str, Any]:
-    """config/demo.yaml with every simulated server moved to a free port."""
-    config: dict[str, Any] = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+
+@pytest_twisted.ensureDeferred
+async def test_two_cards_show_a_bar_each_the_running_jobs_and_the_queue_with_cards(
+    browser: Browser, daemon: StandInDaemon, tmp_path: Path
+) -> None:
+    daemon.publish(on_two_cards(with_image_job(daemon.document)))
+    await open_live(browser, daemon.url)
+    bars = await browser.wait_until(lambda d: d.execute_script(BARS), 2.0, "the cards' bars")
+    assert bars == {"0": ["ollama"], "1": ["comfyui"]}
+    card_1 = await browser.call(lambda d: text_of(d, "card-1"))
+    assert "Card 1" in card_1 and "job job-7" in card_1 and "free" in card_1
+    assert "reserved" in await browser.call(lambda d: text_of(d, "card-0"))
+    assert "card 1" in await browser.call(lambda d: text_of(d, "running"))
+    queue = await browser.call(lambda d: text_of(d, "queue"))
+    assert "cards" in queue and "mvoice" in queue
+    comfyui = await browser.call(lambda d: d.find_element(
+        "css selector", '.consumer[data-consumer="comfyui"]').text)
+    assert "1 (8.8 GiB)" in comfyui
+    await browser.screenshot(tmp_path / "status-two-cards.png")
+    assert await browser.errors() == []
+
+
+def demo_config_on_free_ports(name: str = "demo.yaml") -> dict[str, Any]:
+    """A demo configuration with every simulated server moved to a free port."""
+    config: dict[str, Any] = yaml.safe_load((REPO / "config" / name).read_text())
     for consumer in config["consumers"].values():
         consumer["url"] = f"http://127.0.0.1:{free_port()}"
     return config
@@ -362,3 +427,30 @@ async def test_keeps_working_when_the_daemon_restarts_on_the_same_port(
         lambda d: "1 total" in (d.find_element("css selector", '.consumer[data-consumer="mvoice"]')
                                 .text), 2.0, "the restarted daemon's news")
     assert await browser.script("return window.notReloaded") is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_real_two_card_daemon_page_shows_both_cards(
+    browser: Browser, tmp_path: Path
+) -> None:
+    daemon = Daemon(demo_config_on_free_ports("demo-2cards.yaml"), tmp_path, ("--simulate",))
+    daemon.start()
+    try:
+        await open_live(browser, daemon.url + "/")
+        totals = await browser.wait_until(lambda d: (lambda t: t if len(t) == 2 else None)(
+            d.execute_script(
+                "return [...document.querySelectorAll('.card-total')].map(e => e.textContent)")),
+            2.0, "both cards")
+        assert totals == ["24.0 GiB", "24.0 GiB"]
+        answer = await treq.post(daemon.url + "/v1/image", data=b'{"prompt": {"seed": 1}}')
+        assert answer.code == 200, await answer.text()
+        await answer.content()
+        # ComfyUI loads its model as its prompt starts: on card 1's bar, never on card 0's.
+        bars = await browser.wait_until(
+            lambda d: (lambda b: b if "comfyui" in b.get("1", []) else None)(
+                d.execute_script(BARS)), 5.0, "ComfyUI on card 1's bar")
+        assert "comfyui" not in bars["0"]
+        assert await browser.errors() == []
+        await browser.screenshot(tmp_path / "status-real-two-cards.png")
+    finally:
+        daemon.stop()

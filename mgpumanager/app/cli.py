@@ -146,53 +146,90 @@ def render_config(config: Config) -> str:
 
 
 def render_status(status: dict[str, Any]) -> str:
-    """What ``status`` prints: the card, the consumers, the running job and the queue."""
-    gpu = status.get("gpu") or {}
-    lines = [
-        f"card: {gpu.get('name') or 'GPU'}  total {_mib(gpu.get('total_mib'))}  "
-        f"used {_mib(gpu.get('used_mib'))}  free {_mib(gpu.get('free_mib'))}  "
-        f"reserved {_mib(gpu.get('reserved_mib'))}"
-    ]
-    if gpu.get("err"):
-        lines.append(f"  no NVML reading: {gpu['err']}")
-    rows: list[Sequence[object]] = [
-        ("consumer", "health", "residency", "vram", "loads", "unloads", "jobs", "last error")
-    ]
+    """
+    What ``status`` prints: a line per card, the consumers, the running jobs
+    and the queue.  On a host with several cards the consumers, jobs and
+    waiting jobs also say their cards.
+    """
+    cards = status.get("gpus")
+    if not isinstance(cards, list) or not cards:
+        cards = None  # a daemon from before several cards: its one card is gpu
+    several = cards is not None and len(cards) > 1
+    lines = _card_lines(cards) if cards is not None else _card_lines(
+        [status.get("gpu") or {}], numbered=False)
+    unmanaged = status.get("unmanaged_cards")
+    if unmanaged:
+        lines.append(f"  and {unmanaged} card{'s' if unmanaged != 1 else ''} not managed")
+    header: tuple[object, ...] = (
+        "consumer", "health", "residency", "vram", "loads", "unloads", "jobs", "last error")
+    rows: list[Sequence[object]] = [(*header[:4], "cards", *header[4:]) if several else header]
     for c in status.get("consumers") or []:
         health = {True: "healthy", False: "unhealthy"}.get(c.get("healthy"), "unknown")
         measured = c.get("gpu_resident_mib")
         vram = f"{measured} MiB" if measured else f"{_mib(c.get('vram_budget_mib'))} declared"
-        rows.append((
+        row: tuple[object, ...] = (
             c.get("name"), health, "resident" if c.get("loaded") else "unloaded", vram,
             c.get("loads", 0), c.get("unloads", 0), c.get("total_requests", 0),
             c.get("last_error") or "",
-        ))
+        )
+        rows.append((*row[:4], _cards(c.get("gpus")), *row[4:]) if several else row)
     lines += ["", table(rows), ""]
-    lines += _scheduler_lines(status.get("scheduler") or {})
+    lines += _scheduler_lines(status.get("scheduler") or {}, several)
     return "\n".join(lines)
 
 
-def _scheduler_lines(scheduler: dict[str, Any]) -> list[str]:
+def _card_lines(cards: list[dict[str, Any]], numbered: bool = True) -> list[str]:
+    """One line per card: its memory, then what holds it; its NVML error below it."""
+    lines = []
+    for card in cards:
+        number = f" {card.get('index')}" if numbered else ""
+        line = (
+            f"card{number}: {card.get('name') or 'GPU'}  total {_mib(card.get('total_mib'))}  "
+            f"used {_mib(card.get('used_mib'))}  free {_mib(card.get('free_mib'))}  "
+            f"reserved {_mib(card.get('reserved_mib'))}"
+        )
+        if card.get("guest_mib"):
+            line += f"  guests {_mib(card['guest_mib'])}"
+        if card.get("running") is not None:
+            line += f"  running job {card['running']}"
+        yielded = card.get("yielded")
+        if isinstance(yielded, dict):
+            line += f"  yielded ({yielded.get('reason') or 'asked'})"
+        lines.append(line)
+        if card.get("err"):
+            lines.append(f"  no NVML reading: {card['err']}")
+    return lines
+
+
+def _cards(cards: object) -> str:
+    return ",".join(map(str, cards)) if isinstance(cards, list) else ""
+
+
+def _scheduler_lines(scheduler: dict[str, Any], several: bool = False) -> list[str]:
+    running_jobs = scheduler.get("running_jobs")
     running = scheduler.get("running")
-    if running:
-        lines = [
-            f"running: {running.get('consumer')} {running.get('kind')} "
-            f"({running.get('phase', 'running')}, since {running.get('started')})"
-        ]
-    else:
-        lines = [f"running: {scheduler.get('in_flight', 0) or 'nothing'}"]
+    if not isinstance(running_jobs, list):
+        running_jobs = [running] if running else []
+    lines = [
+        f"running: {job.get('consumer')} {job.get('kind')} "
+        f"({job.get('phase', 'running')}, since {job.get('started')})"
+        + (f" on card {_cards(job.get('cards'))}" if several else "")
+        for job in running_jobs
+    ] or [f"running: {scheduler.get('in_flight', 0) or 'nothing'}"]
     queue = scheduler.get("queue")
     if not isinstance(queue, list):
         return [*lines, f"queue: {scheduler.get('queue_depth', 0)} waiting"]
     if not queue:
         return [*lines, "queue: empty"]
-    rows: list[Sequence[object]] = [("#", "consumer", "kind", "class", "waited", "eta")]
+    header = ("#", "consumer", "kind", "class", "waited", "eta")
+    rows: list[Sequence[object]] = [(*header, "cards") if several else header]
     for n, job in enumerate(queue, 1):
         eta = job.get("eta_seconds")
-        rows.append((
+        row = (
             n, job.get("consumer"), job.get("kind"), job.get("class"),
             f"{job.get('waited_ms', 0)} ms", "unknown" if eta is None else f"{eta} s",
-        ))
+        )
+        rows.append((*row, _cards(job.get("cards"))) if several else row)
     return [*lines, f"queue: {len(queue)} waiting", table(rows)]
 
 
@@ -205,7 +242,8 @@ def render_plan(plan: dict[str, Any]) -> str:
         fit = step.get("fit") or {}
         victim = step.get("victim") or "nobody"
         verdict = "fits" if fit.get("fits") else f"does not fit; evict {victim}"
-        lines.append(f"step {n}: {fit.get('why')} -> {verdict}")
+        on = f" (card {step['card']})" if step.get("card") is not None else ""
+        lines.append(f"step {n}{on}: {fit.get('why')} -> {verdict}")
         for candidate in step.get("candidates") or []:
             lines.append(f"    {candidate.get('name')}: {candidate.get('reason')}")
     evict = plan.get("would_evict") or []

@@ -147,6 +147,8 @@ class ManagerApp:
             registry=self._registry,
             scheduler=self._scheduler,
             lifecycle=self._lifecycle,
+            samples=self._sampler.latest_by_card,
+            unmanaged_cards=self._sampler.unmanaged_cards,
         )
 
     @route("/v1/plan/", ["GET"], Policy(Does.OWN, summary="No kind named: not found"))

@@ -183,7 +183,6 @@ class _StatusGauges(Collector):
         document = self._status()
         scheduler = document["scheduler"]
         yield _gauge("queue_depth", "Jobs waiting for the GPU", scheduler["queue_depth"])
-        yield _gauge("jobs_running", "Jobs holding the GPU", scheduler["in_flight"])
         up = GaugeMetricFamily("mgpumanager_consumer_up",
                                "Whether the last health probe succeeded", labels=["consumer"])
         resident = GaugeMetricFamily("mgpumanager_consumer_resident",
@@ -198,13 +197,40 @@ class _StatusGauges(Collector):
             resident.add_metric(name, 1.0 if consumer["loaded"] else 0.0)
             vram.add_metric(name, float(consumer["size_mib"] * MIB))
         yield from (up, resident, vram)
-        gpu = document["gpu"]
-        if gpu["used_mib"] is None:
-            return  # no sample: absent, not zero
-        for figure in ("total", "used", "free"):
-            if gpu[f"{figure}_mib"] is not None:
-                yield _gauge(f"gpu_memory_{figure}_bytes", f"Card memory {figure}",
-                             gpu[f"{figure}_mib"] * MIB)
+        yield from _card_gauges(document["gpus"])
+
+
+def _card_gauges(cards: list[dict[str, Any]]) -> Iterator[Metric]:
+    """
+    The gauges of each card, labelled ``card``: the job holding it, whether
+    it is yielded to guests, and (only for a card with a reading: absent, not
+    zero, without one) its memory and what its guests hold.
+    """
+    running = _card_family("jobs_running", "Jobs holding the card")
+    yielded = _card_family("card_yielded", "Whether the card is yielded to guests")
+    memory = {
+        figure: _card_family(f"gpu_memory_{figure}_bytes", f"Card memory {figure}")
+        for figure in ("total", "used", "free")
+    }
+    guests = _card_family("gpu_guest_bytes", "Card memory held by guests (no consumer's)")
+    for card in cards:
+        label = [str(card["index"])]
+        running.add_metric(label, 0.0 if card["running"] is None else 1.0)
+        yielded.add_metric(label, 0.0 if card["yielded"] is None else 1.0)
+        if card["used_mib"] is None:
+            continue  # no sample
+        for figure, family in memory.items():
+            if card[f"{figure}_mib"] is not None:
+                family.add_metric(label, float(card[f"{figure}_mib"] * MIB))
+        guests.add_metric(label, float(card["guest_mib"] * MIB))
+    yield from (running, yielded)
+    # A family without samples is left out, as the one-card daemon left out
+    # the card's memory before its first sample.
+    yield from (family for family in (*memory.values(), guests) if family.samples)
+
+
+def _card_family(name: str, documentation: str) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"mgpumanager_{name}", documentation, labels=["card"])
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -47,12 +47,91 @@ _CONSUMER: JsonObject = {
         "priority": {"type": "integer"},
         "can_coexist_with": {"type": "array", "items": {"type": "string"}},
         "warning": {"type": "string"},
+        "gpus": {
+            "type": "array", "items": {"type": "integer"},
+            "description": "the cards its processes use",
+        },
+        "gpu_resident_mib_by_card": {
+            "type": "object", "additionalProperties": {"type": "integer"},
+            "description": "what it holds on each card, by card number: {\"0\": mib}",
+        },
+    },
+}
+
+_HOLDER: JsonObject = {
+    "type": "object",
+    "required": ["name", "size_mib"],
+    "properties": {
+        "name": {"type": "string"},
+        "size_mib": {"type": "integer"},
+    },
+}
+
+_CARD: JsonObject = {
+    "type": "object",
+    "required": ["index", "uuid", "name", "total_mib", "used_mib", "free_mib", "reserved_mib",
+                 "holders", "guests", "guest_mib", "running", "yielded", "err"],
+    "properties": {
+        "index": {"type": "integer", "description": "the card's number in the configuration"},
+        "uuid": {"type": ["string", "null"]},
+        "name": {"type": ["string", "null"]},
+        "total_mib": _NULLABLE_INT,
+        "used_mib": _NULLABLE_INT,
+        "free_mib": _NULLABLE_INT,
+        "reserved_mib": {"type": "integer"},
+        "last_sample": _NULLABLE_TIME,
+        "holders": {
+            "type": "array", "items": _HOLDER,
+            "description": "memory of consumers a reload removed, seen on this card",
+        },
+        "guests": {
+            "type": "array",
+            "description": "processes on the card that belong to no consumer",
+            "items": {
+                "type": "object",
+                "required": ["pid", "name", "mib"],
+                "properties": {
+                    "pid": {"type": "integer"},
+                    "name": {"type": "string"},
+                    "mib": {"type": "integer"},
+                },
+            },
+        },
+        "guest_mib": {"type": "integer"},
+        "running": {
+            "type": ["integer", "null"], "description": "the id of the job holding the card",
+        },
+        "yielded": {
+            "type": ["object", "null"],
+            "properties": {
+                "reason": {"type": "string"},
+                "since": {"type": "string"},
+                "until": _NULLABLE_TIME,
+            },
+        },
+        "err": {"type": ["string", "null"], "description": "why the last read failed"},
+    },
+}
+
+_CARDS_OF_JOB: JsonObject = {"type": "array", "items": {"type": "integer"}}
+
+_RUNNING_JOB: JsonObject = {
+    "type": "object",
+    "required": ["id", "consumer", "kind", "phase", "started", "cards"],
+    "properties": {
+        "id": {"type": "integer"},
+        "consumer": {"type": "string"},
+        "kind": {"type": "string"},
+        "phase": {"type": "string"},
+        "started": {"type": "string"},
+        "cards": _CARDS_OF_JOB,
     },
 }
 
 STATUS: JsonObject = {
     "type": "object",
-    "required": ["listen", "time", "gpu", "routing", "consumers", "scheduler"],
+    "required": ["listen", "time", "gpu", "gpus", "unmanaged_cards", "routing", "consumers",
+                 "scheduler"],
     "properties": {
         "listen": {"type": "string"},
         "time": {"type": "string"},
@@ -69,14 +148,7 @@ STATUS: JsonObject = {
                     "type": "array",
                     "description": "memory of consumers a reload removed, until the card "
                     "shows it gone",
-                    "items": {
-                        "type": "object",
-                        "required": ["name", "size_mib"],
-                        "properties": {
-                            "name": {"type": "string"},
-                            "size_mib": {"type": "integer"},
-                        },
-                    },
+                    "items": _HOLDER,
                 },
                 "released_holders": {
                     "type": "array",
@@ -99,6 +171,13 @@ STATUS: JsonObject = {
                 },
             },
         },
+        "gpus": {
+            "type": "array", "items": _CARD,
+            "description": "every managed card, in the file's order; gpu describes the first",
+        },
+        "unmanaged_cards": {
+            "type": "integer", "description": "cards NVML lists that the file does not manage",
+        },
         "routing": {"type": "object", "additionalProperties": {"type": "string"}},
         "consumers": {"type": "array", "items": _CONSUMER},
         "scheduler": {
@@ -109,8 +188,19 @@ STATUS: JsonObject = {
                 "in_flight": {"type": "integer"},
                 "total_jobs": {"type": "integer"},
                 "policy": {"type": "string", "enum": ["interactive-first", "fifo"]},
-                "running": {"type": ["object", "null"]},
-                "queue": {"type": "array", "items": {"type": "object"}},
+                "running": {
+                    "anyOf": [_RUNNING_JOB, {"type": "null"}],
+                    "description": "the earliest-started running job",
+                },
+                "running_jobs": {"type": "array", "items": _RUNNING_JOB},
+                "queue": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["id", "consumer", "kind", "cards"],
+                        "properties": {"cards": _CARDS_OF_JOB},
+                    },
+                },
                 "decisions": {"type": "array", "items": {"type": "object"}},
             },
         },

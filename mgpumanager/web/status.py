@@ -10,6 +10,8 @@ the events stream, the metrics).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from mgpumanager.common.answers import JsonDocument
 from mgpumanager.common.times import rfc3339
 from mgpumanager.config.document import Config
@@ -19,6 +21,7 @@ from mgpumanager.scheduling.queued import QueueDecision, QueuedJob, RunningJob
 from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.gpu import GpuSample
 from mgpumanager.state.registry import ConsumerState, Registry
+from mgpumanager.web.status_cards import cards_status
 
 
 def status_document(
@@ -30,16 +33,32 @@ def status_document(
     registry: Registry,
     scheduler: GpuScheduler,
     lifecycle: Lifecycle,
+    samples: Mapping[int, GpuSample] | None = None,
+    unmanaged_cards: int = 0,
 ) -> JsonDocument:
-    """The whole ``/v1/status`` document."""
+    """
+    The whole ``/v1/status`` document.
+
+    :param sample: the latest sample of the first managed card, which ``gpu``
+        describes as the one-card daemon always has.
+    :param samples: the latest sample of every managed card, by card number,
+        for ``gpus``; by default ``sample`` is the first card's and the others
+        have none yet.
+    :param unmanaged_cards: the cards NVML lists that the file does not manage.
+    """
+    first = config.cards[0]
+    if samples is None:
+        samples = {first.index: sample}
     return {
         "listen": listen,
         "time": rfc3339(now),
         "gpu": {
-            **gpu_status(sample, config.gpu.total_mib, config.gpu.reserved_mib),
+            **gpu_status(sample, first.settings.total_mib, first.settings.reserved_mib),
             "holders": holders_status(registry),
             "released_holders": released_holders_status(registry),
         },
+        "gpus": cards_status(config, samples, registry, scheduler.running_jobs),
+        "unmanaged_cards": unmanaged_cards,
         "routing": dict(config.routing),
         "consumers": [consumer_status(state) for state in registry],
         "scheduler": {
@@ -120,6 +139,11 @@ def consumer_status(state: ConsumerState) -> JsonDocument:
         "can_coexist_with": sorted(config.can_coexist_with),
         "adapter": config.adapter,
         "size_mib": state.size_mib,
+        "gpus": list(config.cards),
+        # JSON keys are strings: {"0": mib}.
+        "gpu_resident_mib_by_card": {
+            str(card): mib for card, mib in sorted(state.gpu_resident_mib_by_card.items())
+        },
     }
     if state.models is not None:
         status["models"] = [
@@ -164,15 +188,22 @@ def lifecycle_status(lifecycle: Lifecycle) -> JsonDocument:
 
 
 def queue_status(scheduler: GpuScheduler, now: float) -> JsonDocument:
-    """The policy, the running job, and the waiting jobs in the order they would run."""
+    """
+    The policy, the running jobs, and the waiting jobs in the order they would
+    run, each with the cards it holds or needs.  ``running`` is the
+    earliest-started running job (the one job of a one-card host);
+    ``running_jobs`` is every one.
+    """
     running = scheduler.running
     return {
         "policy": scheduler.policy_name,
         "running": None if running is None else running_status(running),
+        "running_jobs": [running_status(job) for job in scheduler.running_jobs],
         "queue": [
             {**job_status(entry.job), "waited_ms": round((now - entry.job.arrived) * 1000),
              "bypassed": entry.job.bypassed, "needs_swap": entry.needs_swap,
-             "eta_seconds": entry.eta_seconds}
+             "eta_seconds": entry.eta_seconds,
+             "cards": list(scheduler.cards_of(entry.job.consumer))}
             for entry in scheduler.queue_entries()
         ],
     }
@@ -185,7 +216,7 @@ def job_status(job: QueuedJob) -> JsonDocument:
 
 def running_status(running: RunningJob) -> JsonDocument:
     status = {**job_status(running.view), "phase": running.phase,
-              "started": rfc3339(running.started)}
+              "started": rfc3339(running.started), "cards": list(running.cards)}
     if running.prompt_id is not None:
         status["prompt_id"] = running.prompt_id
     return status
@@ -228,6 +259,7 @@ def decision_status(decision: Decision) -> JsonDocument:
     return {
         "time": rfc3339(decision.time),
         "target": decision.target,
+        **card_of(decision),
         **fit_status(decision.fit),
         "candidates": [candidate_status(c) for c in decision.candidates],
         "victim": decision.victim,
@@ -236,6 +268,20 @@ def decision_status(decision: Decision) -> JsonDocument:
         "recovery_ms": decision.recovery_ms,
         "recovered_mib": decision.recovered_mib,
     }
+
+
+def card_of(made: Decision | Step) -> JsonDocument:
+    """
+    ``{"card": n}`` for the card a make-room decision or plan step is about,
+    nothing where it carries no ``card``.  Read by name so that this module
+    works with the lifecycle and the planner both before and after they
+    carry the card (a bridge: once every one does, read the attribute).
+    """
+    card = getattr(made, "card", _NO_CARD)
+    return {} if card is _NO_CARD else {"card": card}
+
+
+_NO_CARD = object()
 
 
 def fit_status(fit: Fit) -> JsonDocument:
@@ -259,6 +305,7 @@ def candidate_status(candidate: Candidate) -> JsonDocument:
 
 def step_status(step: Step) -> JsonDocument:
     return {
+        **card_of(step),
         "fit": fit_status(step.fit),
         "candidates": [candidate_status(c) for c in step.candidates],
         "victim": step.victim.name if step.victim else None,
