@@ -292,15 +292,15 @@ def build(
     )
     description = listen or config.listen.endpoint_description()
     loopback = endpoint_is_loopback(description)
+    yields = CardYields(config, scheduler, lifecycle, reactor, free_mib=sampler.free_mib_on)
+    keeper = GuestKeeper(config, registry, guests, yields, scheduler, lifecycle, reactor)
+    sampler.subscribe_cards(keeper.on_cards)
     completions = Completions(control, reactor, lifecycle.record_timeout, adapters)
     jobs = GpuJobs(registry, scheduler, proxy, metrics, completions)
     app = ManagerApp(
         config, registry, scheduler, proxy, sampler, lifecycle, reactor, listen, jobs, metrics,
-        adapters,
+        adapters, guests, yields,
     )
-    yields = CardYields(config, scheduler, lifecycle, reactor, free_mib=sampler.free_mib_on)
-    keeper = GuestKeeper(config, registry, guests, yields, scheduler, lifecycle, reactor)
-    sampler.subscribe_cards(keeper.on_cards)
     cards = CardRoutes(config, yields)
     tunnels = WebSocketTunnels(reactor, drop_authorization=config.auth_token is not None)
     passthrough = Passthrough(config, jobs, proxy, tunnels, adapters)

@@ -33,7 +33,9 @@ from mgpumanager.relay.proxy import ConsumerProxy
 from mgpumanager.scheduling.eviction import dry_run_plan
 from mgpumanager.scheduling.lifecycle import Lifecycle
 from mgpumanager.scheduling.scheduler import GpuScheduler
+from mgpumanager.scheduling.yields import CardYields
 from mgpumanager.state.gpu import GpuSampler
+from mgpumanager.state.guests import GuestWatch
 from mgpumanager.state.registry import Registry
 from mgpumanager.web.answers import json_body
 from mgpumanager.web.card_routes import CardRoutes
@@ -93,6 +95,8 @@ class ManagerApp:
         jobs: GpuJobs | None = None,
         metrics: Metrics | None = None,
         adapters: Adapters | None = None,
+        guests: GuestWatch | None = None,
+        yields: CardYields | None = None,
     ) -> None:
         self._config = config
         self._registry = registry
@@ -102,6 +106,8 @@ class ManagerApp:
         self._lifecycle = lifecycle
         #: The daemon's resolved adapters, so the dry run plans as the real one.
         self._adapters = adapters
+        self._guests = guests
+        self._yields = yields
         self._clock = clock
         self._metrics = metrics or Metrics(clock)
         self._metrics.watch_status(self.status_document)
@@ -149,6 +155,8 @@ class ManagerApp:
             lifecycle=self._lifecycle,
             samples=self._sampler.latest_by_card,
             unmanaged_cards=self._sampler.unmanaged_cards,
+            guests=self._guests,
+            yields=self._yields,
         )
 
     @route("/v1/plan/", ["GET"], Policy(Does.OWN, summary="No kind named: not found"))

@@ -8,32 +8,23 @@ job running on it ended, every consumer on it unloaded and verified);
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.web.server import Request
 
 from mgpumanager.common.errors import BAD_REQUEST, NOT_FOUND, ApiError
 from mgpumanager.common.request_json import json_object
-from mgpumanager.common.times import rfc3339
 from mgpumanager.config.document import Config
 from mgpumanager.scheduling.yields import CardYields, Yielded
 from mgpumanager.web.answers import json_body
 from mgpumanager.web.declare import Does, Policy, route
+from mgpumanager.web.status_cards import yielded_document
 
 #: The longest reason kept, in characters.
 REASON_CHARS = 200
 
 YIELD = Policy(Does.OWN, summary="hold a card for a guest: answers once it is held")
 RESUME = Policy(Does.OWN, summary="give a yielded card back to the jobs")
-
-
-def yielded_document(held: Yielded | None) -> dict[str, Any] | None:
-    """A card's ``yielded`` in status and in the yield's answer."""
-    if held is None:
-        return None
-    return {"reason": held.reason, "since": rfc3339(held.since),
-            "until": rfc3339(held.until) if held.until is not None else None}
 
 
 class CardRoutes:

@@ -19,7 +19,9 @@ from mgpumanager.scheduling.eviction import Candidate, Fit, Plan, Step
 from mgpumanager.scheduling.lifecycle import Decision, Lifecycle
 from mgpumanager.scheduling.queued import QueueDecision, QueuedJob, RunningJob
 from mgpumanager.scheduling.scheduler import GpuScheduler
+from mgpumanager.scheduling.yields import CardYields
 from mgpumanager.state.gpu import GpuSample
+from mgpumanager.state.guests import GuestWatch
 from mgpumanager.state.registry import ConsumerState, Registry
 from mgpumanager.web.status_cards import cards_status
 
@@ -35,6 +37,8 @@ def status_document(
     lifecycle: Lifecycle,
     samples: Mapping[int, GpuSample] | None = None,
     unmanaged_cards: int = 0,
+    guests: GuestWatch | None = None,
+    yields: CardYields | None = None,
 ) -> JsonDocument:
     """
     The whole ``/v1/status`` document.
@@ -45,6 +49,7 @@ def status_document(
         for ``gpus``; by default ``sample`` is the first card's and the others
         have none yet.
     :param unmanaged_cards: the cards NVML lists that the file does not manage.
+    :param guests: each card's guests; :param yields: each card's yield.
     """
     first = config.cards[0]
     if samples is None:
@@ -57,7 +62,9 @@ def status_document(
             "holders": holders_status(registry),
             "released_holders": released_holders_status(registry),
         },
-        "gpus": cards_status(config, samples, registry, scheduler.running_jobs),
+        "gpus": cards_status(
+            config, samples, registry, scheduler.running_jobs, guests, yields
+        ),
         "unmanaged_cards": unmanaged_cards,
         "routing": dict(config.routing),
         "consumers": [consumer_status(state) for state in registry],

@@ -18,7 +18,9 @@ from mgpumanager.common.times import rfc3339
 from mgpumanager.config.cards import CardConfig
 from mgpumanager.config.document import Config
 from mgpumanager.scheduling.queued import RunningJob
+from mgpumanager.scheduling.yields import CardYields, Yielded
 from mgpumanager.state.gpu import GpuSample
+from mgpumanager.state.guests import GuestWatch
 from mgpumanager.state.registry import Holder, Registry
 
 #: What a card shows before its first sample.
@@ -30,6 +32,8 @@ def cards_status(
     samples: Mapping[int, GpuSample],
     registry: Registry,
     running_jobs: list[RunningJob],
+    guests: GuestWatch | None = None,
+    yields: CardYields | None = None,
 ) -> list[JsonDocument]:
     """
     ``gpus``: every managed card.
@@ -48,7 +52,7 @@ def cards_status(
         {
             **card_status(card, samples.get(card.index, NO_SAMPLE)),
             "holders": holders.get(card.index, []),
-            **guest_status(card, samples.get(card.index, NO_SAMPLE)),
+            **guest_status(card, guests, yields),
             "running": running.get(card.index),
         }
         for card in config.cards
@@ -79,17 +83,29 @@ def card_status(card: CardConfig, sample: GpuSample) -> JsonDocument:
     }
 
 
-def guest_status(card: CardConfig, sample: GpuSample) -> JsonDocument:
+def guest_status(
+    card: CardConfig, guests: GuestWatch | None, yields: CardYields | None
+) -> JsonDocument:
     """
-    What the card's guests hold and whether it is yielded to them: a
-    placeholder until guests and yield exist (SPEC Part 3, "Guests on the
-    card"), so that clients, the page and the metrics read the keys already.
-    That feature replaces this one function: ``guests`` (``[{pid, name,
-    mib}]``), ``guest_mib`` (their sum) and ``yielded`` (``null`` or
-    ``{reason, since, until}``); the metrics read them from the status
-    document and need no change.
+    What the card's guests hold and whether it is yielded to them:
+    ``guests`` (``[{pid, name, mib}]``, most memory first), ``guest_mib``
+    (their sum) and ``yielded`` (``null`` or ``{reason, since, until}``); the
+    metrics read them from here.
     """
-    return {"guests": [], "guest_mib": 0, "yielded": None}
+    seen = guests.on(card.index) if guests is not None else ()
+    return {
+        "guests": [{"pid": guest.pid, "name": guest.name, "mib": guest.mib} for guest in seen],
+        "guest_mib": sum(guest.mib for guest in seen),
+        "yielded": yielded_document(yields.of(card.index) if yields is not None else None),
+    }
+
+
+def yielded_document(held: Yielded | None) -> JsonDocument | None:
+    """A card's ``yielded``, in status and in a yield's answer."""
+    if held is None:
+        return None
+    return {"reason": held.reason, "since": rfc3339(held.since),
+            "until": rfc3339(held.until) if held.until is not None else None}
 
 
 def holders_by_card(
