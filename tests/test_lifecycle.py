@@ -1162,6 +1162,8 @@ def test_decisions_show_in_status_with_every_candidate_and_reason() -> None:
         "unload_ms": 0,
         "recovery_ms": 0,
         "recovered_mib": 13000,
+        # Part 3: every decision names the card it made room on.
+        "card": 0,
     }
     json.dumps(status)
 

@@ -11,14 +11,14 @@ nothing else changed.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from mgpumanager.config.document import Config, parse_config
-from mgpumanager.scheduling.lifecycle import Lifecycle
+from mgpumanager.scheduling.eviction import Fit, Step
+from mgpumanager.scheduling.lifecycle import Decision, Lifecycle
 from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.gpu import GpuReading, GpuSample, GpuSampler
 from mgpumanager.state.registry import Holder, Registry
@@ -162,9 +162,13 @@ def test_running_jobs_and_the_queue_carry_their_cards() -> None:
     assert [(job["consumer"], job["cards"]) for job in scheduler["queue"]] == [("voice", [0])]
 
 
-def test_a_plan_step_or_decision_says_its_card_once_it_carries_one() -> None:
-    assert card_of(SimpleNamespace(card=1)) == {"card": 1}  # type: ignore[arg-type]
-    assert card_of(SimpleNamespace()) == {}  # type: ignore[arg-type]
+def test_a_plan_step_or_decision_says_its_card() -> None:
+    fit = Fit(True, "nvml", 0, 0, "fits")
+    assert card_of(Step(fit, [], None, "fits", card=1)) == {"card": 1}
+    made_room = Decision(0.0, "voice", fit, [], None, card=1)
+    assert card_of(made_room) == {"card": 1}
+    timeout = Decision(0.0, "voice", fit, [], None, type="timeout")
+    assert card_of(timeout) == {"card": None}
 
 
 #: The keys the one-card document had before several cards.

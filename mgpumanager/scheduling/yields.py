@@ -101,17 +101,17 @@ class CardYields:
                 self._scheduler.card_held_until(card, held.until)
                 self._end_after(card, seconds)
             return succeed(held)
+        # A Deferred of its own for each asker: one that stops waiting (its
+        # client left) gives up waiting, not the yield, which others may be
+        # waiting for too; resume gives a yield up.  Registered first: taking
+        # the card can be over at once (nothing runs on it, nothing to unload).
+        asker: Deferred[Yielded] = Deferred()
+        self._waiting.setdefault(card, []).append(asker)
         if card not in self._taking:
-            self._waiting[card] = []
             taking = self._taking[card] = Deferred.fromCoroutine(
                 self._take(card, seconds, reason or "yielded", auto)
             )
             taking.addBoth(self._taken, card)
-        # A Deferred of its own for each asker: one that stops waiting (its
-        # client left) gives up waiting, not the yield, which others may be
-        # waiting for too; resume gives a yield up.
-        asker: Deferred[Yielded] = Deferred()
-        self._waiting.setdefault(card, []).append(asker)
         return asker
 
     async def _take(self, card: int, seconds: float | None, reason: str, auto: bool) -> Yielded:

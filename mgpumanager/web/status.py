@@ -278,17 +278,10 @@ def decision_status(decision: Decision) -> JsonDocument:
 
 
 def card_of(made: Decision | Step) -> JsonDocument:
-    """
-    ``{"card": n}`` for the card a make-room decision or plan step is about,
-    nothing where it carries no ``card``.  Read by name so that this module
-    works with the lifecycle and the planner both before and after they
-    carry the card (a bridge: once every one does, read the attribute).
-    """
-    card = getattr(made, "card", _NO_CARD)
-    return {} if card is _NO_CARD else {"card": card}
+    """``{"card": n}``: the card a make-room decision or plan step is about (null: none)."""
+    return {"card": made.card}
 
 
-_NO_CARD = object()
 
 
 def fit_status(fit: Fit) -> JsonDocument:
