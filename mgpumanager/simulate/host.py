@@ -181,12 +181,13 @@ class SimulatedHost:
                 self._listening.append(port)
                 self._connections.append(connections)
                 self.ports[name] = port.getHost().port
-            if cfg.control is not None:
-                await self._open_control(tcp, *cfg.control)
             await self.whisper.start()
             for name, server in self.servers.items():
                 if self._profiles[name].preload and name != "whisper":
                     await server.model.load()
+            if cfg.control is not None:
+                # Last: a guest sent as soon as it answers finds the host's steady state.
+                await self._open_control(tcp, *cfg.control)
         except BaseException:
             await self.stop()
             raise
@@ -199,6 +200,7 @@ class SimulatedHost:
         self._listening.append(listening)
         self._connections.append(connections)
         self.control_url = f"http://{interface}:{listening.getHost().port}"
+        log.info("simulated host's control API at {url}", url=self.control_url)
 
     def stop(self) -> Deferred[None]:
         """
