@@ -40,6 +40,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
         return _check(args.config, out)
+    if getattr(args, "run", None) is not None:
+        return int(args.run(args, out))
     try:
         document = _get(args.url, _path(args), _token(args.token_file))
     except DaemonError as e:
@@ -62,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("kind", metavar="KIND", help="tts, stt, llm or image")
         command.add_argument("--url", default=DEFAULT_URL, help=f"default {DEFAULT_URL}")
         command.add_argument("--token-file", help="a file holding the daemon's bearer token")
+    # Imported here: those commands use this module's helpers.
+    from mgpumanager.app.cli_yield import add_commands
+
+    add_commands(commands)
     return parser
 
 

@@ -27,7 +27,12 @@ log = Logger()
 _REQUIRED = ("mvoice", "ollama", "comfyui", "whisper")
 
 
-def simulated_in_process(config: Config, reactor: Any, time_scale: float = 1.0) -> StandIns:
+def simulated_in_process(
+    config: Config,
+    reactor: Any,
+    time_scale: float = 1.0,
+    control: tuple[str, int] | None = None,
+) -> StandIns:
     """
     Stand-ins for ``--simulate``: the simulated host runs inside the daemon on
     the ports of the config's consumers, and the daemon reads its card.
@@ -37,6 +42,8 @@ def simulated_in_process(config: Config, reactor: Any, time_scale: float = 1.0) 
     simulated server sits on the cards of the consumer of its name.
 
     :param time_scale: every duration of the simulated servers is divided by it.
+    :param control: where the host's control API listens (``--simulate-control``),
+        or ``None`` to keep it closed.
     """
     from mgpumanager.simulate.host import PIDS, HostConfig, SimulatedHost, consumer_pids
     from mgpumanager.simulate.nvml import SimulatedNvml
@@ -51,6 +58,7 @@ def simulated_in_process(config: Config, reactor: Any, time_scale: float = 1.0) 
         # A server the config does not name still runs, on a free port.
         ports[name] = (urlsplit(consumer.url).port or 0) if consumer is not None else 0
     host_config = _with_cards(HostConfig().with_ports(ports), config).scaled(time_scale)
+    host_config = attrs.evolve(host_config, control=control)
     host = SimulatedHost(host_config, clock=reactor)
     nvml = SimulatedNvml(host.cards)
     return StandIns(

@@ -20,7 +20,10 @@ from mgpumanager.consumers.adapters import load_resolved_config
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE] [--listen ENDPOINT] [--simulate | --simulated-card FILE]"
+    synopsis = (
+        "[--config FILE] [--listen ENDPOINT] "
+        "[--simulate [--simulate-control HOST:PORT] | --simulated-card FILE]"
+    )
     longdesc = (
         "Run mgpumanager: one HTTP facade (POST /v1/tts, /v1/stt, /v1/llm, /v1/image) "
         "in front of several inference servers, with one global GPU lock, VRAM-aware "
@@ -51,9 +54,26 @@ class Options(usage.Options):
             "Read GPU memory from a simulated card's state file (written by "
             "python -m mgpumanager.simulate) instead of NVML.",
         ],
+        [
+            "simulate-control",
+            None,
+            None,
+            "With --simulate: open the simulated host's control API (guests arriving "
+            "on its cards) on this loopback HOST:PORT.",
+        ],
     ]
 
     def postOptions(self) -> None:
+        self["control_address"] = None
+        if self["simulate-control"] is not None:
+            from mgpumanager.simulate.control import control_address
+
+            if not self["simulate"]:
+                raise usage.UsageError("--simulate-control needs --simulate")
+            try:
+                self["control_address"] = control_address(self["simulate-control"])
+            except ValueError as e:
+                raise usage.UsageError(f"--simulate-control: {e}") from None
         if self["listen"] is not None:
             from twisted.internet import reactor
             from twisted.internet.endpoints import serverFromString
@@ -86,7 +106,7 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> Manage
     if options["simulate"]:
         from mgpumanager.app.demo import simulated_in_process
 
-        stand_ins = simulated_in_process(config, reactor)
+        stand_ins = simulated_in_process(config, reactor, control=options["control_address"])
     elif options["simulated-card"]:
         from mgpumanager.app.demo import simulated_card_file
 

@@ -26,6 +26,7 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
+from mgpumanager.simulate.control import control_address
 from mgpumanager.simulate.host import PROFILE_FIELDS, HostConfig, SimulatedHost
 from mgpumanager.simulate.traffic_log import RequestLog, stats_loop
 
@@ -74,6 +75,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "X-Request-Id), flushed at once",
     )
     parser.add_argument(
+        "--control",
+        type=_control,
+        metavar="HOST:PORT",
+        help="open the control API on this loopback address (port 0: a free one): "
+        "POST /guests, DELETE /guests/PID, GET /card",
+    )
+    parser.add_argument(
         "--stats-file",
         metavar="PATH",
         help="keep the card's out-of-memory count in this JSON file, rewritten 10 times a second",
@@ -89,6 +97,13 @@ def _card_sizes(text: str) -> tuple[int, ...]:
     if not sizes or any(size <= 0 for size in sizes):
         raise argparse.ArgumentTypeError(f"every card needs a positive size: {text!r}")
     return sizes
+
+
+def _control(text: str) -> tuple[str, int]:
+    try:
+        return control_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _placement(text: str) -> tuple[str, tuple[int, ...]]:
@@ -116,7 +131,9 @@ def host_config(options: argparse.Namespace) -> HostConfig:
             if index >= len(config.card_sizes):
                 raise SystemExit(f"--place: {name} on card {index}, but the host has "
                                  f"{len(config.card_sizes)} card(s)")
-    return attrs.evolve(config, state_path=os.path.abspath(options.card_file))
+    return attrs.evolve(
+        config, state_path=os.path.abspath(options.card_file), control=options.control
+    )
 
 
 def write_daemon_config(host: SimulatedHost, path: str) -> None:
@@ -156,6 +173,8 @@ async def run(
             servers = ", ".join(name for name in PROFILE_FIELDS if index in config.cards_of(name))
             print(f"card {index}   {mib} MiB: {servers or 'no server'}", flush=True)
         print(f"cards    state in {config.state_path}", flush=True)
+    if host.control_url is not None:
+        print(f"control  {host.control_url}", flush=True)
     if daemon_config:
         write_daemon_config(host, daemon_config)
         print(f"daemon   config in {daemon_config}", flush=True)

@@ -57,14 +57,26 @@ class PidBook:
 
     def __init__(self) -> None:
         self._pids: dict[str, int] = {}
+        self._names: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def register(self, owner: str, pid: int) -> None:
+    def register(self, owner: str, pid: int, name: str | None = None) -> None:
+        """
+        :param name: the process name NVML gives for ``pid``, when it is not
+            ``owner`` itself (a guest named by whoever started it).
+        """
         with self._lock:
             taken = {p for o, p in self._pids.items() if o != owner}
             if pid in taken:
                 raise ValueError(f"pid {pid} is already registered to another owner")
             self._pids[owner] = pid
+            if name is not None:
+                self._names[owner] = name
+
+    def name_of(self, owner: str) -> str:
+        """The process name registered for ``owner``, or ``""``: the owner's own."""
+        with self._lock:
+            return self._names.get(owner, "")
 
     def pid_of(self, owner: str) -> int:
         """Registered, or derived from the name so that two processes reading agree on it."""
@@ -86,6 +98,12 @@ class ProcessUsage:
     pid: int
     owner: str
     used_mib: int
+    #: The process name (``nvmlSystemGetProcessName``); empty: the owner's.
+    name: str = ""
+
+    @property
+    def process_name(self) -> str:
+        return self.name or self.owner
 
 
 @attrs.frozen
@@ -113,8 +131,11 @@ class CardState:
             **({"uuid": self.uuid} if self.uuid else {}),
             "total_mib": self.total_mib,
             "used_mib": self.used_mib,
+            # A name only where one was given: the servers' entries stay as they were.
             "processes": [
-                {"pid": p.pid, "owner": p.owner, "used_mib": p.used_mib} for p in self.processes
+                {"pid": p.pid, "owner": p.owner, "used_mib": p.used_mib}
+                | ({"name": p.name} if p.name else {})
+                for p in self.processes
             ],
         }
 
@@ -128,7 +149,9 @@ class CardState:
             raise ValueError("card state must be a JSON object")
         try:
             processes = tuple(
-                ProcessUsage(pid=int(p["pid"]), owner=str(p["owner"]), used_mib=int(p["used_mib"]))
+                ProcessUsage(
+                    int(p["pid"]), str(p["owner"]), int(p["used_mib"]), str(p.get("name", ""))
+                )
                 for p in document.get("processes", [])
             )
             return cls(
@@ -216,10 +239,12 @@ class SimulatedCard:
         """
         return self._pids.pid_of(owner)
 
-    def allocate(self, owner: str, mib: int) -> None:
+    def allocate(self, owner: str, mib: int, *, counted: bool = True) -> None:
         """
         Hand ``mib`` more MiB to ``owner``.
 
+        :param counted: whether a refusal counts in ``oom_count``, which says that
+            a server ran out of memory; a guest's refusal is none of the daemon's doing.
         :raises CudaOutOfMemory: when it does not fit; nothing changes then.
         """
         if mib < 0:
@@ -227,7 +252,8 @@ class SimulatedCard:
         with self._lock:
             used = sum(self._held.values())
             if used + mib > self.total_mib:
-                self.oom_count += 1
+                if counted:
+                    self.oom_count += 1
                 error = CudaOutOfMemory(mib, self.total_mib, self.total_mib - used, self.index)
             else:
                 error = None
@@ -272,7 +298,7 @@ class SimulatedCard:
         """The whole state at one instant."""
         with self._lock:
             processes = tuple(
-                ProcessUsage(pid=self._pids.pid_of(owner), owner=owner, used_mib=mib)
+                ProcessUsage(self._pids.pid_of(owner), owner, mib, self._pids.name_of(owner))
                 for owner, mib in sorted(self._held.items())
                 if mib > 0
             )

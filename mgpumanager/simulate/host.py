@@ -45,10 +45,12 @@ from twisted.protocols.policies import WrappingFactory
 from mgpumanager.simulate.card import SimulatedCard
 from mgpumanager.simulate.cards import CardBank, CardMemory
 from mgpumanager.simulate.consumers import SimComfy, SimOllama, SimSpeech, SimVoice, SimWhisper
+from mgpumanager.simulate.control import ControlApi
+from mgpumanager.simulate.guests import GuestBook
 from mgpumanager.simulate.ollama_models import DEFAULT_EMBED_MODEL, runner_owner
 from mgpumanager.simulate.profile import PIDS, PROFILE_FIELDS, HostConfig, ServerProfile
 from mgpumanager.simulate.recording import ActivityMeter
-from mgpumanager.simulate.server import SimServer, default_clock
+from mgpumanager.simulate.server import QuietSite, SimServer, default_clock
 
 __all__ = [
     "PIDS",
@@ -83,9 +85,11 @@ class SimulatedHost:
 
     Attributes: ``cards`` (in NVML order), ``card`` (the first), ``voice``, ``ollama``,
     ``comfy``, ``whisper``, ``servers`` (by consumer name: ``mvoice``, ``ollama``,
-    ``comfyui``, ``whisper``, ``speech``), ``ports`` (actual ports once started) and
-    ``gpu_jobs``, an :class:`ActivityMeter` shared by all the servers: its
-    ``max_active`` says whether the GPU ever ran two jobs at once.
+    ``comfyui``, ``whisper``, ``speech``), ``ports`` (actual ports once started),
+    ``guests`` (a :class:`GuestBook`), ``control_url`` (the control API's, once
+    started, when ``config.control`` opens it) and ``gpu_jobs``, an
+    :class:`ActivityMeter` shared by all the servers: its ``max_active`` says
+    whether the GPU ever ran two jobs at once.
     """
 
     def __init__(
@@ -99,6 +103,8 @@ class SimulatedHost:
         self.card = self.cards[0]
         for owner, pid in PIDS.items():
             self.bank.register(owner, pid)
+        self.guests = GuestBook(self.cards, self.bank.pids)
+        self.control_url: str | None = None
         self.gpu_jobs = ActivityMeter()
         self._own_audio_dir = cfg.audio_dir is None
         self.audio_dir = cfg.audio_dir or tempfile.mkdtemp(prefix="mgpu-sim-audio-")
@@ -164,6 +170,7 @@ class SimulatedHost:
 
     async def _start(self, reactor: IReactorTCP | None) -> None:
         tcp = reactor if reactor is not None else cast(IReactorTCP, default_clock())
+        cfg = self.config
         try:
             for name, server in self.servers.items():
                 connections = _Connections(server.site())
@@ -178,10 +185,22 @@ class SimulatedHost:
             for name, server in self.servers.items():
                 if self._profiles[name].preload and name != "whisper":
                     await server.model.load()
+            if cfg.control is not None:
+                # Last: a guest sent as soon as it answers finds the host's steady state.
+                await self._open_control(tcp, *cfg.control)
         except BaseException:
             await self.stop()
             raise
         log.info("simulated host up: {urls}", urls=self.urls())
+
+    async def _open_control(self, tcp: IReactorTCP, interface: str, port: int) -> None:
+        control = ControlApi(self.cards, self.guests)
+        connections = _Connections(QuietSite(control.app.resource()))
+        listening = await TCP4ServerEndpoint(tcp, port, interface=interface).listen(connections)
+        self._listening.append(listening)
+        self._connections.append(connections)
+        self.control_url = f"http://{interface}:{listening.getHost().port}"
+        log.info("simulated host's control API at {url}", url=self.control_url)
 
     def stop(self) -> Deferred[None]:
         """
@@ -201,6 +220,8 @@ class SimulatedHost:
         await gatherResults([maybeDeferred(port.stopListening) for port in listening])
         for server in self.servers.values():
             server.close()
+        self.guests.leave_all()
+        self.control_url = None
         if self._own_audio_dir:
             shutil.rmtree(self.audio_dir, ignore_errors=True)
 

@@ -162,6 +162,18 @@ class SimulatedNvml:
         state = self._device_state(handle)
         return [ProcessInfo(pid=p.pid, usedGpuMemory=p.used_mib * _MIB) for p in state.processes]
 
+    def nvmlSystemGetProcessName(self, pid: int) -> str:
+        """
+        The name of a process on any card: a server's own name, or the name a
+        guest was given, so that a reader can say who the guest is.
+        """
+        self._require_init()
+        for state in self._states(NVML_ERROR_GPU_IS_LOST):
+            for process in state.processes:
+                if process.pid == pid:
+                    return process.process_name
+        raise SimulatedNvmlError(NVML_ERROR_NOT_FOUND, f"no process {pid} on any GPU")
+
     def _require_init(self) -> None:
         if self._init_count <= 0:
             raise SimulatedNvmlError(NVML_ERROR_UNINITIALIZED)

@@ -61,6 +61,9 @@ class HostConfig:
     state_path: str | None = None
     audio_dir: str | None = None
     interface: str = "127.0.0.1"
+    #: Where the control API (:mod:`mgpumanager.simulate.control`) listens, as
+    #: ``(host, port)``; ``None``: it is not opened.
+    control: tuple[str, int] | None = None
 
     @classmethod
     def fast(cls, **changes: Any) -> HostConfig:
