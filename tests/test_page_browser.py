@@ -20,6 +20,7 @@ import pytest_twisted
 import treq
 import yaml
 from twisted.internet import reactor
+from twisted.internet.error import ConnectionRefusedError
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -452,5 +453,42 @@ async def test_the_real_two_card_daemon_page_shows_both_cards(
         assert "comfyui" not in bars["0"]
         assert await browser.errors() == []
         await browser.screenshot(tmp_path / "status-real-two-cards.png")
+    finally:
+        daemon.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_page_shows_a_yielded_card_and_its_guests(
+    browser: Browser, tmp_path: Path
+) -> None:
+    config = demo_config_on_free_ports("demo.yaml")
+    config["gpu"] = {**config.get("gpu", {}), "poll_interval_seconds": 0.5}
+    control = f"127.0.0.1:{free_port()}"
+    daemon = Daemon(config, tmp_path, ("--simulate", "--simulate-control", control))
+    daemon.start()
+    try:
+        await open_live(browser, daemon.url + "/")
+        for _ in range(100):  # the control API opens once the simulated servers are up
+            try:
+                await treq.get(f"http://{control}/card")
+                break
+            except ConnectionRefusedError:
+                await sleep(0.1)
+        guest = await treq.post(f"http://{control}/guests",
+                                json={"mib": 3000, "name": "a game"})
+        assert guest.code == 201, await guest.text()
+        pid = (await guest.json())["pid"]
+        shown = await browser.wait_until(
+            lambda d: (lambda e: e[0].text if e else None)(
+                d.find_elements("css selector", ".guests-list")), 5.0, "the guest")
+        assert f"a game (pid {pid}" in shown
+        held = await treq.post(daemon.url + "/v1/gpus/0/yield", json={"reason": "a game"})
+        assert held.code == 200, await held.text()
+        banner = await browser.wait_until(
+            lambda d: (lambda e: e[0].text if e else None)(
+                d.find_elements("css selector", ".yielded")), 5.0, "the yielded card")
+        assert "Yielded to guests (a game)" in banner and "until resumed" in banner
+        assert await browser.errors() == []
+        await browser.screenshot(tmp_path / "status-yielded.png")
     finally:
         daemon.stop()

@@ -8,6 +8,7 @@ imports the simulation.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -66,6 +67,7 @@ def simulated_in_process(
         find_pids=consumer_pids,
         systemctl=_simulated_systemctl(config.consumers["whisper"].url),
         services=(_SimulatedHostService(host, reactor),),
+        process_name=partial(_process_name, nvml),
     )
 
 
@@ -97,6 +99,7 @@ def simulated_card_file(path: str) -> StandIns:
     return StandIns(
         load_nvml=lambda: nvml,
         find_pids=consumer_pids,
+        process_name=partial(_process_name, nvml),
     )
 
 
@@ -118,3 +121,12 @@ class _SimulatedHostService(Service):
         super().stopService()
         stopped: Deferred[None] = self._host.stop()
         return stopped
+
+
+def _process_name(nvml: Any, pid: int) -> str:
+    """A simulated process's name, asked of the simulated NVML as of a real one."""
+    nvml.nvmlInit()
+    try:
+        return str(nvml.nvmlSystemGetProcessName(pid))
+    finally:
+        nvml.nvmlShutdown()

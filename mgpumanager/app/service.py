@@ -55,7 +55,7 @@ from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.scheduling.yields import CardYields
 from mgpumanager.state.attribution import ConsumerPids, PidMap, ProcessAttributor
 from mgpumanager.state.gpu import GpuReading, GpuSampler
-from mgpumanager.state.guests import GuestWatch
+from mgpumanager.state.guests import GuestWatch, process_name
 from mgpumanager.state.registry import Registry
 from mgpumanager.web.agent import AgentPort, scheduler_load
 from mgpumanager.web.api import ManagerApp
@@ -194,6 +194,8 @@ class StandIns:
     find_pids: Callable[[], PidMap] | None = None
     systemctl: tuple[str, ...] | None = None
     services: tuple[IService, ...] = ()
+    #: A process's name (the simulated card knows its guests' names).
+    process_name: Callable[[int], str] | None = None
 
 
 def build(
@@ -257,7 +259,7 @@ def build(
     attributor = ProcessAttributor(registry, pids, deferToThread, reactor)
     sampler.subscribe_cards(attributor.on_cards)
     sampler.subscribe(holder_release(registry))
-    guests = GuestWatch(registry, attributor.pids_of, {os.getpid()})
+    guests = GuestWatch(registry, attributor.pids_of, {os.getpid()}, _process_name(stand_ins))
     sampler.subscribe_cards(guests.on_cards)
 
     metrics = Metrics(reactor)
@@ -388,3 +390,18 @@ def _with_stand_ins(config: Config, stand_ins: StandIns | None) -> Config:
     return attrs.evolve(
         config, lifecycle=attrs.evolve(config.lifecycle, systemctl=stand_ins.systemctl)
     )
+
+
+def _process_name(stand_ins: StandIns | None) -> Callable[[int], str]:
+    """How guests are named: by the stand-in host that ran them, else by this host."""
+    if stand_ins is not None and stand_ins.process_name is not None:
+        named = stand_ins.process_name
+
+        def name_of(pid: int) -> str:
+            try:
+                return named(pid)
+            except Exception:
+                return f"pid {pid}"
+
+        return name_of
+    return process_name
