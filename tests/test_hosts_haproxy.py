@@ -195,6 +195,39 @@ async def test_a_comfyui_flow_stays_on_one_host(stage: Stage) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_host_whose_every_card_is_yielded_drains_to_the_other(stage: Stage) -> None:
+    a = stage.hosts[0]
+    held = await treq.post(a.url + "/v1/gpus/0/yield", json={"reason": "a game"})
+    assert held.code == 200, await held.text()
+    yielded = time.monotonic()
+
+    async def a_drains() -> bool:
+        states = await deferToThread(server_states, stage.stats)
+        return states["gpu-a"]["status"].startswith("DRAIN")
+
+    await _until(a_drains, "HAProxy reading host A's agent say drain")
+    # The shipped agent-inter is 1 s.
+    assert time.monotonic() - yielded <= 1.0 + 1.0
+    ids = [f"yielded-{n}" for n in range(20)]
+    stage.sent += ids
+    answers = await at_most(4, [
+        lambda i=i: post(stage.front + "/v1/llm", _llm(2, 0.01), i) for i in ids  # type: ignore[misc]
+    ])
+    assert [code for code, _ in answers] == [200] * 20
+    at_a, at_b = stage.seen()
+    assert [i for i in ids if at_b[i] != 1] == [] and not any(at_a[i] for i in ids)
+    resumed = await treq.delete(a.url + "/v1/gpus/0/yield")
+    assert (await resumed.json())["yielded"] is None
+
+    async def a_back() -> bool:
+        states = await deferToThread(server_states, stage.stats)
+        return states["gpu-a"]["status"] == "UP"
+
+    await _until(a_back, "host A taking jobs again")
+    stage.assert_each_post_reached_one_server_once()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_host_stopped_finishes_its_streams_while_new_jobs_go_to_the_other(
     stage: Stage,
 ) -> None:
