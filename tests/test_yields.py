@@ -154,11 +154,11 @@ def test_the_queue_counts_a_yields_end_in_its_etas() -> None:
     [entry] = h.scheduler.queue_entries()
     assert entry.eta_seconds is not None and entry.eta_seconds <= 5.0
     now = h.world.clock.seconds()
-    h.scheduler.card_held_until(0, now + 100)
+    h.scheduler.holds.held_until(0, now + 100)
     assert [e.eta_seconds for e in h.scheduler.queue_entries()] == [100.0]
-    h.scheduler.card_held_until(0, None)
+    h.scheduler.holds.held_until(0, None)
     assert [e.eta_seconds for e in h.scheduler.queue_entries()] == [None]
-    h.scheduler.card_given_back(0)
+    h.scheduler.holds.given_back(0)
     assert h.scheduler.queue_entries()[0].eta_seconds == entry.eta_seconds
 
 

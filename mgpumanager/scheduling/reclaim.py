@@ -153,10 +153,10 @@ class GuestKeeper:
                     or self._guests.mib_on(card) == 0)
 
         try:
-            await self._scheduler.hold_card(card)
+            await self._scheduler.holds.hold(card)
             try:
                 await self._lifecycle.clear_card(card, why, enough, kind="reclaim")
             finally:
-                self._scheduler.release_card(card)
+                self._scheduler.holds.release(card)
         finally:
             self._reclaiming.discard(card)

@@ -26,7 +26,6 @@ import math
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-import attrs
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -42,6 +41,7 @@ from mgpumanager.common.errors import SCHEDULER_ERROR, ApiError, JobTiming
 from mgpumanager.config.document import Config, QueueConfig
 from mgpumanager.config.scheduling import INTERACTIVE, SchedulingConfig
 from mgpumanager.scheduling.cards import CardLocks, CardsOf, one_card, startable
+from mgpumanager.scheduling.holds import CardHolds
 from mgpumanager.scheduling.queued import (
     COMPLETING,
     Chooser,
@@ -137,11 +137,8 @@ class GpuScheduler:
         self._runs: dict[int, RunningJob] = {}
         #: The job being handed its cards (see :meth:`current_job`).
         self._starting: RunningJob | None = None
-        #: Cards asked for by :meth:`hold_card`, with who waits: served before
-        #: any job once free, and no job starts on them meanwhile.
-        self._holds: dict[int, list[Deferred[None]]] = {}
-        #: Cards held for guests, and until when (see :meth:`card_held_until`).
-        self._held_until: dict[int, float | None] = {}
+        #: Cards held by someone who is not a job (a yield, a reclaim).
+        self.holds = CardHolds(self._cards, self._dispatch)
         self.decisions: collections.deque[QueueDecision] = collections.deque(
             maxlen=DECISIONS_KEPT)
 
@@ -176,26 +173,9 @@ class GpuScheduler:
         if self._watcher is None:
             return [QueueEntry(job) for job in self._chooser.run_order(self._views(), now)]
         entries = self._watcher.entries(self._views(), now, self.running)
-        if not self._held_until:
+        if not self.holds:
             return entries
-        return [self._after_holds(entry, now) for entry in entries]
-
-    def card_held_until(self, card: int, until: float | None) -> None:
-        """A card is held for a guest until ``until`` (None: until given back)."""
-        self._held_until[card] = until
-
-    def card_given_back(self, card: int) -> None:
-        self._held_until.pop(card, None)
-
-    def _after_holds(self, entry: QueueEntry, now: float) -> QueueEntry:
-        held = [self._held_until[card] for card in self._cards_of(entry.job.consumer)
-                if card in self._held_until]
-        if not held:
-            return entry
-        if None in held or entry.eta_seconds is None:
-            return attrs.evolve(entry, eta_seconds=None)
-        ends = max(until for until in held if until is not None) - now
-        return attrs.evolve(entry, eta_seconds=round(max(entry.eta_seconds, ends), 1))
+        return [self.holds.eta_after(e, self._cards_of(e.job.consumer), now) for e in entries]
 
     def class_of(self, kind: str) -> str:
         """The class (``interactive`` or ``batch``) a job of ``kind`` has unless it says."""
@@ -252,7 +232,7 @@ class GpuScheduler:
             return fail(self._closed)
         cards = self._cards_of(consumer)
         must_wait = (bool(self._waiting) or not self._cards.free(cards)
-                     or not self._holds.keys().isdisjoint(cards))
+                     or not self.holds.asked.isdisjoint(cards))
         if must_wait and len(self._waiting) >= self._max_depth:
             self.refused_queue_full += 1
             return fail(QueueFull(len(self._waiting), self._retry_after()))
@@ -292,8 +272,8 @@ class GpuScheduler:
         if self._recheck is not None and self._recheck.active():
             self._recheck.cancel()
         self._recheck = None
-        if self._holds:
-            self._serve_holds()
+        if self.holds:
+            self.holds.serve()
         if not self._waiting or self._closed is not None:
             return
         waiting, now = self._views(), self._clock.seconds()
@@ -319,49 +299,13 @@ class GpuScheduler:
 
     def _startable(self, waiting: list[QueuedJob], now: float) -> list[QueuedJob]:
         """The waiting jobs that may start now, on cards that are free."""
-        busy = self._cards.busy().union(self._holds)
+        busy = self._cards.busy().union(self.holds.asked)
         if not busy:
             return waiting
         cards_of = self._cards_of
         if all(not busy.isdisjoint(cards_of(job.consumer)) for job in waiting):
             return []
         return startable(self._chooser.run_order(waiting, now), cards_of, busy)
-
-    def hold_card(self, card: int) -> Deferred[None]:
-        """
-        Hold ``card`` as a job would, for someone who is not a job (a yield to
-        a guest, a reclaim of memory): fires once the card is held, after the
-        job running on it ends; no waiting job starts on it meanwhile, and
-        none until :meth:`release_card`.  Cancelling it before then gives up.
-        Several holders of one card hold it in turn, in the order they asked.
-        """
-
-        def give_up(_: Deferred[None]) -> None:
-            waiting = self._holds.get(card, [])
-            if held in waiting:
-                waiting.remove(held)
-            if not waiting:
-                self._holds.pop(card, None)
-            self._dispatch()
-
-        held: Deferred[None] = Deferred(give_up)
-        self._holds.setdefault(card, []).append(held)
-        self._dispatch()
-        return held
-
-    def release_card(self, card: int) -> None:
-        """Give back a card :meth:`hold_card` held: jobs may start on it again."""
-        self._cards.release([card])
-        self._dispatch()
-
-    def _serve_holds(self) -> None:
-        for card, waiting in list(self._holds.items()):
-            if self._cards.free([card]):
-                held = waiting.pop(0)
-                if not waiting:
-                    del self._holds[card]
-                self._cards.take([card])
-                held.callback(None)
 
     def _cancelled(self, waiter: Waiter) -> None:
         """The caller gave up waiting (its client went away)."""

@@ -2,7 +2,7 @@
 Cards yielded to guests: a game, a 3D app or someone's training run wants a
 card's memory for a while.
 
-A yield holds the card as a job would (:meth:`GpuScheduler.hold_card`): it
+A yield holds the card as a job would (:class:`~mgpumanager.scheduling.holds.CardHolds`): it
 waits for the job running on the card to end, never interrupting it, then
 unloads every consumer resident on the card, each verified, and only then is
 the card the guest's.  Until it resumes, jobs that need the card wait in the
@@ -98,7 +98,7 @@ class CardYields:
         if held is not None:
             if seconds is not None:
                 held = self._held[card] = attrs.evolve(held, until=self._clock.seconds() + seconds)
-                self._scheduler.card_held_until(card, held.until)
+                self._scheduler.holds.held_until(card, held.until)
                 self._end_after(card, seconds)
             return succeed(held)
         # A Deferred of its own for each asker: one that stops waiting (its
@@ -118,16 +118,16 @@ class CardYields:
         since = self._clock.seconds()
         log.info("yielding card {card} ({reason}): waiting for its running job", card=card,
                  reason=reason)
-        await self._scheduler.hold_card(card)
+        await self._scheduler.holds.hold(card)
         try:
             unloaded = await self._lifecycle.clear_card(card, f"yield: {reason}")
         except BaseException:
-            self._scheduler.release_card(card)
+            self._scheduler.holds.release(card)
             raise
         now = self._clock.seconds()
         held = Yielded(reason, now, None if seconds is None else now + seconds, auto)
         self._held[card] = held
-        self._scheduler.card_held_until(card, held.until)
+        self._scheduler.holds.held_until(card, held.until)
         if seconds is not None:
             self._end_after(card, seconds)
         outcome = f"held for the guest after {now - since:.1f} s"
@@ -167,8 +167,8 @@ class CardYields:
         timer = self._timers.pop(card, None)
         if timer is not None and timer.active():
             timer.cancel()
-        self._scheduler.card_given_back(card)
-        self._scheduler.release_card(card)
+        self._scheduler.holds.given_back(card)
+        self._scheduler.holds.release(card)
         self._lifecycle.record("resume", card, why, f"yielded for "
                                f"{self._clock.seconds() - held.since:.0f} s ({held.reason})")
         log.info("card {card} is back to the jobs ({why})", card=card, why=why)
