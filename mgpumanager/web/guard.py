@@ -17,6 +17,7 @@ HttpOnly, SameSite=Strict cookie that only the read-only page routes accept.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 from http.cookies import SimpleCookie
@@ -38,6 +39,9 @@ COOKIE_METHODS = frozenset({b"GET", b"HEAD"})
 TOKEN_COOKIE = COOKIE_NAME.decode("ascii")
 
 
+# Asked for every request, and clients send the same few Host headers: each is
+# parsed once (an ipaddress parse costs more than the rest of the check).
+@functools.lru_cache(maxsize=64)
 def is_loopback_host(host: bytes) -> bool:
     """Whether a ``Host`` header names this machine's loopback interface."""
     try:
