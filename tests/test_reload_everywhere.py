@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
 
-from mgpumanager.app import service
+from mgpumanager.app import daemon, service
 from mgpumanager.app.reload import Reloader
 from mgpumanager.app.reloading import ConfigTakers
 from mgpumanager.config.document import Config
@@ -162,7 +162,7 @@ def _children(value: object) -> list[tuple[str, object]]:
     return children
 
 
-def _built(tmp_path: Path) -> tuple[Config, service.ManagerService, Reloader, Path]:
+def _built(tmp_path: Path) -> tuple[Config, daemon.ManagerService, Reloader, Path]:
     path = tmp_path / "consumers.yaml"
     token = tmp_path / "token"
     token.write_text("a-token-of-sixteen-characters-or-more\n")

@@ -9,22 +9,21 @@ module) as arguments and be tested with stand-ins.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 import attrs
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.application.service import IService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent
 
+from mgpumanager.app.daemon import ManagerService, NvmlThread, ServiceLoop, load_pynvml
 from mgpumanager.app.reload import Reloader
 from mgpumanager.app.reloading import ConfigTakers, holder_release
 from mgpumanager.common.exposure import endpoint_is_loopback
@@ -43,7 +42,6 @@ from mgpumanager.relay.tunnel import WebSocketTunnels
 from mgpumanager.relay.twisted_private import (
     ReusePool,
     fail_start_on_listen_error,
-    forget_exit_signal,
     quiet_connections,
 )
 from mgpumanager.scheduling.choosing import PolicyChooser
@@ -76,110 +74,6 @@ log = Logger()
 NVML_TIMEOUT_SECONDS = 5.0
 #: How long we wait for a consumer to accept a TCP connection.
 CONNECT_TIMEOUT_SECONDS = 5.0
-
-
-def load_pynvml() -> Any:
-    """Imported in the sampler's thread: a missing library is just a sample error."""
-    import pynvml
-
-    return pynvml
-
-
-class _Loop(Service):
-    """Adapts a component with ``start()``/``stop()`` to a service."""
-
-    def __init__(self, component: Any) -> None:
-        self._component = component
-
-    def startService(self) -> None:
-        super().startService()
-        self._component.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self._component.stop()
-
-
-class _ThreadPoolService(Service):
-    """
-    The NVML thread.  A read stuck in a wedged driver never returns, and
-    joining its thread would hang the shutdown; the thread is a daemon thread,
-    so it is left behind and dies with the process.
-    """
-
-    def __init__(self, pool: ThreadPool) -> None:
-        self._pool = pool
-        pool.threadFactory = partial(threading.Thread, daemon=True)  # type: ignore[assignment]
-
-    def startService(self) -> None:
-        super().startService()
-        self._pool.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._pool.working:
-            log.warn("an NVML read is still stuck in the driver; not waiting for it")
-            return
-        self._pool.stop()
-
-
-class ManagerService(MultiService):
-    """
-    The whole daemon.  Stops gracefully: no new connections on any port,
-    queued jobs answered ``shutting_down``, running jobs given ``grace`` seconds
-    to finish, then everything else.
-
-    :param listeners: every service that accepts connections: the main port,
-        and the consumers' own ports.
-    """
-
-    def __init__(
-        self,
-        listeners: Sequence[IService],
-        scheduler: GpuScheduler,
-        pool: HTTPConnectionPool,
-        clock: Any,
-        grace: float,
-    ) -> None:
-        super().__init__()
-        self._listeners = listeners
-        self._scheduler = scheduler
-        self._pool = pool
-        self._clock = clock
-        #: How long running jobs may finish after SIGTERM (a reload may change it).
-        self.grace = grace
-        #: From SIGTERM on (HAProxy's agent check answers ``drain``).
-        self.stopping = False
-
-    def reconfigure(self, config: Config) -> None:
-        """Give running jobs the reloaded ``shutdown_grace_seconds`` at the next stop."""
-        self.grace = config.shutdown_grace_seconds
-
-    def stopService(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._stop())
-
-    async def _stop(self) -> None:
-        self.stopping = True
-        log.info("stopping: no new connections; queued jobs are refused")
-        await DeferredList([maybeDeferred(s.stopService) for s in self._listeners])
-        self._scheduler.close()
-        idle = self._scheduler.when_idle()
-        if self._scheduler.in_flight:
-            log.info("waiting up to {grace} s for {n} running job(s)",
-                     grace=self.grace, n=self._scheduler.in_flight)
-            idle.addTimeout(self.grace, self._clock)
-            try:
-                await idle
-            except Exception:
-                log.warn("grace period over: aborting {n} running job(s)",
-                         n=self._scheduler.in_flight)
-                self._scheduler.abort_running()
-        others = [s for s in reversed(list(self)) if s not in self._listeners]
-        await DeferredList([maybeDeferred(s.stopService) for s in others])
-        Service.stopService(self)
-        await self._pool.closeCachedConnections()
-        # A graceful stop is a success: exit 0, not "killed by SIGTERM".
-        forget_exit_signal(self._clock)
 
 
 @attrs.frozen
@@ -366,10 +260,10 @@ def build(
     reloader.setServiceParent(service)
     for extra in stand_ins.services if stand_ins else ():
         extra.setServiceParent(service)
-    _ThreadPoolService(nvml_threads).setServiceParent(service)
-    _Loop(sampler).setServiceParent(service)
-    _Loop(prober).setServiceParent(service)
-    _Loop(app.events).setServiceParent(service)
+    NvmlThread(nvml_threads).setServiceParent(service)
+    ServiceLoop(sampler).setServiceParent(service)
+    ServiceLoop(prober).setServiceParent(service)
+    ServiceLoop(app.events).setServiceParent(service)
     http.setServiceParent(service)
     ports.setServiceParent(service)
     agent.setServiceParent(service)

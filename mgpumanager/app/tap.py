@@ -14,7 +14,8 @@ from typing import cast
 from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 
-from mgpumanager.app.service import ManagerService, build
+from mgpumanager.app.daemon import ManagerService
+from mgpumanager.app.service import build
 from mgpumanager.config.document import Config, ConfigError
 from mgpumanager.consumers.adapters import load_resolved_config
 
