@@ -18,7 +18,7 @@ from mgpumanager.config.document import parse_config
 from mgpumanager.replay.report import OK, JobRecord, format_table, jobs_per_hour
 from mgpumanager.replay.run import Settings, daemon_config, main, replay
 from mgpumanager.replay.study_host import MODELS, StudyHost
-from mgpumanager.replay.traces import heavy
+from mgpumanager.replay.traces import heavy, sped_up
 
 TWO_CARDS = (24576, 24576)
 
@@ -63,8 +63,19 @@ def test_jobs_per_hour_runs_from_the_first_arrival_to_the_last_answer() -> None:
     assert jobs_per_hour([]) is None
 
 
+def test_a_sped_up_trace_arrives_faster_and_works_as_long() -> None:
+    jobs = heavy(seed=1, duration=600)
+    faster = sped_up(jobs, 2)
+    assert [job.at / 2 for job in jobs] == [job.at for job in faster]
+    assert [job.service_seconds for job in jobs] == [job.service_seconds for job in faster]
+    assert [(job.kind, job.chain) for job in jobs] == [(job.kind, job.chain) for job in faster]
+    with pytest.raises(ValueError):
+        sped_up(jobs, 0)
+
+
 @pytest.mark.parametrize("argv", [["--cards", "24576"], ["--cards", "24576,big"],
-                                  ["--cards", "24576,24576", "--card-mib", "16384"]])
+                                  ["--cards", "24576,24576", "--card-mib", "16384"],
+                                  ["--rate", "0"]])
 def test_the_command_line_refuses_a_bad_card_list(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--shape", "heavy", "--policy", "fifo", *argv])

@@ -29,7 +29,7 @@ import yaml
 from mgpumanager.replay.client import MAX_SCALE, POLL_FLOOR_SECONDS, Replayer, scaled_interval
 from mgpumanager.replay.report import JobRecord, format_table
 from mgpumanager.replay.study_host import CARD_MIB, SMALL_CARD_MIB, StudyHost
-from mgpumanager.replay.traces import SHAPES, TraceJob, read_trace
+from mgpumanager.replay.traces import SHAPES, TraceJob, read_trace, sped_up
 
 
 @attrs.frozen
@@ -191,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     source.add_argument("--shape", choices=sorted(SHAPES), help="generate one of these")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--duration", type=float, help="trace seconds (default: the shape's)")
+    parser.add_argument("--rate", type=float, default=1.0,
+                        help="arrivals this many times as often (service times unchanged)")
     parser.add_argument("--policy", choices=("interactive-first", "fifo"), required=True)
     parser.add_argument("--scale", type=float, default=MAX_SCALE,
                         help=f"time scale, above 0 and at most {MAX_SCALE:g}")
@@ -204,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser.parse_args(argv)
     if not 0 < options.scale <= MAX_SCALE:
         parser.error(f"--scale must be above 0 and at most {MAX_SCALE:g}")
+    if options.rate <= 0:
+        parser.error("--rate must be above 0")
     if options.cards and options.card_mib is not None:
         parser.error("--cards replaces --card-mib: give one of them")
     if options.trace is not None:
@@ -212,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         make = SHAPES[options.shape]
         jobs = make(options.seed) if options.duration is None else make(  # type: ignore[call-arg]
             options.seed, options.duration)
+    if options.rate != 1:
+        jobs = sped_up(jobs, options.rate)
     card = options.card_mib or (SMALL_CARD_MIB if options.shape == "card16" else CARD_MIB)
     scheduling: dict[str, Any] = {}
     if options.max_bypass is not None:
