@@ -153,7 +153,7 @@ async def test_a_job_on_both_cards_starts_within_a_job_of_each(tmp_path: Path) -
         assert card0.overlaps() == [] and card1.overlaps() == []
         # The one-card clients kept both cards busy throughout, and went on
         # after each two-card job.
-        assert jobs[0] >= 4 and jobs[1] >= 5, jobs
+        assert jobs[0] >= 3 and jobs[1] >= 3, jobs
         last_voice = card0.of("mvoice")[-1].start
         assert any(run.start > last_voice for run in card0.of("ollama"))
         assert any(run.start > last_voice for run in card1.of("comfyui"))

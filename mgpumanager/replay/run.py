@@ -8,6 +8,11 @@ never below ``POLL_FLOOR_SECONDS``); replays the trace through the daemon's
 HTTP API; then prints the per-class table with swaps, the seconds spent
 unloading and loading, out-of-memory events, the scale, the floor and the
 daemon's CPU use, so that a distorted run shows as one.
+
+``--cards`` runs the study host on several cards (the image model alone on
+the last), to set what a second card buys against the same trace on one;
+``--rate`` makes the trace arrive faster, so that jobs per hour measure what
+the host gets through rather than the trace's own arrivals.
 """
 
 from __future__ import annotations
