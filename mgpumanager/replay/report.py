@@ -107,6 +107,18 @@ def longest_batch_gap(records: Sequence[JobRecord]) -> float | None:
     return longest
 
 
+def jobs_per_hour(records: Sequence[JobRecord]) -> float | None:
+    """
+    Jobs answered per hour of trace, from the first arrival to the last answer:
+    what the host got through, where a backlog shows as a longer tail.
+    """
+    ends = [r.end for r in records if r.outcome == OK and r.end is not None]
+    if not ends:
+        return None
+    span = max(ends) - min(r.arrival for r in records)
+    return len(ends) * 3600 / span if span > 0 else None
+
+
 def format_table(records: Sequence[JobRecord], notes: Sequence[str] = ()) -> str:
     """Plain aligned text; ``notes`` (scale, floor, CPU use) follow the table."""
     header = ("class", "jobs", "p50 wait", "p95 wait", "max wait", "refused", "timeouts",
@@ -122,6 +134,10 @@ def format_table(records: Sequence[JobRecord], notes: Sequence[str] = ()) -> str
     turns = turn_seconds(records)
     if turns:
         text.append(f"voice turns: {len(turns)}, p95 {_seconds(percentile(turns, 0.95))}")
+    rate = jobs_per_hour(records)
+    if rate is not None:
+        answered = sum(1 for r in records if r.outcome == OK)
+        text.append(f"throughput: {answered} jobs answered, {rate:.0f} jobs per hour")
     gap = longest_batch_gap(records)
     if gap is not None:
         text.append(f"longest wait of batch work without a batch start: {_seconds(gap)}")

@@ -8,6 +8,11 @@ never below ``POLL_FLOOR_SECONDS``); replays the trace through the daemon's
 HTTP API; then prints the per-class table with swaps, the seconds spent
 unloading and loading, out-of-memory events, the scale, the floor and the
 daemon's CPU use, so that a distorted run shows as one.
+
+``--cards`` runs the study host on several cards (the image model alone on
+the last), to set what a second card buys against the same trace on one;
+``--rate`` makes the trace arrive faster, so that jobs per hour measure what
+the host gets through rather than the trace's own arrivals.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import yaml
 from mgpumanager.replay.client import MAX_SCALE, POLL_FLOOR_SECONDS, Replayer, scaled_interval
 from mgpumanager.replay.report import JobRecord, format_table
 from mgpumanager.replay.study_host import CARD_MIB, SMALL_CARD_MIB, StudyHost
-from mgpumanager.replay.traces import SHAPES, TraceJob, read_trace
+from mgpumanager.replay.traces import SHAPES, TraceJob, read_trace, sped_up
 
 
 @attrs.frozen
@@ -39,6 +44,8 @@ class Settings:
     policy: str
     scale: float = MAX_SCALE
     card_mib: int = CARD_MIB
+    #: Each card's MiB on a host with several (``card_mib`` is then unused).
+    cards_mib: tuple[int, ...] = ()
     #: The ``scheduling`` keys besides ``policy``, unscaled (trace seconds).
     scheduling: tuple[tuple[str, Any], ...] = ()
 
@@ -53,9 +60,17 @@ def daemon_config(host: StudyHost, settings: Settings, trace_seconds: float) -> 
     scheduling.setdefault("batch_guard_seconds", 300 / scale)
     scheduling.setdefault("swap_bound_seconds", 30 / scale)
     scheduling.setdefault("linger_seconds", 1 / scale)
+    gpu: dict[str, Any] = {"reserved_mib": 0,
+                           "poll_interval_seconds": scaled_interval(2.0, scale)}
+    cards: dict[str, Any] = {}
+    if settings.cards_mib:
+        cards["gpus"] = [{"index": n, "total_mib": mib}
+                         for n, mib in enumerate(settings.cards_mib)]
+    else:
+        gpu["total_mib"] = settings.card_mib
     return {
-        "gpu": {"total_mib": settings.card_mib, "reserved_mib": 0,
-                "poll_interval_seconds": scaled_interval(2.0, scale)},
+        "gpu": gpu,
+        **cards,
         "probes": {"interval_seconds": scaled_interval(5.0, scale),
                    "timeout_seconds": max(0.5, 3.0 / scale)},
         "lifecycle": {"verify_interval_seconds": scaled_interval(0.25, scale),
@@ -68,6 +83,17 @@ def daemon_config(host: StudyHost, settings: Settings, trace_seconds: float) -> 
         "consumers": host.consumers(),
         "scheduling": {"policy": settings.policy, **scheduling},
     }
+
+
+def card_sizes(text: str) -> tuple[int, ...]:
+    """``--cards``: at least two positive sizes in MiB, comma-separated."""
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of MiB: {text!r}") from None
+    if len(sizes) < 2 or any(size <= 0 for size in sizes):
+        raise argparse.ArgumentTypeError(f"two or more positive sizes, not {text!r}")
+    return sizes
 
 
 def cpu_seconds(pid: int) -> float:
@@ -118,7 +144,10 @@ class Outcome:
     status: dict[str, Any]
 
     def notes(self, settings: Settings) -> list[str]:
+        sizes = settings.cards_mib or (settings.card_mib,)
         return [
+            f"cards {' + '.join(f'{mib} MiB' for mib in sizes)}"
+            + ("; image work on the last card" if len(sizes) > 1 else ""),
             f"policy {settings.policy}; swaps (unloads) {self.unloads}; unloading "
             f"{self.unload_seconds:.0f} s, loading {self.load_seconds:.0f} s; "
             f"out-of-memory events {self.ooms}",
@@ -135,7 +164,8 @@ async def replay(reactor: Any, jobs: Sequence[TraceJob], settings: Settings,
 
     from treq import get
 
-    host = StudyHost(settings.card_mib, settings.scale, str(workdir / "card.json"), reactor)
+    host = StudyHost(settings.card_mib, settings.scale, str(workdir / "card.json"), reactor,
+                     cards_mib=settings.cards_mib)
     await host.start(reactor)
     trace_seconds = max((job.at for job in jobs), default=0.0)
     config_path = workdir / "consumers.yaml"
@@ -154,7 +184,7 @@ async def replay(reactor: Any, jobs: Sequence[TraceJob], settings: Settings,
         process.wait(timeout=30)
         await host.stop()
     unloads, unloading, loading = host.swap_seconds()
-    return Outcome(records, unloads, unloading, loading, host.card.oom_count, cpu, wall, status)
+    return Outcome(records, unloads, unloading, loading, host.oom_count, cpu, wall, status)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -166,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     source.add_argument("--shape", choices=sorted(SHAPES), help="generate one of these")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--duration", type=float, help="trace seconds (default: the shape's)")
+    parser.add_argument("--rate", type=float, default=1.0,
+                        help="arrivals this many times as often (service times unchanged)")
     parser.add_argument("--policy", choices=("interactive-first", "fifo"), required=True)
     parser.add_argument("--scale", type=float, default=MAX_SCALE,
                         help=f"time scale, above 0 and at most {MAX_SCALE:g}")
@@ -173,22 +205,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--linger", type=float, help="scheduling.linger_seconds (trace seconds)")
     parser.add_argument("--card-mib", type=int,
                         help=f"card size (default {CARD_MIB}; {SMALL_CARD_MIB} for card16)")
+    parser.add_argument("--cards", type=card_sizes, default=(), metavar="MIB,MIB,...",
+                        help="several cards of these sizes, the image model alone on the "
+                             "last (e.g. 24576,24576); replaces --card-mib")
     options = parser.parse_args(argv)
     if not 0 < options.scale <= MAX_SCALE:
         parser.error(f"--scale must be above 0 and at most {MAX_SCALE:g}")
+    if options.rate <= 0:
+        parser.error("--rate must be above 0")
+    if options.cards and options.card_mib is not None:
+        parser.error("--cards replaces --card-mib: give one of them")
     if options.trace is not None:
         jobs = read_trace(options.trace)
     else:
         make = SHAPES[options.shape]
         jobs = make(options.seed) if options.duration is None else make(  # type: ignore[call-arg]
             options.seed, options.duration)
+    if options.rate != 1:
+        jobs = sped_up(jobs, options.rate)
     card = options.card_mib or (SMALL_CARD_MIB if options.shape == "card16" else CARD_MIB)
     scheduling: dict[str, Any] = {}
     if options.max_bypass is not None:
         scheduling["max_bypass"] = options.max_bypass
     if options.linger is not None:
         scheduling["linger_seconds"] = options.linger
-    settings = Settings(options.policy, options.scale, card, tuple(scheduling.items()))
+    settings = Settings(options.policy, options.scale, card, options.cards,
+                        tuple(scheduling.items()))
 
     from twisted.internet import reactor
     from twisted.internet.defer import ensureDeferred

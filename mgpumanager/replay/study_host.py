@@ -4,6 +4,10 @@ card, sized like the models of the study (an image model of 13 GiB that loads
 in 15 s, an 8 GiB LLM in 4 s, a 3 GiB voice model for speech and transcription
 in 2 s), every duration divided by the time scale.
 
+With several cards the image model sits alone on the last one and the others
+share card 0: the common two-card set-up, and the one that tells what a
+second card buys a mixed trace (no image ever waits for a voice or a chat).
+
 Each server loads only when told to and does, per job, the ``work_seconds``
 its request body names, so the trace's service times arrive as sent.  The
 card counts refused allocations: a replay that ends with any is a scheduler
@@ -21,7 +25,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.web.server import Request
 
-from mgpumanager.simulate.card import SimulatedCard
+from mgpumanager.simulate.cards import CardBank, CardMemory
 from mgpumanager.simulate.host import PIDS
 from mgpumanager.simulate.server import SimServer, number_field
 
@@ -55,7 +59,7 @@ class StudyServer(SimServer):
 
     app = Klein()
 
-    def __init__(self, card: SimulatedCard, model: StudyModel, scale: float,
+    def __init__(self, card: CardMemory, model: StudyModel, scale: float,
                  **options: Any) -> None:
         super().__init__(card, name=model.name, model_mib=model.mib,
                          load_seconds=model.load_seconds / scale,
@@ -95,16 +99,38 @@ class StudyServer(SimServer):
 
 
 class StudyHost:
-    """The servers, listening on loopback ports of their own."""
+    """
+    The servers, listening on loopback ports of their own.
 
-    def __init__(self, total_mib: int, scale: float, state_path: str, clock: Any) -> None:
+    :param total_mib: the card's size on a one-card host.
+    :param cards_mib: each card's size on a host with several (then
+        ``total_mib`` is unused): the image model on the last card, the
+        others on card 0.
+    """
+
+    def __init__(self, total_mib: int, scale: float, state_path: str | None, clock: Any,
+                 cards_mib: tuple[int, ...] = ()) -> None:
         self.scale = scale
-        self.card = SimulatedCard(total_mib, state_path=state_path)
+        self.bank = CardBank(cards_mib or (total_mib,), state_path)
+        self.card = self.bank.cards[0]
         for model in MODELS:
-            self.card.register(model.name, PIDS[model.name])
-        self.servers = [StudyServer(self.card, model, scale, clock=clock) for model in MODELS]
+            self.bank.register(model.name, PIDS[model.name])
+        self.servers = [
+            StudyServer(self.bank.memory_for(self.cards_of(model)), model, scale, clock=clock)
+            for model in MODELS
+        ]
         self.ports: dict[str, int] = {}
         self._listening: list[IListeningPort] = []
+
+    def cards_of(self, model: StudyModel) -> tuple[int, ...]:
+        """The cards ``model``'s server sits on."""
+        last = len(self.bank.cards) - 1
+        return (last,) if "image" in model.kinds else (0,)
+
+    @property
+    def oom_count(self) -> int:
+        """Allocations refused, on every card."""
+        return self.bank.oom_count
 
     async def start(self, reactor: Any) -> None:
         for server in self.servers:
@@ -120,8 +146,10 @@ class StudyHost:
 
     def consumers(self) -> dict[str, Any]:
         """The ``consumers`` section of a daemon config in front of this host."""
+        several = len(self.bank.cards) > 1
         return {
             server.name: {
+                **({"gpus": list(self.cards_of(server.study))} if several else {}),
                 "url": f"http://127.0.0.1:{self.ports[server.name]}",
                 "health": {"path": "/health"},
                 "paths": {kind: {"path": "/run"} for kind in server.study.kinds},
