@@ -7,7 +7,6 @@ queue without ever running it and without disturbing the GPU lock.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -21,6 +20,7 @@ from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.registry import Registry
 from mgpumanager.web.job_errors import with_job_headers
 from mgpumanager.web.status import scheduler_status
+from tests.jobs import Jobs
 from tests.support import assert_no_result, failure_result_of, success_result_of
 
 CONFIG = parse_config(
@@ -40,26 +40,6 @@ CONFIG = parse_config(
         },
     }
 )
-
-
-class Jobs:
-    """Job callables that record that they ran and finish on command."""
-
-    def __init__(self) -> None:
-        self.started: list[str] = []
-        self.pending: dict[str, Deferred[str]] = {}
-
-    def job(self, label: str) -> Callable[[], Deferred[str]]:
-        def run() -> Deferred[str]:
-            self.started.append(label)
-            d: Deferred[str] = Deferred()
-            self.pending[label] = d
-            return d
-
-        return run
-
-    def finish(self, label: str) -> None:
-        self.pending[label].callback(label)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ shutdown that answers queued jobs instead of dropping them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,6 +19,7 @@ from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.registry import Registry
 from mgpumanager.web.status import consumer_status, scheduler_status
 from tests.builders import consumer as _consumer
+from tests.jobs import Jobs
 from tests.support import EPOCH, assert_no_result, failure_result_of, success_result_of
 
 #: 2026-05-15T10:00:00Z, so status times read like real ones.
@@ -31,27 +31,6 @@ CONFIG = parse_config(
         "consumers": {"voice": _consumer(9001, "tts"), "llm": _consumer(9002, "llm")},
     }
 )
-
-
-class Jobs:
-    """Job callables that record when they are called and finish on command."""
-
-    def __init__(self) -> None:
-        self.started: list[str] = []
-        self.pending: dict[str, Deferred[str]] = {}
-        self.cancelled: list[str] = []
-
-    def job(self, label: str) -> Callable[[], Deferred[str]]:
-        def run() -> Deferred[str]:
-            self.started.append(label)
-            d: Deferred[str] = Deferred(lambda _: self.cancelled.append(label))
-            self.pending[label] = d
-            return d
-
-        return run
-
-    def finish(self, label: str) -> None:
-        self.pending[label].callback(label)
 
 
 @pytest.fixture

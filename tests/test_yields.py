@@ -10,7 +10,6 @@ idle consumers until the headroom is met; without NVML they are off.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -25,30 +24,11 @@ from mgpumanager.scheduling.reclaim import GuestKeeper
 from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.scheduling.yields import CardYields, Yielded
 from mgpumanager.state.guests import GuestWatch
+from tests.jobs import Jobs
 from tests.support import EPOCH, assert_no_result, failure_result_of, success_result_of
 from tests.test_lifecycle import CONFIG, PIDS, SMALL, World
 
 GUEST_PID = 999  # what the scripted card reports for a holder it does not know
-
-
-class Jobs:
-    """Job callables that finish on command."""
-
-    def __init__(self) -> None:
-        self.started: list[str] = []
-        self.pending: dict[str, Deferred[str]] = {}
-
-    def job(self, label: str) -> Callable[[], Deferred[str]]:
-        def run() -> Deferred[str]:
-            self.started.append(label)
-            d: Deferred[str] = Deferred()
-            self.pending[label] = d
-            return d
-
-        return run
-
-    def finish(self, label: str) -> None:
-        self.pending.pop(label).callback(label)
 
 
 @attrs.define
