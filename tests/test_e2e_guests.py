@@ -5,7 +5,8 @@ samples; a yield asked for during a running stream answers only once the
 stream ended whole, with every consumer on the card unloaded (Ollama too); a
 chat sent during the yield is answered whole after the resume; a yield with
 ``seconds`` ends by itself; the ``mgpumanager yield`` and ``resume`` commands
-work against the daemon; auto-yield follows a guest that arrives and leaves.
+work against the daemon; auto-yield follows a guest that arrives and leaves;
+reclaim unloads idle consumers, least recently used first, until the headroom.
 """
 
 from __future__ import annotations
@@ -149,5 +150,31 @@ def test_auto_yield_follows_a_guest_that_arrives_and_leaves(tmp_path: Path) -> N
         assert time.monotonic() - left >= 1.0, "not before the cooldown"
         decisions = call("GET", daemon.url + "/v1/status")["scheduler"]["decisions"]
         assert {"yield", "resume"} <= {d["type"] for d in decisions}
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+def test_reclaim_unloads_idle_consumers_least_recently_used_first_until_the_headroom(
+    tmp_path: Path,
+) -> None:
+    # The demo card: 16384 MiB; mvoice (3000) and whisper (1500) preloaded.
+    daemon, control = start(tmp_path, guest_headroom_mib=6000)
+    try:
+        code, _ = post_raw(daemon.url + "/v1/llm", {"prompt": "hi", "num_lines": 1})
+        assert code == 200 and "ollama" in resident(daemon)  # 6000 MiB, used last
+        before = resident(daemon)
+        assert {"mvoice", "whisper", "ollama"} <= before
+        # 16384 - 10500 held - 3000 for the guest: 2884 MiB free, under the headroom.
+        guest = call("POST", control + "/guests", {"mib": 3000, "name": "notebook"})
+        wait_for(lambda: "whisper" not in resident(daemon) and "mvoice" not in resident(daemon),
+                 "the reclaim", timeout=10)
+        # Whisper and mvoice (never used by a job) went first; with them gone,
+        # 7384 MiB are free: Ollama, used last, stays.
+        assert "ollama" in resident(daemon)
+        assert card(daemon)["free_mib"] >= 6000
+        decisions = call("GET", daemon.url + "/v1/status")["scheduler"]["decisions"]
+        reclaimed = [d["victim"] for d in decisions if d["type"] == "reclaim"]
+        assert sorted(reclaimed) == ["mvoice", "whisper"]
+        call("DELETE", f"{control}/guests/{guest['pid']}")
     finally:
         assert daemon.stop() == 0, daemon.log()
