@@ -28,6 +28,17 @@ def free_port() -> int:
         return port
 
 
+def demo_config_on_free_ports() -> dict[str, Any]:
+    """
+    config/demo.yaml as it is, but with every simulated server moved to a free
+    port, so that a test can run ``--simulate`` beside anything else on loopback.
+    """
+    config: dict[str, Any] = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    for consumer in config["consumers"].values():
+        consumer["url"] = f"http://127.0.0.1:{free_port()}"
+    return config
+
+
 class Daemon:
     """One ``twistd -n mgpumanager`` process and its configuration file."""
 

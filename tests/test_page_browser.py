@@ -18,14 +18,13 @@ from typing import Any
 
 import pytest_twisted
 import treq
-import yaml
 from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from mgpumanager.page import status_page
 from tests.browser import LAPTOP, PHONE, Browser, browser_fixture  # noqa: F401
-from tests.daemon import REPO, Daemon, free_port
+from tests.daemon import Daemon, demo_config_on_free_ports
 from tests.support import sleep
 
 TOKEN = "page-token-0123456789"
@@ -254,14 +253,6 @@ async def test_fits_a_phone_screen(
         await browser.resize(LAPTOP)
     assert await browser.errors() == []
 
-
-
-def demo_config_on_free_ports() -> dict[str, Any]:
-    """config/demo.yaml with every simulated server moved to a free port."""
-    config: dict[str, Any] = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
-    for consumer in config["consumers"].values():
-        consumer["url"] = f"http://127.0.0.1:{free_port()}"
-    return config
 
 
 @pytest_twisted.async_yield_fixture(name="real_daemon")
