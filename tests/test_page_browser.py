@@ -236,6 +236,31 @@ async def test_a_token_in_the_address_stays_out_of_later_requests(
     assert TOKEN not in await browser.call(lambda d: d.current_url)
 
 
+#: Every scheduler tile's value: its text, and whether it is cut off (wider than its box).
+CLIPPED_TILES = (
+    "return [...document.querySelectorAll('#scheduler .stat')].map(tile => {"
+    " const value = tile.querySelector('.v');"
+    " return [tile.querySelector('.k').textContent, value.textContent,"
+    " value.scrollWidth > value.clientWidth]; })"
+)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_scheduler_tiles_show_their_whole_values_on_a_laptop(
+    browser: Browser, daemon: StandInDaemon, tmp_path: Path
+) -> None:
+    busy = with_image_job(daemon.document)
+    busy["scheduler"].update(failed_jobs=1)  # every tile there is: the narrowest they get
+    daemon.publish(busy)
+    await open_live(browser, daemon.url)
+    await browser.wait_until(lambda d: "comfyui" in text_of(d, "running"), 2.0, "the job")
+    assert await browser.call(lambda d: d.execute_script("return window.innerWidth")) == LAPTOP[0]
+    tiles = await browser.script(CLIPPED_TILES)
+    assert ["policy", "interactive-first", False] in tiles
+    assert [tile for tile in tiles if tile[2]] == []
+    await browser.screenshot(tmp_path / "status-tiles.png")
+
+
 @pytest_twisted.ensureDeferred
 async def test_fits_a_phone_screen(
     browser: Browser, daemon: StandInDaemon, tmp_path: Path
@@ -248,6 +273,7 @@ async def test_fits_a_phone_screen(
             "return document.documentElement.scrollWidth - window.innerWidth"
         )
         assert overflow <= 0
+        assert [tile for tile in await browser.script(CLIPPED_TILES) if tile[2]] == []
         await browser.screenshot(tmp_path / "status-phone.png")
     finally:
         await browser.resize(LAPTOP)
