@@ -211,7 +211,7 @@ class InteractiveFirstPolicy:
         Successive picks at ``now``, linger aside (it delays, it does not
         reorder), without re-scanning the queue per job.  Only the first pick
         can be the guard's: once a batch job starts the guard is fresh.  After
-        that, due jobs go first and a start can make earlier arrivals due, so
+        that, due jobs go first and a start can make the jobs before it due, so
         jobs not yet due are kept in (class, priority, arrival) order and
         bumped as jobs after them start.
         """
