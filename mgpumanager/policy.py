@@ -196,9 +196,9 @@ class InteractiveFirstPolicy:
             return Pick(None, EMPTY)
         grouped = self._grouped(survey)
         ended = history.last_interactive_end
-        # Only batch work lingers: it is the only pick here that can need a
-        # swap while no interactive job waits, and someone waiting on an
-        # interactive job should never watch an idle card.
+        # Only batch work lingers: a batch pick that needs a swap means no
+        # interactive job waits and no batch job could start without one.
+        # Someone waiting on an interactive job never watches an idle card.
         if (grouped.rule == SWAP and grouped.job is not None
                 and grouped.job.job_class == BATCH and ended is not None
                 and now < ended + self.config.linger_seconds):
