@@ -29,9 +29,12 @@ DEFAULT_CLASSES: Mapping[str, str] = {
 DEFAULT_BATCH_GUARD_SECONDS = 300.0
 DEFAULT_SWAP_BOUND_SECONDS = 30.0
 DEFAULT_MAX_BYPASS = 8
-#: Long enough for the next step of a voice turn or chat to arrive while the
-#: card still holds its model; it holds only batch work, so no one waits on it.
-DEFAULT_LINGER_SECONDS = 10.0
+#: How long batch work that needs a swap waits after an interactive job for
+#: more of it: long enough that images gather and run together between bursts
+#: of voice and chat instead of swapping in at every short gap (the README's
+#: replayer results say why 12 and not 10).  It holds only batch work, so no
+#: one waiting on an answer waits on it.
+DEFAULT_LINGER_SECONDS = 12.0
 
 _KEYS = ("policy", "batch_guard_seconds", "swap_bound_seconds", "max_bypass",
          "linger_seconds", "classes")

@@ -215,7 +215,7 @@ def apart(tmp_path: Path) -> Iterator[ScriptedStack]:
 async def test_alternating_tts_and_stt_waits_for_the_swaps_and_no_linger(
     apart: ScriptedStack,
 ) -> None:
-    # Default scheduling: the 10 s linger holds batch work only, so a client
+    # Default scheduling: the 12 s linger holds batch work only, so a client
     # alternating between two servers that cannot share the card is never
     # kept waiting on an idle card between its jobs.
     timings = []

@@ -62,7 +62,7 @@ def test_config_defaults_match_the_documented_section() -> None:
     config = SchedulingConfig.from_mapping(None)
     assert config == SchedulingConfig()
     assert (config.policy, config.batch_guard_seconds, config.swap_bound_seconds,
-            config.max_bypass, config.linger_seconds) == ("interactive-first", 300, 30, 8, 10)
+            config.max_bypass, config.linger_seconds) == ("interactive-first", 300, 30, 8, 12)
     assert [config.class_of(k) for k in ("tts", "stt", "llm", "image", "other")] == [
         INTERACTIVE, INTERACTIVE, INTERACTIVE, BATCH, INTERACTIVE]
 
@@ -153,9 +153,9 @@ def test_linger_holds_batch_work_that_needs_a_swap() -> None:
     history = History(last_interactive_end=10)
     waiting = [job(1, BATCH, arrived=2, swap=True), job(2, BATCH, arrived=3, swap=True)]
     hold = POLICY.pick(waiting, 10.4, history)
-    assert (hold.job, hold.rule, hold.wake_at) == (None, LINGER, 20)
-    assert picked(waiting, now=19.9, history=history) == (None, LINGER)
-    assert picked(waiting, now=20, history=history) == (1, SWAP)
+    assert (hold.job, hold.rule, hold.wake_at) == (None, LINGER, 22)
+    assert picked(waiting, now=21.9, history=history) == (None, LINGER)
+    assert picked(waiting, now=22, history=history) == (1, SWAP)
     # A job that needs no swap ends the linger at once, of either class.
     assert picked([*waiting, job(3, arrived=10.2)], 10.4, history) == (3, NO_SWAP)
     assert picked([*waiting, job(4, BATCH, arrived=10.2)], 10.4, history) == (4, NO_SWAP)

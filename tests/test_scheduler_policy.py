@@ -85,13 +85,13 @@ def test_after_an_interactive_job_batch_work_needing_a_swap_lingers() -> None:
     assert jobs.order == ["voice", "voice-again", "image"]
 
 
-def test_the_default_linger_holds_an_image_ten_seconds_after_a_voice_job() -> None:
+def test_the_default_linger_holds_an_image_twelve_seconds_after_a_voice_job() -> None:
     clock = Clock()
     scheduler, jobs = scheduler_with(clock, {"image"}), Jobs()
     submit(scheduler, jobs, "voice", "tts", "voice")
     submit(scheduler, jobs, "image", "image", "image")
     jobs.finish()
-    clock.advance(9.9)
+    clock.advance(11.9)
     assert jobs.order == ["voice"]
     assert scheduler.queue_depth == 1
     clock.advance(0.1)
@@ -103,7 +103,7 @@ def test_an_interactive_job_needing_a_swap_never_lingers() -> None:
     scheduler, jobs = scheduler_with(clock, {"llm"}), Jobs()
     submit(scheduler, jobs, "voice", "tts", "voice")
     submit(scheduler, jobs, "llm", "llm", "llm")
-    jobs.finish()  # the default 10 s linger would hold batch work, not this
+    jobs.finish()  # the default 12 s linger would hold batch work, not this
     assert jobs.order == ["voice", "llm"]
     jobs.finish()
     submit(scheduler, jobs, "voice", "tts", "voice-2")
@@ -161,7 +161,7 @@ def test_status_shows_the_running_job_and_the_queue_in_run_order_with_eta() -> N
     submit(scheduler, jobs, "voice", "tts", "first")
     clock.advance(2)
     jobs.finish()
-    clock.advance(10)  # past the linger, which would hold the image
+    clock.advance(12)  # past the linger, which would hold the image
     submit(scheduler, jobs, "image", "image", "running")
     submit(scheduler, jobs, "image", "image", "image")
     submit(scheduler, jobs, "voice", "tts", "voice")
