@@ -28,6 +28,18 @@ def free_port() -> int:
         return port
 
 
+def demo_config_on_free_ports(name: str = "demo.yaml") -> dict[str, Any]:
+    """
+    A demo configuration (config/demo.yaml by default) as it is, but with every
+    simulated server moved to a free port, so that a test can run
+    ``--simulate`` beside anything else on loopback.
+    """
+    config: dict[str, Any] = yaml.safe_load((REPO / "config" / name).read_text())
+    for consumer in config["consumers"].values():
+        consumer["url"] = f"http://127.0.0.1:{free_port()}"
+    return config
+
+
 class Daemon:
     """One ``twistd -n mgpumanager`` process and its configuration file."""
 

@@ -188,9 +188,8 @@ async def test_jobs_right_after_loads_of_an_http10_server_never_fail(tmp_path: P
         document["gpu"]["total_mib"] = 3500
         document["routing"]["tts"] = "speech"
         document["routing"]["stt"] = "mvoice"
-        # Every job here needs a swap: without this, each would wait out the
-        # policy's linger (1 s) for a job that needs none.
-        document["scheduling"] = {"linger_seconds": 0.01}
+        # Every job here needs a swap, with the default scheduling: tts and
+        # stt are interactive, so none waits out the linger.
 
     async for started in started_stack(tmp_path, budget_only, nvml=False):
         await until_probed(started)

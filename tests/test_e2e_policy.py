@@ -89,6 +89,14 @@ def interactive(tmp_path: Path) -> Iterator[ScriptedStack]:
     assert stack.stop() == 0, stack.daemon.log()
 
 
+async def until_consumers(stack: ScriptedStack, check: Any, within: float = 5.0) -> None:
+    """Until ``check`` accepts every consumer's ``loaded``, by name."""
+    deadline = time.monotonic() + within
+    while not check({c["name"]: c["loaded"] for c in (await status(stack))["consumers"]}):
+        assert time.monotonic() < deadline
+        await sleep(0.05)
+
+
 async def voice_behind_three_images(stack: ScriptedStack) -> list[str]:
     return await run_in_order(stack, ["image", "image", "image", "image", "tts"], 150)
 
@@ -168,3 +176,62 @@ async def test_class_and_priority_headers_are_checked_stripped_and_timed(
     assert timing.startswith("queue;dur=") and ", prepare;dur=" in timing
     forwarded = fifo.upstreams["image"].seen[-1]
     assert forwarded.header("x-mgpu-class") == [] and forwarded.header("x-mgpu-priority") == []
+
+
+#: Two consumers that cannot share the card, one for tts and one for stt, whose
+#: loads and unloads take long enough to time.
+LOAD_MS, UNLOAD_MS = 300, 200
+APART = {
+    name: {"vram_resident_mib": 10000, "paths": {kind: {"path": path}},
+           "load": {"method": "POST", "path": f"/load?do=load&ms={LOAD_MS}"},
+           "unload": {"method": "POST", "path": f"/unload?do=unload&ms={UNLOAD_MS}"}}
+    for name, kind, path in (("voice", "tts", "/api/tts"), ("llm", "stt", "/api/stt"))
+}
+
+
+def server_timing(response: Any) -> dict[str, int]:
+    header = response.headers.getRawHeaders(b"server-timing")[0].decode()
+    return {name.strip(): int(dur) for name, dur in
+            (part.split(";dur=") for part in header.split(","))}
+
+
+@pytest.fixture
+def apart(tmp_path: Path) -> Iterator[ScriptedStack]:
+    """Default scheduling; tts and stt on two consumers that cannot share the card."""
+    stack = start_stack(tmp_path, config={
+        "gpu": {"total_mib": 16384},
+        "routing": {"tts": "voice", "stt": "llm", "llm": "llm", "image": "image"},
+    }, consumers=APART)
+    # Only the voice model is on the card to begin with.
+    stack.upstreams["voice"].health_answer = {"status": "ok", "loaded": True}
+    stack.upstreams["llm"].health_answer = {"status": "ok", "loaded": False}
+    pytest_twisted.blockon(Deferred.fromCoroutine(until_consumers(
+        stack, lambda loaded: loaded == {"voice": True, "llm": False, "image": True})))
+    yield stack
+    assert stack.stop() == 0, stack.daemon.log()
+
+
+@pytest_twisted.ensureDeferred
+async def test_alternating_tts_and_stt_waits_for_the_swaps_and_no_linger(
+    apart: ScriptedStack,
+) -> None:
+    # Default scheduling: the 12 s linger holds batch work only, so a client
+    # alternating between two servers that cannot share the card is never
+    # kept waiting on an idle card between its jobs.
+    timings = []
+    for n in range(6):
+        response = await send(apart, "tts" if n % 2 == 0 else "stt", 20)
+        assert response.code == 200
+        await response.content()
+        timings.append(server_timing(response))
+    document = await status(apart)
+    evictions = [d for d in document["scheduler"]["decisions"] if d["type"] == "evict"]
+    # Newest first: every job after the first swapped the other consumer out.
+    evictions = evictions[:5][::-1]
+    assert [d["victim"] for d in evictions] == ["voice", "llm", "voice", "llm", "voice"]
+    for timing, eviction in zip(timings[1:], evictions, strict=True):
+        swap_ms = eviction["unload_ms"] + eviction["recovery_ms"] + LOAD_MS
+        # The load really happened inside prepare ...
+        assert timing["prepare"] >= LOAD_MS, timings
+        # ... and queue plus prepare is the swap's own time, far from a linger.
+        assert timing["queue"] + timing["prepare"] <= swap_ms + 1500, (timings, evictions)

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest_twisted
 import treq
-import yaml
 from twisted.internet import reactor
 from twisted.internet.error import ConnectionRefusedError
 from twisted.web.resource import Resource
@@ -26,7 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from mgpumanager.web.page import status_page
 from tests.browser import LAPTOP, PHONE, Browser, browser_fixture  # noqa: F401
-from tests.daemon import REPO, Daemon, free_port
+from tests.daemon import Daemon, demo_config_on_free_ports, free_port
 from tests.support import sleep
 
 TOKEN = "page-token-0123456789"
@@ -277,6 +276,31 @@ async def test_a_token_in_the_address_stays_out_of_later_requests(
     assert TOKEN not in await browser.call(lambda d: d.current_url)
 
 
+#: Every scheduler tile's value: its text, and whether it is cut off (wider than its box).
+CLIPPED_TILES = (
+    "return [...document.querySelectorAll('#scheduler .stat')].map(tile => {"
+    " const value = tile.querySelector('.v');"
+    " return [tile.querySelector('.k').textContent, value.textContent,"
+    " value.scrollWidth > value.clientWidth]; })"
+)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_scheduler_tiles_show_their_whole_values_on_a_laptop(
+    browser: Browser, daemon: StandInDaemon, tmp_path: Path
+) -> None:
+    busy = with_image_job(daemon.document)
+    busy["scheduler"].update(failed_jobs=1)  # every tile there is: the narrowest they get
+    daemon.publish(busy)
+    await open_live(browser, daemon.url)
+    await browser.wait_until(lambda d: "comfyui" in text_of(d, "running"), 2.0, "the job")
+    assert await browser.call(lambda d: d.execute_script("return window.innerWidth")) == LAPTOP[0]
+    tiles = await browser.script(CLIPPED_TILES)
+    assert ["policy", "interactive-first", False] in tiles
+    assert [tile for tile in tiles if tile[2]] == []
+    await browser.screenshot(tmp_path / "status-tiles.png")
+
+
 @pytest_twisted.ensureDeferred
 async def test_fits_a_phone_screen(
     browser: Browser, daemon: StandInDaemon, tmp_path: Path
@@ -289,6 +313,7 @@ async def test_fits_a_phone_screen(
             "return document.documentElement.scrollWidth - window.innerWidth"
         )
         assert overflow <= 0
+        assert [tile for tile in await browser.script(CLIPPED_TILES) if tile[2]] == []
         await browser.screenshot(tmp_path / "status-phone.png")
     finally:
         await browser.resize(LAPTOP)
@@ -320,14 +345,6 @@ async def test_two_cards_show_a_bar_each_the_running_jobs_and_the_queue_with_car
     assert "1 (8.8 GiB)" in comfyui
     await browser.screenshot(tmp_path / "status-two-cards.png")
     assert await browser.errors() == []
-
-
-def demo_config_on_free_ports(name: str = "demo.yaml") -> dict[str, Any]:
-    """A demo configuration with every simulated server moved to a free port."""
-    config: dict[str, Any] = yaml.safe_load((REPO / "config" / name).read_text())
-    for consumer in config["consumers"].values():
-        consumer["url"] = f"http://127.0.0.1:{free_port()}"
-    return config
 
 
 @pytest_twisted.async_yield_fixture(name="real_daemon")

@@ -62,7 +62,7 @@ def test_config_defaults_match_the_documented_section() -> None:
     config = SchedulingConfig.from_mapping(None)
     assert config == SchedulingConfig()
     assert (config.policy, config.batch_guard_seconds, config.swap_bound_seconds,
-            config.max_bypass, config.linger_seconds) == ("interactive-first", 300, 30, 8, 1)
+            config.max_bypass, config.linger_seconds) == ("interactive-first", 300, 30, 8, 12)
     assert [config.class_of(k) for k in ("tts", "stt", "llm", "image", "other")] == [
         INTERACTIVE, INTERACTIVE, INTERACTIVE, BATCH, INTERACTIVE]
 
@@ -149,22 +149,36 @@ def test_an_interactive_job_needing_a_swap_is_due_after_the_swap_bound() -> None
         1, NO_SWAP)
 
 
-def test_linger_holds_the_gpu_while_every_waiting_job_needs_a_swap() -> None:
+def test_linger_holds_batch_work_that_needs_a_swap() -> None:
     history = History(last_interactive_end=10)
-    waiting = [job(1, BATCH, arrived=2, swap=True), job(2, arrived=3, swap=True)]
+    waiting = [job(1, BATCH, arrived=2, swap=True), job(2, BATCH, arrived=3, swap=True)]
     hold = POLICY.pick(waiting, 10.4, history)
-    assert (hold.job, hold.rule, hold.wake_at) == (None, LINGER, 11)
-    assert picked(waiting, now=11, history=history) == (2, SWAP)
-    # A job that needs no swap ends the linger at once.
+    assert (hold.job, hold.rule, hold.wake_at) == (None, LINGER, 22)
+    assert picked(waiting, now=21.9, history=history) == (None, LINGER)
+    assert picked(waiting, now=22, history=history) == (1, SWAP)
+    # A job that needs no swap ends the linger at once, of either class.
     assert picked([*waiting, job(3, arrived=10.2)], 10.4, history) == (3, NO_SWAP)
+    assert picked([*waiting, job(4, BATCH, arrived=10.2)], 10.4, history) == (4, NO_SWAP)
+
+
+def test_linger_never_holds_an_interactive_job() -> None:
+    history = History(last_interactive_end=10)
+    # However fresh the linger and whatever else waits, an interactive job
+    # that needs a swap starts at once: only batch work waits on the card.
+    assert picked([job(1, arrived=9, swap=True)], 10.0, history) == (1, SWAP)
+    waiting = [job(1, BATCH, arrived=2, swap=True), job(2, arrived=3, swap=True)]
+    assert picked(waiting, 10.4, history) == (2, SWAP)
 
 
 def test_linger_never_holds_a_due_job_or_an_expired_guard() -> None:
     history = History(last_interactive_end=400)
     assert picked([job(1, arrived=370, swap=True)], 400.5, history) == (1, DUE_SWAP)
     assert picked([job(2, BATCH, arrived=0, swap=True)], 400.5, history) == (2, GUARD)
-    soon_due = POLICY.pick([job(3, arrived=370.8, swap=True)], 400.5, history)
-    assert (soon_due.rule, soon_due.wake_at) == (LINGER, pytest.approx(400.8))
+    assert picked([job(3, BATCH, arrived=390, swap=True, bypassed=8)], 400.5, history) == (
+        3, DUE_BYPASS)
+    # The linger wakes when the guard expires, if that comes first.
+    guard_soon = POLICY.pick([job(4, BATCH, arrived=104, swap=True)], 400.5, history)
+    assert (guard_soon.rule, guard_soon.wake_at) == (LINGER, pytest.approx(404))
 
 
 def test_no_linger_after_a_batch_job_or_when_disabled() -> None:
@@ -239,11 +253,18 @@ def test_order_is_what_successive_picks_would_run(
         FifoPolicy(), waiting, 420.0, history)
 
 
-def test_after_start_bumps_only_earlier_arrivals_and_stamps_batch_starts() -> None:
-    waiting = [job(1, arrived=1), job(2, BATCH, arrived=2), job(3, arrived=3)]
+def test_after_start_bumps_only_the_jobs_before_it_in_class_priority_arrival_order() -> None:
+    waiting = [job(1, arrived=1), job(2, BATCH, arrived=2), job(3, arrived=3),
+               job(4, BATCH, arrived=1), job(5, BATCH, arrived=4), job(6, BATCH, arrived=0,
+                                                                      priority=1)]
+    # A batch job going first bypasses every interactive job, earlier or later
+    # arrival, and the batch jobs before it: earlier, or of higher priority.
     rest, history = after_start(waiting[1], waiting, 9.0, FRESH)
-    assert [(j.id, j.bypassed) for j in rest] == [(1, 1), (3, 0)]
+    assert [(j.id, j.bypassed) for j in rest] == [(1, 1), (3, 1), (4, 1), (5, 0), (6, 1)]
     assert history == History(last_batch_start=9.0)
+    # An interactive job going first bypasses no batch job, however early.
+    rest, _ = after_start(waiting[2], waiting, 9.0, FRESH)
+    assert [(j.id, j.bypassed) for j in rest] == [(1, 1), (2, 0), (4, 0), (5, 0), (6, 0)]
     assert history.ended(INTERACTIVE, 12.0) == History(9.0, 12.0)
     assert history.ended(BATCH, 12.0) == history
 
@@ -377,20 +398,19 @@ def p95(values: list[float]) -> float:
 
 
 def test_voice_waits_seconds_not_minutes_behind_image_bursts() -> None:
-    # With max_bypass 8, a voice turn (three starts) bypasses a burst three
-    # times, so after three turns the whole burst is due at once and runs
-    # ahead of the voice; a higher cap leaves the guard as the batch's bound.
+    # With the defaults: voice turns starting ahead of a burst bypass none of
+    # it (interactive comes first), so the burst never turns due all at once
+    # and runs ahead of the voice; the guard alone bounds the batch's wait.
     arrivals = voice_and_image_bursts(11, 7200, turn_gap=(20, 60), burst_gap=(180, 480))
     fifo = simulate(FifoPolicy(), arrivals)
-    default = simulate(POLICY, arrivals)
-    first = simulate(InteractiveFirstPolicy(attrs.evolve(CONFIG, max_bypass=64)), arrivals)
+    first = simulate(POLICY, arrivals)
     fifo_p95, first_p95 = p95(fifo.waits[INTERACTIVE]), p95(first.waits[INTERACTIVE])
-    print(f"\ninteractive p95 wait: fifo {fifo_p95:.0f} s, interactive-first {first_p95:.0f} s, "
-          f"with max_bypass 8 {p95(default.waits[INTERACTIVE]):.0f} s; batch p95: "
-          f"fifo {p95(fifo.waits[BATCH]):.0f} s, "
+    print(f"\ninteractive p95 wait: fifo {fifo_p95:.0f} s, interactive-first {first_p95:.0f} s; "
+          f"batch p95: fifo {p95(fifo.waits[BATCH]):.0f} s, "
           f"interactive-first {p95(first.waits[BATCH]):.0f} s")
     assert len(first.waits[BATCH]) == len(fifo.waits[BATCH]) > 100
     assert first_p95 < fifo_p95 / 3
+    assert DUE_BYPASS not in first.rules
     assert max(first.guard_gaps) <= CONFIG.batch_guard_seconds + first.longest_job
 
 

@@ -147,22 +147,28 @@ def test_512_waiters_start_by_priority_then_arrival_as_the_run_order_said() -> N
     assert scheduler.queue_depth == 0
 
 
-def test_bypassed_counts_the_later_arrivals_that_started_first() -> None:
+def test_bypassed_counts_the_jobs_after_it_in_class_priority_arrival_order_that_started_first(
+) -> None:
     scheduler = scheduler_for(Clock())
     jobs = Jobs()
     scheduler.submit("image", jobs.job("running"))
-    scheduler.submit("image", jobs.job("patient"))
-    scheduler.submit("voice", jobs.job("urgent-1"))
-    scheduler.submit("voice", jobs.job("urgent-2"))
+    scheduler.submit("llm", jobs.job("patient"))  # interactive, priority 2
+    scheduler.submit("image", jobs.job("urgent-batch"), job_class="batch", priority=4)
+    scheduler.submit("voice", jobs.job("urgent"))  # interactive, priority 4
     assert [job.bypassed for job in scheduler.queued_in_run_order()] == [0, 0, 0]
 
-    jobs.finish()  # urgent-1 starts ahead of patient, urgent-2 arrived after it
-    assert [(job.consumer, job.bypassed) for job in scheduler.queued_in_run_order()] == [
-        ("voice", 0),
-        ("image", 1),
-    ]
+    # A batch job starting first bypasses every interactive job, whatever
+    # their priority or arrival.
     jobs.finish()
-    assert [job.bypassed for job in scheduler.queued_in_run_order()] == [2]
+    assert [(job.consumer, job.bypassed) for job in scheduler.queued_in_run_order()] == [
+        ("voice", 1),
+        ("llm", 1),
+    ]
+    # A job of higher priority in the same class bypasses no one, even one
+    # that arrived before it.
+    jobs.finish()
+    assert [job.bypassed for job in scheduler.queued_in_run_order()] == [1]
+    assert jobs.order == ["running", "urgent-batch", "urgent"]
 
 
 class HoldUntil:

@@ -68,22 +68,67 @@ def test_a_resident_job_goes_first_and_the_decision_log_says_why() -> None:
     assert (decision.type, decision.rule, decision.job.consumer) == ("pick", "no-swap", "voice")
 
 
-def test_after_an_interactive_job_the_gpu_lingers_for_a_job_that_needs_no_swap() -> None:
+def test_after_an_interactive_job_batch_work_needing_a_swap_lingers() -> None:
     clock = Clock()
-    scheduler, jobs = scheduler_with(clock, {"llm"}, linger_seconds=2), Jobs()
+    scheduler, jobs = scheduler_with(clock, {"image"}, linger_seconds=2), Jobs()
     submit(scheduler, jobs, "voice", "tts", "voice")
-    submit(scheduler, jobs, "llm", "llm", "llm")
+    submit(scheduler, jobs, "image", "image", "image")
     jobs.finish()
     assert jobs.order == ["voice"]
     clock.advance(1)
     submit(scheduler, jobs, "voice", "tts", "voice-again")
     assert jobs.order == ["voice", "voice-again"]
-    assert [(d.rule, d.job.consumer) for d in scheduler.decisions] == [("linger", "voice")]
     jobs.finish()
     clock.advance(1.9)
     assert jobs.order == ["voice", "voice-again"]
     clock.advance(0.2)
-    assert jobs.order == ["voice", "voice-again", "llm"]
+    assert jobs.order == ["voice", "voice-again", "image"]
+
+
+def test_the_default_linger_holds_an_image_twelve_seconds_after_a_voice_job() -> None:
+    clock = Clock()
+    scheduler, jobs = scheduler_with(clock, {"image"}), Jobs()
+    submit(scheduler, jobs, "voice", "tts", "voice")
+    submit(scheduler, jobs, "image", "image", "image")
+    jobs.finish()
+    clock.advance(11.9)
+    assert jobs.order == ["voice"]
+    assert scheduler.queue_depth == 1
+    clock.advance(0.1)
+    assert jobs.order == ["voice", "image"]
+
+
+def test_an_interactive_job_needing_a_swap_never_lingers() -> None:
+    clock = Clock()
+    scheduler, jobs = scheduler_with(clock, {"llm"}), Jobs()
+    submit(scheduler, jobs, "voice", "tts", "voice")
+    submit(scheduler, jobs, "llm", "llm", "llm")
+    jobs.finish()  # the default 12 s linger would hold batch work, not this
+    assert jobs.order == ["voice", "llm"]
+    jobs.finish()
+    submit(scheduler, jobs, "voice", "tts", "voice-2")
+    assert jobs.order == ["voice", "llm", "voice-2"]
+    assert [d.rule for d in scheduler.decisions] == []
+
+
+def test_a_stream_of_interactive_jobs_ahead_of_a_batch_job_does_not_make_it_due() -> None:
+    # Twenty voice jobs start ahead of a waiting image: none of them bypasses
+    # it (interactive comes first), so it waits for the guard, not for the cap.
+    clock = Clock()
+    scheduler, jobs = scheduler_with(clock, set(), max_bypass=2, batch_guard_seconds=100), Jobs()
+    submit(scheduler, jobs, "voice", "tts", "voice-0")
+    submit(scheduler, jobs, "image", "image", "image")
+    image_started = None
+    for n in range(1, 41):
+        submit(scheduler, jobs, "voice", "tts", f"voice-{n}")
+        image = [e.job for e in scheduler.queue_entries() if e.job.consumer == "image"]
+        assert [job.bypassed for job in image] in ([0], [])
+        clock.advance(3)
+        jobs.finish()
+        if image_started is None and "image" in jobs.order:
+            image_started = clock.seconds()
+    # Not after two voice jobs (the cap), but once the guard expired.
+    assert image_started == 102
 
 
 def test_the_batch_guard_starts_the_oldest_batch_job_through_a_flood_of_voice() -> None:
@@ -116,7 +161,7 @@ def test_status_shows_the_running_job_and_the_queue_in_run_order_with_eta() -> N
     submit(scheduler, jobs, "voice", "tts", "first")
     clock.advance(2)
     jobs.finish()
-    clock.advance(5)
+    clock.advance(12)  # past the linger, which would hold the image
     submit(scheduler, jobs, "image", "image", "running")
     submit(scheduler, jobs, "image", "image", "image")
     submit(scheduler, jobs, "voice", "tts", "voice")

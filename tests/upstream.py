@@ -143,6 +143,19 @@ class ScriptedUpstream(Resource):
         self._later(float(args.get("ms", "0")) / 1000, reply)
         return NOT_DONE_YET
 
+    def do_load(self, request: Request, args: dict[str, str], body: bytes) -> int:
+        """A load route: after ``ms``, its health answer says ``loaded``, then it answers."""
+        self._later(float(args.get("ms", "0")) / 1000, self._reports_loaded, True)
+        return self.do_echo(request, args, body)
+
+    def do_unload(self, request: Request, args: dict[str, str], body: bytes) -> int:
+        """An unload route: after ``ms``, its health answer says not ``loaded``; it answers."""
+        self._later(float(args.get("ms", "0")) / 1000, self._reports_loaded, False)
+        return self.do_echo(request, args, body)
+
+    def _reports_loaded(self, loaded: bool) -> None:
+        self.health_answer = {**self.health_answer, "loaded": loaded}
+
     def do_status(self, request: Request, args: dict[str, str], body: bytes) -> bytes:
         """A fixed error answer with repeated headers."""
         request.setResponseCode(int(args.get("code", "418")), b"Custom Phrase")

@@ -31,10 +31,14 @@ from typing import Any
 import attrs
 import yaml
 
+from mgpumanager.config.scheduling import SchedulingConfig
 from mgpumanager.replay.client import MAX_SCALE, POLL_FLOOR_SECONDS, Replayer, scaled_interval
 from mgpumanager.replay.report import JobRecord, format_table
 from mgpumanager.replay.study_host import CARD_MIB, SMALL_CARD_MIB, StudyHost
 from mgpumanager.replay.traces import SHAPES, TraceJob, read_trace, sped_up
+
+#: The ``scheduling`` keys that are durations, divided by the time scale.
+_SCALED = ("batch_guard_seconds", "swap_bound_seconds", "linger_seconds")
 
 
 @attrs.frozen
@@ -53,13 +57,12 @@ class Settings:
 def daemon_config(host: StudyHost, settings: Settings, trace_seconds: float) -> dict[str, Any]:
     """A daemon config for ``host`` with every duration divided by the scale."""
     scale = settings.scale
-    scheduling = dict(settings.scheduling)
-    for key in ("batch_guard_seconds", "swap_bound_seconds", "linger_seconds"):
-        if key in scheduling:
-            scheduling[key] = scheduling[key] / scale
-    scheduling.setdefault("batch_guard_seconds", 300 / scale)
-    scheduling.setdefault("swap_bound_seconds", 30 / scale)
-    scheduling.setdefault("linger_seconds", 1 / scale)
+    # The daemon's own defaults, scaled like every other duration, so that a
+    # replay without options measures what an operator gets out of the box.
+    defaults = SchedulingConfig()
+    scheduling = {key: getattr(defaults, key) for key in _SCALED} | dict(settings.scheduling)
+    for key in _SCALED:
+        scheduling[key] = scheduling[key] / scale
     gpu: dict[str, Any] = {"reserved_mib": 0,
                            "poll_interval_seconds": scaled_interval(2.0, scale)}
     cards: dict[str, Any] = {}

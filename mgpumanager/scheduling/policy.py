@@ -31,6 +31,7 @@ from mgpumanager.config.scheduling import (
     POLICIES,
     SchedulingConfig,
     SchedulingConfigError,
+    precedence,
 )
 from mgpumanager.scheduling.estimates import Estimates, SwapTest
 
@@ -53,8 +54,8 @@ EMPTY = "empty"
 class Waiting:
     """
     A read-only view of one waiting job.  ``bypassed`` counts the jobs that
-    arrived after it and started first; ``needs_swap`` is whether the plan for
-    it would unload or load anything now.
+    come after it in (class, priority, arrival) order and started first;
+    ``needs_swap`` is whether the plan for it would unload or load anything now.
     """
 
     id: int
@@ -122,11 +123,12 @@ def after_start(
 ) -> tuple[list[Waiting], History]:
     """
     The queue and history once ``started`` has the GPU: it leaves the queue and
-    every job that arrived before it has been bypassed once more.
+    every job that comes before it in (class, priority, arrival) order has been
+    bypassed once more.
     """
-    first = _arrival(started)
+    place = _precedence(started)
     rest = [
-        attrs.evolve(job, bypassed=job.bypassed + 1) if _arrival(job) < first else job
+        attrs.evolve(job, bypassed=job.bypassed + 1) if _precedence(job) < place else job
         for job in waiting
         if job.id != started.id
     ]
@@ -136,6 +138,11 @@ def after_start(
 def _arrival(job: Waiting) -> tuple[float, int]:
     """Arrival order; the id breaks ties so two jobs never arrive "together"."""
     return (job.arrived, job.id)
+
+
+def _precedence(job: Waiting) -> tuple[bool, int, float, int]:
+    """(class, priority, arrival) order: a job started first bypasses those before it."""
+    return precedence(job.job_class, job.priority, job.arrived, job.id)
 
 
 def _rank(job: Waiting) -> tuple[int, float, int]:
@@ -170,8 +177,6 @@ class _Survey:
     oldest_batch: Waiting | None = None
     due: Waiting | None = None
     groups: dict[tuple[str, bool], Waiting] = attrs.Factory(dict)
-    all_swap: bool = True
-    next_due_at: float | None = None
 
 
 @attrs.frozen
@@ -191,19 +196,26 @@ class InteractiveFirstPolicy:
             return Pick(survey.due, rule)
         if not waiting:
             return Pick(None, EMPTY)
+        grouped = self._grouped(survey)
         ended = history.last_interactive_end
-        if survey.all_swap and ended is not None and now < ended + self.config.linger_seconds:
-            wakes = [ended + self.config.linger_seconds, survey.next_due_at, guard_at]
+        # Only batch work lingers: a batch pick that needs a swap means no
+        # interactive job waits and no batch job could start without one.
+        # Someone waiting on an interactive job never watches an idle card.
+        if (grouped.rule == SWAP and grouped.job is not None
+                and grouped.job.job_class == BATCH and ended is not None
+                and now < ended + self.config.linger_seconds):
+            wakes = [ended + self.config.linger_seconds, guard_at]
             return Pick(None, LINGER, min(w for w in wakes if w is not None))
-        return self._grouped(survey)
+        return grouped
 
     def order(self, waiting: Sequence[Waiting], now: float, history: History) -> list[Waiting]:
         """
         Successive picks at ``now``, linger aside (it delays, it does not
         reorder), without re-scanning the queue per job.  Only the first pick
         can be the guard's: once a batch job starts the guard is fresh.  After
-        that, due jobs go first and a start can make earlier arrivals due, so
-        jobs not yet due are kept by arrival and bumped as later ones start.
+        that, due jobs go first and a start can make the jobs before it due, so
+        jobs not yet due are kept in (class, priority, arrival) order and
+        bumped as jobs after them start.
         """
         order: list[Waiting] = []
         remaining = list(waiting)
@@ -214,7 +226,7 @@ class InteractiveFirstPolicy:
         limit = self.config.max_bypass
         is_due = self._is_due_at(now)
         due = sorted((job for job in remaining if is_due(job)), key=_rank)
-        pending = sorted((job for job in remaining if not is_due(job)), key=_arrival)
+        pending = sorted((job for job in remaining if not is_due(job)), key=_precedence)
         static = sorted(pending, key=self._static_rank)
         bumps = {job.id: job.bypassed for job in pending}
         placed: set[int] = set()
@@ -230,10 +242,11 @@ class InteractiveFirstPolicy:
                 pending.remove(job)
             placed.add(job.id)
             order.append(job)
-            # Only earlier arrivals are bypassed; each is bumped at most
-            # max_bypass times before it turns due and leaves ``pending``.
-            end, kept = 0, []
-            while end < len(pending) and _arrival(pending[end]) < _arrival(job):
+            # Only the jobs before it in precedence are bypassed; each is
+            # bumped at most max_bypass times before it turns due and leaves
+            # ``pending``.
+            end, kept, place = 0, [], _precedence(job)
+            while end < len(pending) and _precedence(pending[end]) < place:
                 other = pending[end]
                 end += 1
                 bumps[other.id] += 1
@@ -267,13 +280,8 @@ class InteractiveFirstPolicy:
                 survey.oldest_batch = job
             if is_due(job):
                 survey.due = _best(survey.due, job)
-            elif job.job_class == INTERACTIVE and job.needs_swap:
-                at = job.arrived + self.config.swap_bound_seconds
-                survey.next_due_at = at if survey.next_due_at is None else min(
-                    survey.next_due_at, at)
             group = (job.job_class, job.needs_swap)
             survey.groups[group] = _best(survey.groups.get(group), job)
-            survey.all_swap = survey.all_swap and job.needs_swap
         return survey
 
     def _guard_expires_at(self, survey: _Survey, history: History) -> float | None:

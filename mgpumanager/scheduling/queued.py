@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
-from mgpumanager.config.scheduling import INTERACTIVE
+from mgpumanager.config.scheduling import INTERACTIVE, precedence
 
 
 @attrs.frozen
@@ -23,7 +23,8 @@ class QueuedJob:
     :ivar id: unique and increasing: a larger id arrived later, even when two
         jobs share an arrival time.
     :ivar arrived: the clock's time when the job was submitted.
-    :ivar bypassed: how many jobs that arrived after this one started before it.
+    :ivar bypassed: how many jobs that come after this one in (class,
+        priority, arrival) order started before it.
     :ivar kind: the endpoint kind (``tts``, ``image``, ``other``...).
     :ivar job_class: ``interactive`` or ``batch``.
     """
@@ -35,6 +36,11 @@ class QueuedJob:
     bypassed: int = 0
     kind: str = ""
     job_class: str = INTERACTIVE
+
+
+def run_precedence(job: QueuedJob) -> tuple[bool, int, float, int]:
+    """``job``'s place in (class, priority, arrival) order: who bypasses whom."""
+    return precedence(job.job_class, job.priority, job.arrived, job.id)
 
 
 class Chooser(Protocol):

@@ -1,7 +1,7 @@
 """
 The scheduler's queue: the waiting jobs by id (so in arrival order), each with
 the Deferred it starts on and its timeout, and the bookkeeping a start does to
-the others (they have been bypassed once more).
+the others (those it went ahead of have been bypassed once more).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 
-from mgpumanager.scheduling.queued import QueuedJob
+from mgpumanager.scheduling.queued import QueuedJob, run_precedence
 
 
 @attrs.define
@@ -59,13 +59,14 @@ class WaitingRoom:
 
     def started(self, chosen: QueuedJob) -> tuple[int, ...]:
         """
-        ``chosen`` got the GPU: every earlier arrival still waiting has been
-        bypassed once more.  Returns those of its own class and priority, the
-        ones whose turn it took.
+        ``chosen`` got the GPU: every waiting job that comes before it in
+        (class, priority, arrival) order has been bypassed once more.  Returns
+        those of its own class and priority, the ones whose turn it took.
         """
         ahead_of = []
+        place = run_precedence(chosen)
         for other in self._waiters.values():
-            if other.view.id < chosen.id:
+            if run_precedence(other.view) < place:
                 other.view = attrs.evolve(other.view, bypassed=other.view.bypassed + 1)
                 if (other.view.job_class, other.view.priority) == (
                         chosen.job_class, chosen.priority):
