@@ -79,6 +79,10 @@ def daemon_config(host: HostProcess, probe_timeout: float) -> dict[str, Any]:
     document["probes"]["timeout_seconds"] = probe_timeout
     document["lifecycle"].update(verify_interval_seconds=0.05, settle_seconds=0.05)
     document["queue"] = {"max_depth": 1000, "max_wait_seconds": 300}
+    # Interactive jobs arrive all the time here: by the default policy image
+    # work would wait for the batch guard (300 s), past the run's own length.
+    # The soak is about answers under load, so image work gets its turn often.
+    document["scheduling"] = {"batch_guard_seconds": 5}
     return document
 
 

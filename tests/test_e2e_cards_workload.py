@@ -69,9 +69,19 @@ def workload(seed: int = SEED, count: int = JOBS) -> list[Job]:
 
 
 def swapping(document: dict[str, Any]) -> None:
-    """No consumer vouches for another: on these cards every pair may have to swap."""
+    """
+    No consumer vouches for another: on these cards every pair may have to swap.
+    Jobs go in arrival order (``fifo``): under interactive-first the voice jobs,
+    on both cards and ranked before every image, keep both cards reserved
+    almost all the time here (rightly: a job that cannot start reserves its
+    cards), so the cards would seldom work side by side, and this workload is
+    about the cards, not the policy.  Ollama's size is declared, as an operator
+    of so tight a card would: unknown (0), its first load would never make room.
+    """
     for consumer in document["consumers"].values():
         consumer.pop("can_coexist_with", None)
+    document["scheduling"] = {"policy": "fifo"}
+    document["consumers"]["ollama"]["vram_resident_mib"] = 6000
 
 
 async def run_at(stack: CardsStack, job: Job) -> tuple[int, bytes]:

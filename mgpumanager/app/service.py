@@ -170,7 +170,8 @@ def build(
         # A consumer a reload removed keeps the cards it had until its jobs end.
         return registry[name].config.cards if name in registry else ()
 
-    chooser = PolicyChooser(make_policy(config.scheduling), needs_swap)
+
+    chooser = PolicyChooser(make_policy(config.scheduling), needs_swap, cards_of=cards_of)
     scheduler = GpuScheduler(
         reactor,
         registry,

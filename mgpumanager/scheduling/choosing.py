@@ -14,9 +14,10 @@ consumer waiting; the run order for status is O(n log n).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from mgpumanager.config.document import Config
+from mgpumanager.config.scheduling import INTERACTIVE
 from mgpumanager.scheduling.estimates import Estimates
 from mgpumanager.scheduling.policy import (
     EMPTY,
@@ -40,11 +41,16 @@ class PolicyChooser:
     """
 
     def __init__(self, policy: Policy, needs_swap: NeedsSwap,
-                 estimates: Estimates | None = None) -> None:
+                 estimates: Estimates | None = None,
+                 cards_of: Callable[[str], Collection[int]] | None = None) -> None:
         self.policy = policy
         self.estimates = estimates if estimates is not None else Estimates()
         self._needs_swap = needs_swap
         self._history = History()
+        #: The cards a consumer's jobs need; None on a one-card host.
+        self._cards_of = cards_of
+        #: When an interactive job last ended on each card: the linger is per card.
+        self._interactive_end: dict[int, float] = {}
         self._wake_at: float | None = None
         #: The last pick's job id, its rule, and whether it needed a swap.
         self._last: tuple[int, str, bool] = (0, EMPTY, False)
@@ -86,7 +92,7 @@ class PolicyChooser:
         return views
 
     def pick(self, waiting: Sequence[QueuedJob], now: float) -> QueuedJob | None:
-        pick = self.policy.pick(self._views(waiting), now, self._history)
+        pick = self.policy.pick(self._views(waiting), now, self._history_on(waiting))
         held, self._held = self._held, pick.rule == LINGER
         self._wake_at = pick.wake_at
         if pick.job is None:
@@ -109,9 +115,24 @@ class PolicyChooser:
         self._swapped[job.id] = swap
         return rule if picked == job.id else EMPTY
 
+    def _history_on(self, waiting: Sequence[QueuedJob]) -> History:
+        """
+        The history a pick among ``waiting`` follows: on several cards, the
+        linger counts from the last interactive end on their cards, not on
+        another card (whose jobs an idle card would wait for in vain).
+        """
+        if self._cards_of is None:
+            return self._history
+        cards = {card for job in waiting for card in self._cards_of(job.consumer)}
+        ends = [self._interactive_end[card] for card in cards if card in self._interactive_end]
+        return History(self._history.last_batch_start, max(ends, default=None))
+
     def job_ended(self, running: RunningJob, now: float, ok: bool) -> None:
         job = running.view
         self._history = self._history.ended(job.job_class, now)
+        if job.job_class == INTERACTIVE:
+            for card in running.cards:
+                self._interactive_end[card] = now
         swapped = self._swapped.pop(job.id, False)
         if not ok or running.relaying_since is None:
             return

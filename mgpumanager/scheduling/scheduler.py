@@ -144,7 +144,10 @@ class GpuScheduler(SchedulerState):
                 self._recheck = self._clock.callLater(max(0.0, at - now), self._dispatch)
             return
         waiter = self._waiting.leave(chosen.id)
-        ahead_of = self._waiting.started(chosen)
+        cards = set(self._cards_of(chosen.consumer))
+        ahead_of = self._waiting.started(
+            chosen, lambda other: not cards.isdisjoint(self._cards_of(other.consumer))
+        )
         if self._watcher is not None:
             rule = self._watcher.job_started(chosen, now)
             if ahead_of:

@@ -6,7 +6,7 @@ the others (those it went ahead of have been bypassed once more).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -57,16 +57,19 @@ class WaitingRoom:
     def views(self) -> list[QueuedJob]:
         return [waiter.view for waiter in self._waiters.values()]
 
-    def started(self, chosen: QueuedJob) -> tuple[int, ...]:
+    def started(
+        self, chosen: QueuedJob, competes: Callable[[QueuedJob], bool] = lambda job: True
+    ) -> tuple[int, ...]:
         """
         ``chosen`` got the GPU: every waiting job that comes before it in
-        (class, priority, arrival) order has been bypassed once more.  Returns
-        those of its own class and priority, the ones whose turn it took.
+        (class, priority, arrival) order has been bypassed once more, if it
+        ``competes`` for one of its cards (a job on another card lost nothing).
+        Returns those of its own class and priority, the ones whose turn it took.
         """
         ahead_of = []
         place = run_precedence(chosen)
         for other in self._waiters.values():
-            if run_precedence(other.view) < place:
+            if run_precedence(other.view) < place and competes(other.view):
                 other.view = attrs.evolve(other.view, bypassed=other.view.bypassed + 1)
                 if (other.view.job_class, other.view.priority) == (
                         chosen.job_class, chosen.priority):
