@@ -29,6 +29,7 @@ from mgpumanager.simulate.host import HostConfig, SimulatedHost
 from tests.card_timeline import CardTimeline, watch_cards
 from tests.daemon import Daemon
 from tests.support import sleep
+from tests.support import until_idle as idle_status
 
 
 @attrs.frozen
@@ -104,14 +105,7 @@ async def until_idle(stack: CardsStack, within: float = 30.0) -> dict[str, Any]:
     Wait until no job runs or waits: a ComfyUI job is answered with its
     ``prompt_id`` at once and holds its card until the image is made.
     """
-    deadline = time.monotonic() + within
-    while True:
-        document = await status(stack)
-        scheduler = document["scheduler"]
-        if scheduler["in_flight"] == 0 and scheduler["queue_depth"] == 0:
-            return document
-        assert time.monotonic() < deadline, f"the daemon never went idle: {scheduler}"
-        await sleep(0.02)
+    return await idle_status(lambda: status(stack), within)
 
 
 def llm_body(seconds: float, tokens: int = 10) -> bytes:

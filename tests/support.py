@@ -7,6 +7,9 @@ tests that run against loopback sockets.
 from __future__ import annotations
 
 import calendar
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -28,3 +31,20 @@ EPOCH = calendar.timegm((2026, 5, 15, 10, 0, 0))
 def sleep(seconds: float) -> Deferred[None]:
     """Let the real reactor run for ``seconds`` (end-to-end tests only)."""
     return deferLater(reactor, seconds, lambda: None)
+
+
+async def until_idle(
+    read_status: Callable[[], Awaitable[dict[str, Any]]], within: float
+) -> dict[str, Any]:
+    """
+    The daemon's status document once no job runs or waits (end-to-end tests;
+    ``read_status`` fetches ``/v1/status``); fails after ``within`` seconds.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        document = await read_status()
+        scheduler = document["scheduler"]
+        if scheduler["in_flight"] == 0 and scheduler["queue_depth"] == 0:
+            return document
+        assert time.monotonic() < deadline, f"the daemon never went idle: {scheduler}"
+        await sleep(0.02)

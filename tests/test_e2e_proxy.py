@@ -24,7 +24,7 @@ from twisted.web.client import Agent, FileBodyProducer, ResponseFailed
 from twisted.web.http_headers import Headers
 
 from tests.stack import ScriptedStack, start_stack
-from tests.support import sleep
+from tests.support import sleep, until_idle
 
 Stack = ScriptedStack
 
@@ -48,14 +48,7 @@ async def status(stack: Stack) -> dict[str, Any]:
 
 
 async def wait_until_idle(stack: Stack, within: float = 5.0) -> dict[str, Any]:
-    deadline = time.monotonic() + within
-    while True:
-        document = await status(stack)
-        scheduler = document["scheduler"]
-        if scheduler["in_flight"] == 0 and scheduler["queue_depth"] == 0:
-            return document
-        assert time.monotonic() < deadline, f"scheduler never went idle: {scheduler}"
-        await sleep(0.02)
+    return await until_idle(lambda: status(stack), within)
 
 
 
