@@ -1,14 +1,15 @@
 """
-Consumer lifecycle: make room on the job's cards, then load the job's consumer.
+Consumer lifecycle: make room on the job's cards, then load the job's consumer
+(the load itself is :mod:`~mgpumanager.scheduling.loading`'s).
 
 Runs as the scheduler's ``prepare`` step, so always with the job's card locks
 held: no consumer is ever unloaded while a job runs on one of its cards.  Each
 eviction is verified on every card the victim used: an unload route answering
 200 is not proof that the memory came back (CUDA frees it when the process's
-context goes), so we watch NVML until it does, and refuse to load anything on
-top of memory that never returned.  Jobs on different cards may prepare at the
-same time; their making of room takes turns, so two of them never unload the
-same consumer (one on both their cards) at once.
+context goes), so we watch NVML until it does (:mod:`~mgpumanager.scheduling.verify`),
+and refuse to load anything on top of memory that never returned.  Jobs on
+different cards may prepare at the same time; their making of room takes turns,
+so two of them never unload the same consumer (one on both their cards) at once.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, DeferredLock
+from twisted.internet.defer import CancelledError, DeferredLock
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from mgpumanager.common.errors import LOAD_FAILED, UNLOAD_FAILED, ApiError
+from mgpumanager.common.errors import UNLOAD_FAILED, ApiError
 from mgpumanager.config.document import Config
 from mgpumanager.consumers.adapters.resolved import Adapters
 from mgpumanager.consumers.control import ConsumerControl, ControlFailed
@@ -35,6 +35,7 @@ from mgpumanager.scheduling.eviction import (
     rank_candidates,
     why_no_room_needed,
 )
+from mgpumanager.scheduling.loading import HealthCheck, Loader
 from mgpumanager.scheduling.telemetry import (
     FAILED,
     NO_TELEMETRY,
@@ -42,7 +43,7 @@ from mgpumanager.scheduling.telemetry import (
     UNLOADED,
     Telemetry,
 )
-from mgpumanager.scheduling.verify import held_before_unload, memory_back
+from mgpumanager.scheduling.verify import held_before_unload, wait_for_memory_back
 from mgpumanager.state.gpu import GpuSample, GpuSampler
 from mgpumanager.state.registry import ConsumerState, Registry
 
@@ -50,12 +51,6 @@ log = Logger()
 
 #: How many eviction decisions ``/v1/status`` keeps.
 DECISIONS_KEPT = 20
-
-
-class HealthCheck(Protocol):
-    """Probes a consumer now; fires with whether it answered healthy."""
-
-    def __call__(self, name: str) -> Deferred[bool]: ...
 
 
 class PidLookup(Protocol):
@@ -82,6 +77,7 @@ class Decision:
     type: str = "evict"
     #: The card the step made room on (None: no card, a timeout).
     card: int | None = None
+
 
 class Lifecycle:
     """
@@ -111,19 +107,28 @@ class Lifecycle:
         self._sampler = sampler
         self._control = control
         self._clock = clock
-        self._health_check = health_check
         self._pids = pids
         self._telemetry = telemetry
+        self._loader = Loader(config, control, clock, health_check, telemetry)
         self.evictions = 0
         self.failed_unloads = 0
-        self.loads = 0
-        self.failed_loads = 0
         self.decisions: collections.deque[Decision] = collections.deque(maxlen=DECISIONS_KEPT)
         self._making_room = DeferredLock()
 
     def reconfigure(self, config: Config) -> None:
         """Work to a reloaded configuration from the next step on."""
         self._config = config
+        self._loader.reconfigure(config)
+
+    @property
+    def loads(self) -> int:
+        """Loads that succeeded, for ``/v1/status``."""
+        return self._loader.loads
+
+    @property
+    def failed_loads(self) -> int:
+        """Loads whose route or unit failed, for ``/v1/status``."""
+        return self._loader.failed_loads
 
     async def prepare(self, name: str) -> None:
         """The scheduler's ``prepare`` step: make room for ``name``, then load it."""
@@ -135,7 +140,7 @@ class Lifecycle:
             finally:
                 self._making_room.release()
         if not state.resident:
-            await self._load(state)
+            await self._loader.load(state)
 
     async def _make_room(self, target: ConsumerState) -> None:
         """
@@ -221,7 +226,9 @@ class Lifecycle:
         decision.unload_ms = round((unloaded - started) * 1000)
         self._telemetry.unloaded(victim.name, unloaded - started)
         try:
-            recovered = await self._await_memory_back(sizes, before, pids)
+            recovered = await wait_for_memory_back(
+                self._sampler, self._clock, self._config.lifecycle, sizes, before, pids
+            )
         except CancelledError:
             decision.outcome = "unloaded; cancelled while waiting for the memory"
             raise
@@ -320,76 +327,3 @@ class Lifecycle:
         decision.outcome = message
         log.error("{message}; nothing is loaded on top of it", message=message)
         raise ApiError(UNLOAD_FAILED, message, victim.name)
-
-    async def _await_memory_back(
-        self, sizes: Mapping[int, int], before: Mapping[int, GpuSample], pids: frozenset[int]
-    ) -> int | bool | None:
-        """
-        Poll the victim's cards until its memory is back on every one: the
-        recovered MiB, ``False`` if it never came back in time, ``None``
-        without NVML (after a fixed settle).
-        """
-        lifecycle = self._config.lifecycle
-        baselines = {card: before[card].reading for card in sizes if card in before}
-        if not baselines or any(reading is None for reading in baselines.values()):
-            await self._sleep(lifecycle.settle_seconds)
-            return None
-        deadline = self._clock.seconds() + lifecycle.verify_timeout_seconds
-        while True:
-            samples = await self._sampler.sample_cards()
-            back = [
-                memory_back(baseline, samples[card].reading, sizes[card], pids)
-                for card, baseline in baselines.items()
-                if baseline is not None and card in samples
-            ]
-            if len(back) == len(baselines) and all(mib is not None for mib in back):
-                return sum(mib for mib in back if mib is not None)
-            if self._clock.seconds() >= deadline:
-                return False
-            await self._sleep(lifecycle.verify_interval_seconds)
-
-    async def _load(self, state: ConsumerState) -> None:
-        config = state.config
-        lifecycle = self._config.lifecycle
-        started = self._clock.seconds()
-        try:
-            timeout = lifecycle.load_timeout_seconds
-            if config.load is not None:
-                await self._control.call_route(config, config.load, timeout)
-            elif config.systemd_unit is not None:
-                deadline = self._clock.seconds() + timeout
-                await self._control.systemctl("start", config.systemd_unit, timeout)
-                await self._until_healthy(state.name, deadline)
-        except ControlFailed as e:
-            self.failed_loads += 1
-            message = f"loading {state.name} failed: {e}"
-            log.error("{message}", message=message)
-            self._assume_loading(state)
-            raise ApiError(LOAD_FAILED, message, state.name) from None
-        except CancelledError:
-            self._assume_loading(state)
-            raise
-        # With neither route nor unit the consumer cold-starts on the request.
-        self.loads += 1
-        self._telemetry.loaded(state.name, self._clock.seconds() - started)
-        state.load_count += 1
-        state.mark_loaded(True, self._clock.seconds())
-
-    def _assume_loading(self, state: ConsumerState) -> None:
-        """
-        A load that failed or was abandoned may still be going on (systemd
-        keeps starting the unit, a server keeps loading after our request is
-        cut): count the consumer as loaded, so the next job unloads it rather
-        than loads something on top of it.
-        """
-        if state.config.load is not None or state.config.systemd_unit is not None:
-            state.mark_loaded(True, self._clock.seconds())
-
-    async def _until_healthy(self, name: str, deadline: float) -> None:
-        while not await self._health_check(name):
-            if self._clock.seconds() >= deadline:
-                raise ControlFailed("started, but never answered its health route")
-            await self._sleep(self._config.lifecycle.verify_interval_seconds)
-
-    def _sleep(self, seconds: float) -> Deferred[None]:
-        return deferLater(self._clock, seconds, lambda: None)

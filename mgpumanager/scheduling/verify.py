@@ -1,13 +1,19 @@
 """
 Whether an unload gave the memory back.  An unload route answering 200 is not
-proof (CUDA frees the memory when the process's context goes), so the
-lifecycle watches each card the victim used until enough of what it held there
-is free again, or its own processes hardly hold any.
+proof (CUDA frees the memory when the process's context goes), so after each
+unload :func:`wait_for_memory_back` watches each card the victim used until
+enough of what it held there is free again, or its own processes hardly hold any.
 """
 
 from __future__ import annotations
 
-from mgpumanager.state.gpu import GpuReading
+from collections.abc import Mapping
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+
+from mgpumanager.config.document import LifecycleConfig
+from mgpumanager.state.gpu import GpuReading, GpuSample, GpuSampler
 from mgpumanager.state.registry import ConsumerState
 
 #: An unload counts as verified once this share of the victim's memory is back...
@@ -57,3 +63,39 @@ def memory_back(
         if held_now < LEFTOVER_SHARE * max(declared, held_before):
             return max(recovered, 0)
     return None
+
+
+async def wait_for_memory_back(
+    sampler: GpuSampler,
+    clock: IReactorTime,
+    lifecycle: LifecycleConfig,
+    sizes: Mapping[int, int],
+    before: Mapping[int, GpuSample],
+    pids: frozenset[int],
+) -> int | bool | None:
+    """
+    Poll the victim's cards until its memory is back on every one: the
+    recovered MiB, ``False`` if it never came back in time, ``None``
+    without NVML (after a fixed settle).
+
+    :param sizes: what it held on each card (:func:`held_before_unload`).
+    :param before: every card's sample from before the unload.
+    :param pids: its processes, for :func:`memory_back`.
+    """
+    baselines = {card: before[card].reading for card in sizes if card in before}
+    if not baselines or any(reading is None for reading in baselines.values()):
+        await deferLater(clock, lifecycle.settle_seconds)
+        return None
+    deadline = clock.seconds() + lifecycle.verify_timeout_seconds
+    while True:
+        samples = await sampler.sample_cards()
+        back = [
+            memory_back(baseline, samples[card].reading, sizes[card], pids)
+            for card, baseline in baselines.items()
+            if baseline is not None and card in samples
+        ]
+        if len(back) == len(baselines) and all(mib is not None for mib in back):
+            return sum(mib for mib in back if mib is not None)
+        if clock.seconds() >= deadline:
+            return False
+        await deferLater(clock, lifecycle.verify_interval_seconds)
