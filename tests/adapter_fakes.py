@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mgpumanager.common.answers import Answer, JsonObject
-from mgpumanager.config.document import parse_config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.consumers.control import ControlFailed
 from mgpumanager.state.registry import Registry
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.web.server import Request, Site
 
-from mgpumanager.config.document import parse_config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.web.declare import Does, Policy, route
 from mgpumanager.web.events import EventFeed
 from mgpumanager.web.routing import RouteTable

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from mgpumanager.config.document import parse_config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.consumers.adapters import adapter_named
 from mgpumanager.consumers.adapters import resolved as resolved_module
 from mgpumanager.consumers.adapters.resolved import Adapters

@@ -21,7 +21,8 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
-from mgpumanager.config.document import ConfigError, QueueConfig, parse_config
+from mgpumanager.config.document import ConfigError, QueueConfig
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.registry import Registry
 from mgpumanager.web.agent import AgentPort, HostLoad, agent_line, scheduler_load

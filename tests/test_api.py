@@ -17,7 +17,8 @@ from twisted.internet.task import Clock
 from twisted.web.server import Request
 
 from mgpumanager.common.errors import ApiError
-from mgpumanager.config.document import ConsumerConfig, parse_config
+from mgpumanager.config.document import ConsumerConfig
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.scheduling.lifecycle import Lifecycle
 from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.gpu import GpuReading, GpuSample, GpuSampler

@@ -13,7 +13,7 @@ from typing import Any
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 
-from mgpumanager.config.document import parse_config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.state.attribution import PidMap, ProcessAttributor
 from mgpumanager.state.gpu import GpuReading, GpuSample
 from mgpumanager.state.registry import Registry

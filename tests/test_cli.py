@@ -21,7 +21,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from mgpumanager.app.cli import main, render_status
-from mgpumanager.config.document import load_config
+from mgpumanager.config.parsing import load_config
 from tests.test_page_browser import on_two_cards, status_document, with_image_job
 
 REPO = Path(__file__).resolve().parent.parent

@@ -24,9 +24,8 @@ from mgpumanager.config.document import (
     ConsumerConfig,
     Listen,
     Route,
-    load_config,
-    parse_config,
 )
+from mgpumanager.config.parsing import load_config, parse_config
 
 EXAMPLE_PATH = Path(__file__).resolve().parent.parent / "config" / "consumers.yaml"
 EXAMPLE: dict[str, Any] = yaml.safe_load(EXAMPLE_PATH.read_text(encoding="utf-8"))

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from mgpumanager.config.cards import CardConfig, GpuConfig
-from mgpumanager.config.document import Config, ConfigError, ConsumerConfig, parse_config
+from mgpumanager.config.document import Config, ConfigError, ConsumerConfig
+from mgpumanager.config.parsing import parse_config
 from tests.builders import consumer
 
 

@@ -19,9 +19,8 @@ from mgpumanager.config.document import (
     ConfigError,
     QueueConfig,
     Timeouts,
-    load_config,
-    parse_config,
 )
+from mgpumanager.config.parsing import load_config, parse_config
 from mgpumanager.web.api import main_port_routes
 from tests.builders import consumer
 

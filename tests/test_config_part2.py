@@ -17,8 +17,8 @@ from mgpumanager.config.document import (
     Listen,
     Route,
     Timeouts,
-    parse_config,
 )
+from mgpumanager.config.parsing import parse_config
 from tests.builders import consumer
 
 

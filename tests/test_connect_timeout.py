@@ -17,7 +17,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.test.requesthelper import DummyRequest
 
 from mgpumanager.common.errors import ApiError
-from mgpumanager.config.document import parse_config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.relay.endpoints import ReusedEndpoints
 from mgpumanager.relay.proxy import ConsumerProxy
 

@@ -23,7 +23,7 @@ from twisted.web.client import Agent, ResponseNeverReceived
 from twisted.web.test.requesthelper import DummyRequest
 
 from mgpumanager.common.errors import ApiError
-from mgpumanager.config.document import parse_config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.consumers.bodies import read_body
 from mgpumanager.relay.endpoints import ReusedEndpoints
 from mgpumanager.relay.headers import reuse_for

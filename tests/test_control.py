@@ -23,7 +23,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from mgpumanager.common.answers import Answer
-from mgpumanager.config.document import ConsumerConfig, Route, parse_config
+from mgpumanager.config.document import ConsumerConfig, Route
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.consumers.commands import CommandResult, CommandTimedOut
 from mgpumanager.consumers.control import ConsumerControl, ControlFailed
 from tests.builders import consumer

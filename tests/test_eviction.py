@@ -13,7 +13,8 @@ from typing import Any
 import attrs
 import pytest
 
-from mgpumanager.config.document import Config, parse_config
+from mgpumanager.config.document import Config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.scheduling.eviction import (
     CUSHION_MIB,
     MAX_EVICTIONS,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mgpumanager.config.document import parse_config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.scheduling.eviction import dry_run_plan
 from mgpumanager.state.registry import Registry
 from tests.builders import consumer

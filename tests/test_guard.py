@@ -15,7 +15,8 @@ from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyRequest
 
 from mgpumanager.common.errors import ApiError
-from mgpumanager.config.document import Config, parse_config
+from mgpumanager.config.document import Config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.web.api import main_port_routes
 from mgpumanager.web.guard import TOKEN_COOKIE, Guard, is_loopback_host, token_cookie
 from mgpumanager.web.ports import ConsumerPort

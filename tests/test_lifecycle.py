@@ -27,7 +27,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
 from mgpumanager.common.errors import ApiError
-from mgpumanager.config.document import Config, parse_config
+from mgpumanager.config.document import Config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.consumers.commands import CommandResult, CommandTimedOut
 from mgpumanager.consumers.control import ConsumerControl
 from mgpumanager.scheduling.lifecycle import DECISIONS_KEPT, Lifecycle

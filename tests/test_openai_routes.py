@@ -16,7 +16,7 @@ import pytest_twisted
 import treq
 
 from mgpumanager.common.errors import NO_CONSUMER, QUEUE_FULL, ApiError
-from mgpumanager.config.document import parse_config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.web.answers import Shape, error_document
 from mgpumanager.web.api import main_port_routes
 from tests.builders import consumer

@@ -29,7 +29,8 @@ from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from mgpumanager.config.document import ENDPOINT_KINDS, Config, parse_config
+from mgpumanager.config.document import ENDPOINT_KINDS, Config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.web.api import main_port_routes
 from mgpumanager.web.declare import Does
 from mgpumanager.web.openapi import ANY_METHOD, openapi_document, own_answers

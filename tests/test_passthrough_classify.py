@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from mgpumanager.common.paths import normalise
-from mgpumanager.config.document import ConfigError, Route, parse_config
+from mgpumanager.config.document import ConfigError, Route
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.consumers.adapters import (
     UnknownAdapter,
     adapter_named,

@@ -25,7 +25,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from mgpumanager.config.document import Config, parse_config
+from mgpumanager.config.document import Config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.consumers.commands import CommandResult
 from mgpumanager.consumers.control import ConsumerControl
 from mgpumanager.scheduling.eviction import dry_run_plan

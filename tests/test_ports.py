@@ -20,7 +20,7 @@ from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
 
 from mgpumanager.common.exposure import endpoint_is_loopback
-from mgpumanager.config.document import parse_config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.web.ports import ConsumerPorts
 from tests.builders import consumer
 from tests.daemon import free_port

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import Clock
 
-from mgpumanager.config.document import parse_config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.scheduling.scheduler import Chooser, GpuScheduler, QueuedJob
 from mgpumanager.state.registry import Registry
 from mgpumanager.web.status import scheduler_status

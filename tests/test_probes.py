@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from mgpumanager.config.document import parse_config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.consumers.control import ConsumerControl
 from mgpumanager.consumers.probes import HealthProber
 from mgpumanager.state.registry import Registry

@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from mgpumanager.common.errors import CONSUMER_DOWN, LOAD_FAILED, ApiError, JobTiming
-from mgpumanager.config.document import parse_config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.scheduling.refusals import (
     NOT_RUN,
     NoConsumer,

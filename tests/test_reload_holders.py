@@ -15,7 +15,8 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 
 from mgpumanager.app.reloading import holder_release
-from mgpumanager.config.document import Config, parse_config
+from mgpumanager.config.document import Config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.simulate.card import SimulatedCard
 from mgpumanager.simulate.nvml import SimulatedNvml
 from mgpumanager.state.gpu import GpuReading, GpuSample, GpuSampler

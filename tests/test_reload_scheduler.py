@@ -14,7 +14,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from mgpumanager.common.errors import NO_CONSUMER, QUEUE_FULL, QUEUE_TIMEOUT, ApiError
-from mgpumanager.config.document import Config, parse_config
+from mgpumanager.config.document import Config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.config.scheduling import BATCH, INTERACTIVE
 from mgpumanager.scheduling.choosing import PolicyChooser
 from mgpumanager.scheduling.policy import make_policy

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mgpumanager.config.document import Config, parse_config
+from mgpumanager.config.document import Config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.scheduling.eviction import check_fit, dry_run_plan
 from mgpumanager.state.gpu import GpuSample
 from mgpumanager.state.registry import Registry

@@ -14,7 +14,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
-from mgpumanager.config.document import parse_config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.replay.report import OK, JobRecord, format_table, jobs_per_hour
 from mgpumanager.replay.run import Settings, daemon_config, main, replay
 from mgpumanager.replay.study_host import MODELS, StudyHost

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from twisted.internet.task import Clock
 
-from mgpumanager.config.document import parse_config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.replay.client import POLL_FLOOR_SECONDS
 from mgpumanager.replay.run import Settings, daemon_config
 from mgpumanager.replay.study_host import CARD_MIB, MODELS, StudyHost

@@ -19,7 +19,8 @@ import pytest_twisted
 import treq
 from twisted.web.http_headers import Headers
 
-from mgpumanager.config.document import ENDPOINT_KINDS, parse_config
+from mgpumanager.config.document import ENDPOINT_KINDS
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.web.api import main_port_routes
 from mgpumanager.web.declare import Declared, Token
 from mgpumanager.web.guard import Guard

@@ -14,7 +14,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from mgpumanager.common.errors import LOAD_FAILED, ApiError
-from mgpumanager.config.document import parse_config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.registry import Registry
 from mgpumanager.web.status import consumer_status, scheduler_status

@@ -16,7 +16,7 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from mgpumanager.config.document import parse_config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.registry import Registry
 from tests.builders import consumer

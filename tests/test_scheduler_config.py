@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from mgpumanager.config.document import parse_config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.config.reader import ConfigError
 from tests.builders import consumer
 

@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock, deferLater
 
 from mgpumanager.common.errors import LOAD_FAILED, ApiError
-from mgpumanager.config.document import parse_config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.registry import Registry
 from mgpumanager.web.job_errors import with_job_headers

@@ -29,7 +29,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from zope.interface import provider
 
-from mgpumanager.config.document import parse_config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.simulate import systemctl
 from mgpumanager.simulate.card import CudaOutOfMemory, SimulatedCard, read_card_state
 from mgpumanager.simulate.consumers import fake_wav

@@ -21,7 +21,7 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 
 from mgpumanager.app.demo import simulated_in_process
-from mgpumanager.config.document import load_config, parse_config
+from mgpumanager.config.parsing import load_config, parse_config
 from mgpumanager.simulate.__main__ import host_config, parse_args
 from mgpumanager.simulate.card import CudaOutOfMemory
 from mgpumanager.simulate.cards import CardBank, CardSpan, card_uuid, read_cards_state

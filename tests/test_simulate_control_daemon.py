@@ -20,7 +20,7 @@ from twisted.python import usage
 
 from mgpumanager.app import tap
 from mgpumanager.app.demo import simulated_in_process
-from mgpumanager.config.document import load_config
+from mgpumanager.config.parsing import load_config
 from tests.daemon import REPO, Daemon, free_port
 
 DEMO = REPO / "config" / "demo.yaml"

@@ -16,7 +16,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from mgpumanager.config.document import Config, parse_config
+from mgpumanager.config.document import Config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.scheduling.eviction import Fit, Step
 from mgpumanager.scheduling.lifecycle import Decision, Lifecycle
 from mgpumanager.scheduling.scheduler import GpuScheduler

@@ -26,7 +26,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
 
 from mgpumanager.app import service, tap
-from mgpumanager.config.document import load_config
+from mgpumanager.config.parsing import load_config
 from mgpumanager.consumers.adapters import load_resolved_config
 from tests.daemon import REPO, TWISTD, Daemon, free_port
 from tests.support import sleep

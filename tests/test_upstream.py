@@ -23,7 +23,8 @@ from twisted.web.client import Agent, ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from mgpumanager.config.document import Config, parse_config
+from mgpumanager.config.document import Config
+from mgpumanager.config.parsing import parse_config
 from mgpumanager.consumers.control import ConsumerControl
 from mgpumanager.relay.endpoints import ReusedEndpoints
 from mgpumanager.relay.proxy import ConsumerProxy

@@ -23,7 +23,8 @@ from types import MappingProxyType, ModuleType
 import attrs
 from twisted.plugin import getPlugins
 
-from mgpumanager.config.document import Config, ConfigError, ConsumerConfig, load_config
+from mgpumanager.config.document import Config, ConfigError, ConsumerConfig
+from mgpumanager.config.parsing import load_config
 from mgpumanager.consumers.adapters.base import AdapterDefaults, IConsumerAdapter
 from mgpumanager.consumers.adapters.comfyui import ComfyAdapter
 from mgpumanager.consumers.adapters.generic import GenericAdapter
