@@ -31,7 +31,8 @@ from zope.interface import provider
 
 from mgpumanager.config.parsing import parse_config
 from mgpumanager.simulate import systemctl
-from mgpumanager.simulate.card import CudaOutOfMemory, SimulatedCard, read_card_state
+from mgpumanager.simulate.card import CudaOutOfMemory, SimulatedCard
+from mgpumanager.simulate.card_state import read_card_state
 from mgpumanager.simulate.consumers import fake_wav
 from mgpumanager.simulate.host import HostConfig, SimulatedHost
 from mgpumanager.simulate.nvml import SimulatedNvml

@@ -24,7 +24,8 @@ from mgpumanager.app.demo import simulated_in_process
 from mgpumanager.config.parsing import load_config, parse_config
 from mgpumanager.simulate.__main__ import host_config, parse_args
 from mgpumanager.simulate.card import CudaOutOfMemory
-from mgpumanager.simulate.cards import CardBank, CardSpan, card_uuid, read_cards_state
+from mgpumanager.simulate.card_state import read_cards_state
+from mgpumanager.simulate.cards import CardBank, CardSpan, card_uuid
 from mgpumanager.simulate.host import HostConfig, SimulatedHost
 from mgpumanager.simulate.nvml import SimulatedNvml
 from mgpumanager.state.gpu import MIB, GpuSampler

@@ -4,22 +4,24 @@ One simulated GPU card whose memory several simulated servers share.
 The card is the one thing the simulated servers have in common, exactly as on a real
 host: each server allocates its model on it without knowing about the others, so a
 mixed workload sent to them directly runs out of memory the way PyTorch does.  The
-card can mirror its state into a small JSON file so that another process (the daemon,
-through :class:`mgpumanager.simulate.nvml.SimulatedNvml`) can watch it like NVML.
+card can mirror its state into a small JSON file (:mod:`mgpumanager.simulate.card_state`)
+so that another process, the daemon among them, can watch it like NVML.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import threading
 import zlib
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
-import attrs
 from twisted.logger import Logger
+
+from mgpumanager.simulate.card_state import (
+    DEFAULT_CARD_NAME,
+    CardState,
+    ProcessUsage,
+    write_state_file,
+)
 
 log = Logger()
 
@@ -91,80 +93,6 @@ class PidBook:
             return pid
 
 
-@attrs.frozen
-class ProcessUsage:
-    """One process holding memory on the card, as NVML would list it."""
-
-    pid: int
-    owner: str
-    used_mib: int
-    #: The process name (``nvmlSystemGetProcessName``); empty: the owner's.
-    name: str = ""
-
-    @property
-    def process_name(self) -> str:
-        return self.name or self.owner
-
-
-@attrs.frozen
-class CardState:
-    """
-    A consistent snapshot of the card: what the JSON state file holds.
-
-    Reading the file and asking the card object give the same value, so the NVML
-    stand-in has one code path for both.
-    """
-
-    name: str
-    total_mib: int
-    used_mib: int
-    processes: tuple[ProcessUsage, ...]
-    uuid: str = ""
-
-    @property
-    def free_mib(self) -> int:
-        return self.total_mib - self.used_mib
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            **({"uuid": self.uuid} if self.uuid else {}),
-            "total_mib": self.total_mib,
-            "used_mib": self.used_mib,
-            # A name only where one was given: the servers' entries stay as they were.
-            "processes": [
-                {"pid": p.pid, "owner": p.owner, "used_mib": p.used_mib}
-                | ({"name": p.name} if p.name else {})
-                for p in self.processes
-            ],
-        }
-
-    @classmethod
-    def from_json(cls, document: object) -> CardState:
-        """
-        :raises ValueError: when ``document`` is not a card state; a half-understood
-            file must not be reported as a healthy card.
-        """
-        if not isinstance(document, Mapping):
-            raise ValueError("card state must be a JSON object")
-        try:
-            processes = tuple(
-                ProcessUsage(
-                    int(p["pid"]), str(p["owner"]), int(p["used_mib"]), str(p.get("name", ""))
-                )
-                for p in document.get("processes", [])
-            )
-            return cls(
-                name=str(document.get("name", SimulatedCard.DEFAULT_NAME)),
-                total_mib=int(document["total_mib"]),
-                used_mib=int(document["used_mib"]),
-                processes=processes,
-                uuid=str(document.get("uuid", "")),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"malformed card state: {e!r}") from None
-
-
 class SimulatedCard:
     """
     The memory of one GPU, handed out to named owners.
@@ -182,13 +110,11 @@ class SimulatedCard:
     ``peak_used_mib`` (the most ever in use at once).
     """
 
-    DEFAULT_NAME = "Simulated GPU"
-
     def __init__(
         self,
         total_mib: int,
         state_path: str | None = None,
-        name: str = DEFAULT_NAME,
+        name: str = DEFAULT_CARD_NAME,
         *,
         uuid: str = "",
         index: int = 0,
@@ -212,7 +138,7 @@ class SimulatedCard:
         # Written once up front: a state path that cannot be written is a setup
         # mistake, better raised now than logged on every allocation.
         if state_path is not None:
-            self._write_state(self.snapshot())
+            write_state_file(state_path, self.snapshot().to_json(), ".card-")
 
     @property
     def used_mib(self) -> int:
@@ -316,39 +242,8 @@ class SimulatedCard:
         if self.state_path is None:
             return
         try:
-            self._write_state(self.snapshot())
+            write_state_file(self.state_path, self.snapshot().to_json(), ".card-")
         except OSError:
             # The card itself changed; failing the allocation because a mirror file
             # could not be written would simulate a fault no real GPU has.
             log.failure("could not write the card state to {path}", path=self.state_path)
-
-    def _write_state(self, state: CardState) -> None:
-        assert self.state_path is not None
-        directory = os.path.dirname(os.path.abspath(self.state_path))
-        # A reader must never see half a file: write beside it, then rename over it.
-        fd, temporary = tempfile.mkstemp(dir=directory, prefix=".card-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(state.to_json(), f)
-            os.replace(temporary, self.state_path)
-        except BaseException:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-            raise
-
-
-def read_card_state(path: str) -> CardState:
-    """
-    Read a card state file written by :class:`SimulatedCard`.
-
-    :raises OSError: when the file cannot be read.
-    :raises ValueError: when it does not hold a card state.
-    """
-    with open(path, encoding="utf-8") as f:
-        try:
-            document = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"card state is not JSON: {e}") from None
-    return CardState.from_json(document)

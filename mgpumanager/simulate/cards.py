@@ -15,16 +15,14 @@ NVML order, which :class:`~mgpumanager.simulate.nvml.SimulatedNvml` reads.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from twisted.logger import Logger
 
-from mgpumanager.simulate.card import CardState, CudaOutOfMemory, PidBook, SimulatedCard
+from mgpumanager.simulate.card import CudaOutOfMemory, PidBook, SimulatedCard
+from mgpumanager.simulate.card_state import CardState, write_state_file
 
 log = Logger()
 
@@ -150,36 +148,5 @@ class CardBank:
         if self.state_path is None:
             return
         document = {"cards": [card.snapshot().to_json() for card in self.cards]}
-        directory = os.path.dirname(os.path.abspath(self.state_path))
         with self._lock:
-            fd, temporary = tempfile.mkstemp(dir=directory, prefix=".cards-", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(document, f)
-                os.replace(temporary, self.state_path)
-            except BaseException:
-                try:
-                    os.unlink(temporary)
-                except OSError:
-                    pass
-                raise
-
-
-def read_cards_state(path: str) -> list[CardState]:
-    """
-    Read a state file of one card or of several.
-
-    :raises OSError: when the file cannot be read.
-    :raises ValueError: when it does not hold card states.
-    """
-    with open(path, encoding="utf-8") as f:
-        try:
-            document = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"card state is not JSON: {e}") from None
-    if isinstance(document, dict) and "cards" in document:
-        cards = document["cards"]
-        if not isinstance(cards, list) or not cards:
-            raise ValueError("'cards' must be a non-empty list of card states")
-        return [CardState.from_json(card) for card in cards]
-    return [CardState.from_json(document)]
+            write_state_file(self.state_path, document, ".cards-")

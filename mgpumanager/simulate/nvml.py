@@ -20,8 +20,8 @@ from typing import Any
 import attrs
 import pynvml
 
-from mgpumanager.simulate.card import CardState, SimulatedCard
-from mgpumanager.simulate.cards import read_cards_state
+from mgpumanager.simulate.card import SimulatedCard
+from mgpumanager.simulate.card_state import CardState, read_cards_state
 
 _MIB = 1024 * 1024
 # What NVML reports for gpuInstanceId/computeInstanceId on a card without MIG.
