@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Mapping
+from typing import Protocol
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -16,6 +16,7 @@ from mgpumanager.state.registry import ConsumerState, ModelResidency
 
 __all__ = [
     "AdapterDefaults",
+    "FollowedWork",
     "IConsumerAdapter",
     "ModelResidency",
     "Observation",
@@ -58,6 +59,23 @@ class Observation:
     busy: bool | None = None
 
 
+class FollowedWork(Protocol):
+    """
+    Work an answer started on the server beyond itself, followed to its end
+    while the job keeps the GPU (see :meth:`IConsumerAdapter.follow`).
+    """
+
+    @property
+    def work_id(self) -> str:
+        """The server's name for the work (a ComfyUI prompt id)."""
+
+    def until_done(self) -> Awaitable[str]:
+        """
+        Fires with how the work ended: ``"done"``, ``"gone"``,
+        ``"probe failed"`` or ``"timeout"``.
+        """
+
+
 class IConsumerAdapter(Interface):
     """One kind of inference server, as the scheduler must see it."""
 
@@ -75,7 +93,7 @@ class IConsumerAdapter(Interface):
         """
 
     def gpu_kind(
-        consumer: ConsumerConfig, method: str, path: str, body: Mapping[str, Any] | None
+        consumer: ConsumerConfig, method: str, path: str, body: JsonObject | None
     ) -> str | None:
         """
         The kind of GPU job a request sent straight to this server is, or
@@ -91,11 +109,11 @@ class IConsumerAdapter(Interface):
         consumer: ConsumerConfig,
         health: JsonObject | None,
         timeout: float,
-    ) -> Any:
+    ) -> Awaitable[Observation | None]:
         """
-        An awaitable of the server's own account of its residency
-        (:class:`Observation`), or of ``None`` when it gives none beyond its
-        health answer.  Called after every successful health probe.
+        The server's own account of its residency, or ``None`` when it gives
+        none beyond its health answer.  Called after every successful health
+        probe.
 
         :param health: the health answer, when it was a JSON object.
         :param timeout: what each call it makes may take.
@@ -113,11 +131,10 @@ class IConsumerAdapter(Interface):
 
     def unload(
         control: ConsumerControl, state: ConsumerState, clock: IReactorTime, timeout: float
-    ) -> Any:
+    ) -> Awaitable[None]:
         """
-        An awaitable that takes the server's models off the card and fires
-        once the server says they are gone (the lifecycle then watches the
-        card itself).
+        Take the server's models off the card; fires once the server says
+        they are gone (the lifecycle then watches the card itself).
 
         :param timeout: what one unload call may take.
         :raises ControlFailed: the server refused, failed or stayed busy.
@@ -136,22 +153,21 @@ class IConsumerAdapter(Interface):
         state: ConsumerState,
         answer: Answer,
         clock: IReactorTime,
-    ) -> Any:
+    ) -> FollowedWork | None:
         """
-        For an answer that started work beyond itself: an object with
-        ``work_id`` (the server's name for that work) and ``until_done()``,
-        an awaitable that fires with how the work ended (``"done"``,
-        ``"gone"``, ``"probe failed"``, ``"timeout"``) while the job keeps
-        the GPU.  ``None`` when the answer started nothing (an error, no id):
-        the job ends with it.
+        The work an answer started beyond itself, which the job keeps the GPU
+        for until it ends; ``None`` when the answer started nothing (an error,
+        no id): the job ends with it.
         """
 
-    def settle(control: ConsumerControl, state: ConsumerState, clock: IReactorTime) -> Any:
+    def settle(
+        control: ConsumerControl, state: ConsumerState, clock: IReactorTime
+    ) -> Awaitable[None]:
         """
         An exchange that may have started work beyond itself broke before
-        its answer said which (the client left mid-answer): an awaitable that
-        fires once the server is idle again, or has stopped answering, so that
-        the GPU is not handed on under work nobody follows.
+        its answer said which (the client left mid-answer): fires once the
+        server is idle again, or has stopped answering, so that the GPU is
+        not handed on under work nobody follows.
         """
 
 

@@ -9,9 +9,7 @@ happens afterwards, for seconds to minutes, so the daemon's job lasts until
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.plugin import IPlugin
@@ -55,7 +53,7 @@ class ComfyAdapter:
         consumer: ConsumerConfig,
         method: str,
         path: str,
-        body: Mapping[str, Any] | None,
+        body: JsonObject | None,
     ) -> str | None:
         if method == "POST" and path in PROMPT_PATHS:
             return "image"

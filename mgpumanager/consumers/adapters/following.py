@@ -11,13 +11,13 @@ the consumer's adapter decides whether and how.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
 from mgpumanager.common.answers import Answer
 from mgpumanager.common.paths import normalise
+from mgpumanager.consumers.adapters.base import FollowedWork
 from mgpumanager.consumers.adapters.resolved import Adapters
 from mgpumanager.consumers.control import ConsumerControl
 from mgpumanager.state.registry import ConsumerState
@@ -46,10 +46,10 @@ class Completions:
         adapter = self.adapters.of(state.config)
         return bool(adapter.completes_later(method, normalise(path.encode("ascii"))))
 
-    def work_started_by(self, state: ConsumerState, answer: Answer) -> Any:
+    def work_started_by(self, state: ConsumerState, answer: Answer) -> FollowedWork | None:
         """
-        The work ``answer`` started, with ``work_id`` and ``until_done()``,
-        or ``None`` when it started nothing the job must wait for.
+        The work ``answer`` started, or ``None`` when it started nothing the
+        job must wait for.
         """
         return self.adapters.of(state.config).follow(
             self.control, state, answer, self.clock

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from twisted.internet.interfaces import IReactorTime
 from twisted.plugin import IPlugin
 from zope.interface import implementer
@@ -46,7 +43,7 @@ class GenericAdapter(WorkEndsWithTheAnswer):
         consumer: ConsumerConfig,
         method: str,
         path: str,
-        body: Mapping[str, Any] | None,
+        body: JsonObject | None,
     ) -> str | None:
         routes = consumer.gpu_routes
         if routes:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.plugin import IPlugin
@@ -56,7 +55,7 @@ class OllamaAdapter(WorkEndsWithTheAnswer):
         consumer: ConsumerConfig,
         method: str,
         path: str,
-        body: Mapping[str, Any] | None,
+        body: JsonObject | None,
     ) -> str | None:
         if method != "POST":
             return None
@@ -109,7 +108,7 @@ class OllamaAdapter(WorkEndsWithTheAnswer):
             raise ControlFailed(f"/api/ps still lists models after {timeout:g} s")
 
 
-def is_unload_request(body: Mapping[str, Any]) -> bool:
+def is_unload_request(body: Mapping[str, object]) -> bool:
     """
     ``keep_alive: 0`` without a prompt or messages (what ``ollama stop``
     sends) only unloads a model: no GPU work, so it never waits for the GPU.
