@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from mgpumanager.common.errors import QUEUE_FULL, ApiError
-from mgpumanager.relay.proxy import UpstreamBroke
+from mgpumanager.relay.streaming import UpstreamBroke
 from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.registry import Registry
 from mgpumanager.web.metrics import MIB, Metrics

@@ -1,5 +1,5 @@
 """
-Tests for the response relay's idle timeout (:class:`mgpumanager.relay.proxy._BodyRelay`)
+Tests for the response relay's idle timeout (:class:`mgpumanager.relay.proxy.BodyRelay`)
 with a ``Clock``: each byte from the consumer restarts the clock, silence aborts
 both sides, a client that paused the stream gets a period of its own, and a normal end or a
 cancellation leaves no timer behind.  Also :class:`ReusedEndpoints`: one endpoint
@@ -25,7 +25,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from mgpumanager.common.errors import ApiError
 from mgpumanager.relay.endpoints import ReusedEndpoints
-from mgpumanager.relay.proxy import UpstreamBroke, _BodyRelay
+from mgpumanager.relay.streaming import BodyRelay, UpstreamBroke
 from tests.support import assert_no_result, failure_result_of, success_result_of
 
 IDLE = 5.0
@@ -73,7 +73,7 @@ class Relay:
         self.request = ClientRequest()
         self.upstream = StringTransport()
         self.finished: Deferred[None] = Deferred(lambda _: self.relay.cancel())
-        self.relay = _BodyRelay(
+        self.relay = BodyRelay(
             cast(Request, self.request), self.finished, "ollama", self.clock, idle
         )
         self.relay.makeConnection(self.upstream)

@@ -21,7 +21,7 @@ from mgpumanager.common.errors import (
     SHUTTING_DOWN,
     ApiError,
 )
-from mgpumanager.relay.proxy import UpstreamBroke, abort_client
+from mgpumanager.relay.streaming import UpstreamBroke, abort_client
 
 log = Logger()
 

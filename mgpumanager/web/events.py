@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from mgpumanager.relay.proxy import abort_client
+from mgpumanager.relay.streaming import abort_client
 
 log = Logger()
 

@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from mgpumanager.common.errors import INTERNAL_ERROR, ApiError
-from mgpumanager.relay.proxy import UpstreamBroke
+from mgpumanager.relay.streaming import UpstreamBroke
 from mgpumanager.scheduling.queued import QueuedJob
 from mgpumanager.scheduling.telemetry import COMPLETION_TIMEOUT, JobWatch
 
