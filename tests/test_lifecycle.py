@@ -382,7 +382,8 @@ class World:
     # -- driving
 
     def prepare(self, name: str) -> Deferred[None]:
-        return Deferred.fromCoroutine(self.lifecycle.prepare(name))
+        preparing = self.lifecycle.prepare(name)
+        return succeed(None) if preparing is None else preparing
 
     def advance(self, seconds: float, step: float = 0.25) -> None:
         for _ in range(round(seconds / step)):

@@ -199,7 +199,7 @@ def run_real_loop(
     lifecycle = Lifecycle(
         config, registry, sampler, control, clock, lambda name: succeed(True), static_pids({})
     )
-    done = Deferred.fromCoroutine(lifecycle.prepare(target))
+    done = lifecycle.prepare(target) or succeed(None)
     for _ in range(100):  # each unload without NVML waits one settle period
         if done.called:
             break

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import attrs
-from twisted.internet.defer import CancelledError, DeferredLock
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -130,9 +130,18 @@ class Lifecycle:
         """Loads whose route or unit failed, for ``/v1/status``."""
         return self._loader.failed_loads
 
-    async def prepare(self, name: str) -> None:
-        """The scheduler's ``prepare`` step: make room for ``name``, then load it."""
+    def prepare(self, name: str) -> Deferred[None] | None:
+        """
+        The scheduler's ``prepare`` step: make room for ``name``, then load it.
+        None when it is loaded already, as for nearly every job: nothing to
+        wait for, so the job starts in the same call.
+        """
         state = self._registry[name]
+        if state.resident:
+            return None
+        return Deferred.fromCoroutine(self._prepare(state))
+
+    async def _prepare(self, state: ConsumerState) -> None:
         if why_no_room_needed(state) is None:
             await self._making_room.acquire()
             try:

@@ -199,31 +199,34 @@ class GpuScheduler(SchedulerState):
         state = self._registry[view.consumer]
         state.active += 1
         state.total_requests += 1
-        # The bookkeeping rides on the Deferred, not in the coroutine: a
-        # coroutine garbage-collected mid-job (abandoned by everyone) runs its
-        # ``finally`` blocks but never fires its Deferred, so it cannot release
-        # the lock into other coroutines being torn down.
-        running = Deferred.fromCoroutine(self._prepare_and_run(run, job))
-        return running.addBoth(self._finish, state, run)
+        # Deferreds chained by hand, not a coroutine: this runs on every job,
+        # and each coroutine layer is one more Deferred to start and resume.
+        return self._prepare_then_run(run, job).addBoth(self._finish, state, run)
 
-    async def _prepare_and_run(self, run: RunningJob, job: Callable[[], Deferred[_T]]) -> _T:
+    def _prepare_then_run(self, run: RunningJob, job: Callable[[], Deferred[_T]]) -> Deferred[_T]:
+        """Make the consumer ready, then run the job; nothing waits when nothing is to do."""
         consumer = run.view.consumer
         try:
-            await self._hold(ensureDeferred(self._prepare(consumer)))
-        except (ApiError, CancelledError):
-            raise
-        except Exception as e:
-            log.failure("preparing {consumer} failed", consumer=consumer)
-            raise ApiError(
-                SCHEDULER_ERROR, f"scheduler failed to prepare {consumer}: {e}", consumer
-            ) from e
+            preparing = self._prepare(consumer)
+        except Exception:
+            return fail(_preparing_failed(Failure(), consumer))
+        if preparing is None:
+            return self._run(run, job)
+        prepared: Deferred[None] = self._held(ensureDeferred(preparing))
+        return prepared.addCallbacks(
+            lambda _: self._run(run, job), _preparing_failed, errbackArgs=(consumer,)
+        )
+
+    def _run(self, run: RunningJob, job: Callable[[], Deferred[_T]]) -> Deferred[_T]:
         run.relaying(self._clock.seconds())
         self._starting = run
         try:
             started = job()
+        except Exception:
+            return fail()
         finally:
             self._starting = None
-        return await self._hold(started)
+        return self._held(started)
 
     def _finish(self, result: _T | Failure, state: ConsumerState, run: RunningJob) -> _T | Failure:
         """The job is over: record it and hand its cards to the next ones."""
@@ -247,13 +250,16 @@ class GpuScheduler(SchedulerState):
         self._notify_if_idle()
         return result
 
-    async def _hold(self, step: Deferred[_T]) -> _T:
-        """Await a step of a running job, cancellable by :meth:`abort_running`."""
-        self._running.add(step)
-        try:
-            return await step
-        finally:
-            self._running.discard(step)
+    def _held(self, step: Deferred[_T]) -> Deferred[_T]:
+        """A step of a running job, cancellable by :meth:`abort_running` until it ends."""
+        running = self._running
+        running.add(step)
+
+        def ended(result: _T | Failure) -> _T | Failure:
+            running.discard(step)
+            return result
+
+        return step.addBoth(ended)
 
     def close(self, reason: str = "the daemon is shutting down") -> None:
         """
@@ -311,6 +317,17 @@ class GpuScheduler(SchedulerState):
         """Cancel every running job, preparing or relaying (the shutdown grace is over)."""
         for running in list(self._running):
             running.cancel()
+
+
+def _preparing_failed(failure: Failure, consumer: str) -> Failure:
+    """A failure to prepare, as the job's error: ours pass as they are, others are logged."""
+    if failure.check(ApiError, CancelledError):
+        return failure
+    log.failure("preparing {consumer} failed", failure, consumer=consumer)
+    error = failure.value
+    return Failure(ApiError(
+        SCHEDULER_ERROR, f"scheduler failed to prepare {consumer}: {error}", consumer
+    ))
 
 
 def _time_the_error(result: Failure, running: RunningJob, finished: float) -> None:

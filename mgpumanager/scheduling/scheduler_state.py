@@ -36,8 +36,9 @@ from mgpumanager.state.registry import Registry
 DECISIONS_KEPT = 20
 
 #: Makes a consumer ready to run a job (room on the card, model loaded).
-#: Called with the GPU lock held; raising fails the job.
-Preparer = Callable[[str], "Coroutine[Any, Any, None] | Deferred[None]"]
+#: Called with the GPU lock held; raising fails the job.  None: ready as it
+#: is, nothing to wait for.
+Preparer = Callable[[str], "Coroutine[Any, Any, None] | Deferred[None] | None"]
 
 
 async def nothing_to_prepare(consumer: str) -> None:
