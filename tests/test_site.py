@@ -17,6 +17,7 @@ import attrs
 import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -344,3 +345,18 @@ def test_an_urlencoded_form_is_not_parsed_into_request_args() -> None:
     [call] = server.recorder.calls
     assert call.args == {}
     assert call.body == body
+
+
+def test_each_answered_request_is_one_access_line_in_plain_text() -> None:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        server = serve(1 * MiB)
+        server.send(request_head(b"/v1/llm?stream=%E2%9C%93", [(b"Content-Length", b"2")]) + b"{}")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+
+    [access] = [event for event in events if event["log_namespace"] == "mgpumanager.access"]
+    # StringTransport reports its peer as 192.168.1.1.
+    assert formatEvent(access) == "192.168.1.1 POST /v1/llm?stream=%E2%9C%93 200 2"
+    assert (access["method"], access["code"], access["length"]) == ("POST", 200, 2)

@@ -174,13 +174,13 @@ class ManagerSite(Site):
         about a third of the access log's cost, on every request.
         """
         client = _client(request)
-        method = request.method
-        uri = request.uri
+        method = request.method.decode("ascii", "replace")
+        uri = request.uri.decode("ascii", "backslashreplace")
         code = request.code
         length = request.sentLength
         access.info(
             "{line}",
-            line=f"{client} {method!s} {uri!s} {code} {length}",
+            line=f"{client} {method} {uri} {code} {length}",
             client=client,
             method=method,
             uri=uri,
