@@ -40,20 +40,31 @@ class Configured(Protocol):
 class PerConfig(Generic[_A, _R]):
     """
     ``read(config, argument)`` against the configuration the last reload gave:
-    for a collaborator that takes a plain callable (the site's body limit per
-    request target, the pool's idle limit per server) and must not keep a
-    configuration of its own.
+    for a collaborator that takes a plain callable (the pool's idle limit per
+    server) and must not keep a configuration of its own.  Each answer is
+    kept until the next reload (``read`` is pure, and asked on every request).
 
     :param config: the configuration the daemon starts with.
-    :param read: a pure function of a configuration and one argument.
+    :param read: a pure function of a configuration and one hashable argument.
     """
+
+    #: At most this many answers are kept (the arguments seen are few: servers).
+    KEPT = 256
 
     def __init__(self, config: Config, read: Callable[[Config, _A], _R]) -> None:
         self._config = config
         self._read = read
+        self._answers: dict[_A, _R] = {}
 
     def __call__(self, argument: _A) -> _R:
-        return self._read(self._config, argument)
+        answers = self._answers
+        if argument in answers:
+            return answers[argument]
+        if len(answers) >= self.KEPT:
+            answers.clear()
+        answer = answers[argument] = self._read(self._config, argument)
+        return answer
 
     def reconfigure(self, config: Config) -> None:
         self._config = config
+        self._answers = {}
