@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from twisted.web.http_headers import Headers
 
-from mgpumanager.relay.headers import relay_response_headers, upstream_headers
+from mgpumanager.relay.headers import host_header, relay_response_headers, upstream_headers
 
 HOP_BY_HOP = [
     b"Connection",
@@ -138,3 +138,15 @@ def test_the_daemons_token_cookie_never_goes_upstream() -> None:
     assert outbound.getRawHeaders(b"cookie") == [b"theme=dark; lang=en"]
     only_ours = upstream_headers(Headers({b"cookie": [b"mgpumanager_token=s3cret"]}))
     assert not only_ours.hasHeader(b"cookie")
+
+
+@pytest.mark.parametrize(("url", "host"), [
+    ("http://127.0.0.1:11434", b"127.0.0.1:11434"),
+    ("http://gpu-box", b"gpu-box"),
+    ("http://gpu-box:80", b"gpu-box"),
+    ("https://gpu-box:443", b"gpu-box"),
+    ("https://gpu-box:8443", b"gpu-box:8443"),
+    ("http://[::1]:8188", b"[::1]:8188"),
+])
+def test_the_consumer_host_is_written_as_rfc_9110_spells_it(url: str, host: bytes) -> None:
+    assert host_header(url) == host

@@ -10,9 +10,11 @@ makes the upstream request, exactly once.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Collection, Iterable, Sequence
 
+from twisted.web.client import URI
 from twisted.web.http_headers import Headers
 
 HOP_BY_HOP = frozenset(
@@ -148,6 +150,21 @@ def upstream_headers(
         outbound.setRawHeaders(b"x-forwarded-proto", [b"http"])
         outbound.setRawHeaders(b"forwarded", [forwarded.encode("ascii")])
     return outbound
+
+
+@functools.lru_cache(maxsize=256)
+def host_header(url: str) -> bytes:
+    """
+    The ``Host`` a request to the consumer at ``url`` carries, as Twisted's
+    ``Agent`` would write it (the port left out where it is the scheme's
+    own), but with an IPv6 address in brackets.  Set by the relay, so that
+    the agent need not copy the headers to add it on every request.
+    """
+    uri = URI.fromBytes(url.encode("ascii"))
+    # An IPv6 address keeps its brackets (the Agent would drop them).
+    host = b"[%s]" % uri.host if b":" in uri.host else uri.host
+    default_port = {b"http": 80, b"https": 443}.get(uri.scheme)
+    return host if uri.port == default_port else b"%s:%d" % (host, uri.port)
 
 
 def relay_response_headers(

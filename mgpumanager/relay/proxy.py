@@ -38,7 +38,7 @@ from mgpumanager.common.errors import (
 )
 from mgpumanager.config.document import Config, ConsumerConfig
 from mgpumanager.relay.failures import classify_call_failure
-from mgpumanager.relay.headers import relay_response_headers, upstream_headers
+from mgpumanager.relay.headers import host_header, relay_response_headers, upstream_headers
 from mgpumanager.relay.streaming import BodyRelay, abort_client
 from mgpumanager.relay.twisted_private import RequestNotSent
 from mgpumanager.relay.twisted_private import response_connection_header as _connection_header
@@ -108,6 +108,7 @@ class ConsumerProxy:
             getattr(client, "host", None),
             self.drop_authorization,
         )
+        headers.setRawHeaders(b"host", [host_header(consumer.url)])
         answered = within(
             self._send(request, consumer, method, url, headers),
             consumer.timeouts.response_seconds,
