@@ -11,15 +11,17 @@ server as a generate call without ever waiting for the GPU.
 
 from __future__ import annotations
 
+import functools
 from urllib.parse import quote_from_bytes, unquote, unquote_to_bytes
 
 
+@functools.lru_cache(maxsize=1024)
 def normalise(raw: bytes) -> str:
     """
     The path a server most likely resolves ``raw`` to: percent-decoded once,
     ``//`` collapsed, ``.`` and ``..`` segments removed; always starting with
     ``/``.  Bytes that are not UTF-8 are kept as replacement characters, which
-    match no route.
+    match no route.  Kept for the paths last asked (every job asks).
     """
     decoded = unquote(raw.decode("latin-1"), encoding="utf-8", errors="replace")
     segments: list[str] = []

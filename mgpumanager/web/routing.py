@@ -20,6 +20,7 @@ passthrough).  Handlers that forward a path take it raw from the request line
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -117,6 +118,7 @@ class RouteTable:
     def reconfigure(self, config: Config) -> None:
         """Take a reloaded configuration: the audio prefix may have moved."""
         self.config = config
+        self._limits.clear()
         if config.audio_path_prefix != self._audio:
             self._build(config)
 
@@ -124,14 +126,20 @@ class RouteTable:
         """
         The body limit in bytes of a request for ``target`` (path and query):
         the largest limit among the consumers its route may reach, else the
-        global one.
+        global one.  Kept per path until the next reload.
         """
-        found = self.lookup(method, target.partition(b"?")[0])
-        reachable = found.policy.limit(self.config, found.args)
-        return max(
-            (self.config.body_limit_of(consumer) for consumer in reachable),
-            default=self.config.body_limit_of(None),
-        )
+        key = (method, target.partition(b"?")[0])
+        limit = self._limits.get(key)
+        if limit is None:
+            if len(self._limits) >= LOOKUPS_KEPT:
+                self._limits.clear()
+            found = self.lookup(*key)
+            reachable = found.policy.limit(self.config, found.args)
+            limit = self._limits[key] = max(
+                (self.config.body_limit_of(consumer) for consumer in reachable),
+                default=self.config.body_limit_of(None),
+            )
+        return limit
 
     def _build(self, config: Config) -> None:
         self._audio = config.audio_path_prefix
@@ -160,6 +168,7 @@ class RouteTable:
         self.declared = declared_all
         self._adapter: MapAdapter = app.url_map.bind("")
         self._lookups: dict[tuple[bytes, bytes], Match] = {}
+        self._limits: dict[tuple[bytes, bytes], int] = {}
         self.klein_resource = app.resource()
 
     def lookup(self, method: bytes, raw_path: bytes) -> Match:
@@ -248,5 +257,11 @@ class _RoutedResource(Resource):
         self._table = table
 
     def render(self, request: Request) -> Any:
-        request.postpath = routing_segments(request.path)
+        request.postpath = list(_segments(request.path))
         return self._table.klein_resource.render(request)
+
+
+@functools.lru_cache(maxsize=LOOKUPS_KEPT)
+def _segments(raw_path: bytes) -> tuple[bytes, ...]:
+    """The path's segments as matching sees them, kept for the paths last asked."""
+    return tuple(routing_segments(raw_path))
