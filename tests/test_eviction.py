@@ -600,3 +600,17 @@ def test_the_plan_never_changes_anything(free: int) -> None:
     plan_of(CONFIG, reg, "image", NO_NVML)
 
     assert _snapshot(reg) == before
+
+
+@pytest.mark.parametrize(
+    "sample", [NO_NVML, nvml(100), nvml(20000)], ids=["budget", "full", "room"]
+)
+def test_a_plan_needs_a_swap_exactly_when_its_target_is_not_resident(sample: GpuSample) -> None:
+    # The scheduler's policy asks "needs a swap?" at every pick by residency
+    # alone; the dry run must agree, whatever the card holds.
+    reg = registry(whisper=False)
+    reg["voice"].believed_loaded = False
+
+    for name in [state.name for state in reg]:
+        plan = dry_run_plan(CONFIG, reg, name, sample)
+        assert plan.needs_swap is (not reg[name].resident), name

@@ -45,7 +45,6 @@ from mgpumanager.relay.twisted_private import (
     quiet_connections,
 )
 from mgpumanager.scheduling.choosing import PolicyChooser
-from mgpumanager.scheduling.eviction import dry_run_plan
 from mgpumanager.scheduling.lifecycle import Lifecycle
 from mgpumanager.scheduling.policy import make_policy
 from mgpumanager.scheduling.reclaim import GuestKeeper
@@ -161,10 +160,10 @@ def build(
         config, registry, sampler, control, reactor, prober.probe, attributor, metrics, adapters
     )
     def needs_swap(name: str) -> bool:
-        # The registry's configuration is the current one, consumers and all.
-        return dry_run_plan(
-            registry.config, registry, name, sampler.latest_by_card, adapters
-        ).needs_swap
+        # The dry run's verdict (dry_run_plan(...).needs_swap) without running
+        # it at every pick: a loaded consumer needs no room and no load, and
+        # one that is not loaded needs at least its load.
+        return not registry[name].resident
 
     def cards_of(name: str) -> tuple[int, ...]:
         # A consumer a reload removed keeps the cards it had until its jobs end.
