@@ -29,11 +29,15 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web import client as web_client
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http import HTTPChannel, Request
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from mgpumanager.relay.endpoints import ReusedEndpoints
 from mgpumanager.relay.failures import is_cancellation
 from mgpumanager.relay.twisted_private import (
+    ParsedOnceAgent,
     QuietClientFactory,
     WrapperException,
     fail_start_on_listen_error,
@@ -80,7 +84,42 @@ def pool() -> Iterator[HTTPConnectionPool]:
 
 def proxy_agent(pool: HTTPConnectionPool) -> Agent:
     """An agent that connects as the proxy does."""
-    return Agent.usingEndpointFactory(reactor, ReusedEndpoints(reactor, 5), pool=pool)
+    return ParsedOnceAgent.usingEndpointFactory(reactor, ReusedEndpoints(reactor, 5), pool=pool)
+
+
+class _Seen(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bytes, bytes | None]] = []
+
+    def render(self, request: Request) -> bytes:
+        self.seen.append((request.uri, request.getHeader(b"host")))
+        return b"ok"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_parsed_once_agent_sends_each_url_as_the_agent_does(
+    pool: HTTPConnectionPool,
+) -> None:
+    step(Agent, "_requestWithEndpoint", "twisted.web.client.Agent")
+    step(Agent, "_getEndpoint", "twisted.web.client.Agent")
+    recorder = _Seen()
+    port: IListeningPort = reactor.listenTCP(0, Site(recorder), interface="127.0.0.1")
+    agent = proxy_agent(pool)
+    base = b"http://127.0.0.1:%d" % port.getHost().port
+    try:
+        for url in [base + b"/api/tts", base + b"/api/tts", base + b"/api/tts?x=%2F"]:
+            response = await agent.request(b"POST", url)
+            assert await treq.content(response) == b"ok"
+        with pytest.raises(SchemeNotSupported):
+            await agent.request(b"GET", b"gopher://127.0.0.1/")
+    finally:
+        await port.stopListening()
+
+    host = base.removeprefix(b"http://")
+    assert recorder.seen == [(b"/api/tts", host), (b"/api/tts", host), (b"/api/tts?x=%2F", host)]
 
 
 @pytest_twisted.ensureDeferred

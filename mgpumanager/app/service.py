@@ -40,6 +40,7 @@ from mgpumanager.relay.headers import reuse_for
 from mgpumanager.relay.proxy import ConsumerProxy
 from mgpumanager.relay.tunnel import WebSocketTunnels
 from mgpumanager.relay.twisted_private import (
+    ParsedOnceAgent,
     ReusePool,
     fail_start_on_listen_error,
     quiet_connections,
@@ -104,7 +105,7 @@ def build(
 
     def agent_for_timeout(seconds: float) -> Agent:
         if seconds not in agents:
-            agents[seconds] = Agent.usingEndpointFactory(
+            agents[seconds] = ParsedOnceAgent.usingEndpointFactory(
                 reactor, ReusedEndpoints(reactor, seconds), pool=pool
             )
         return agents[seconds]

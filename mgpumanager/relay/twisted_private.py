@@ -16,12 +16,15 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IProtocol
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestNotSent as _RequestNotSent
-from twisted.web._newclient import _WrapperException
-from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.iweb import IResponse
+from twisted.web._newclient import _ensureValidURI, _WrapperException
+from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.error import SchemeNotSupported
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IResponse
 
 #: Twisted's base of the client errors that carry a list of underlying
 #: failures in ``reasons`` (``ResponseFailed``, ``RequestGenerationFailed``,
@@ -157,6 +160,48 @@ class ReusePool(HTTPConnectionPool):
         # (Typed int by Twisted; it only goes to callLater, which takes a float.)
         self.cachedConnectionTimeout = idle  # type: ignore[assignment]
         super()._putConnection(key, connection)
+
+
+class ParsedOnceAgent(Agent):
+    """
+    Twisted's ``Agent``, parsing each URL once.  ``Agent.request`` parses the
+    URL on every call (``URI.fromBytes``, about 9 µs: a good share of a
+    pooled request), and the relay sends a consumer's jobs to the same few
+    URLs.  The request then goes on as ``Agent.request`` itself sends it,
+    through the private ``_requestWithEndpoint``.
+    """
+
+    #: At most this many parsed URLs are kept (then they are parsed anew).
+    KEPT = 256
+
+    _parsed: dict[bytes, URI] | None = None
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        parsed = self._parsed_uri(uri)
+        try:
+            endpoint = self._getEndpoint(parsed)
+        except SchemeNotSupported:
+            return fail()
+        key = (parsed.scheme, parsed.host, parsed.port)
+        return self._requestWithEndpoint(  # type: ignore[no-any-return]
+            key, endpoint, method, parsed, headers, bodyProducer, parsed.originForm
+        )
+
+    def _parsed_uri(self, uri: bytes) -> URI:
+        if self._parsed is None:
+            self._parsed = {}
+        parsed = self._parsed.get(uri)
+        if parsed is None:
+            if len(self._parsed) >= self.KEPT:
+                self._parsed.clear()
+            parsed = self._parsed[uri] = URI.fromBytes(_ensureValidURI(uri.strip()))
+        return parsed
 
 
 def fail_start_on_listen_error(service: StreamServerEndpointService) -> None:

@@ -41,7 +41,8 @@ DECISIONS_KEPT = 20
 Preparer = Callable[[str], "Coroutine[Any, Any, None] | Deferred[None] | None"]
 
 
-async def nothing_to_prepare(consumer: str) -> None:
+def nothing_to_prepare(consumer: str) -> None:
+    """A host with no lifecycle: every consumer is ready as it is."""
     return None
 
 
