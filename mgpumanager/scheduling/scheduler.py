@@ -154,8 +154,10 @@ class GpuScheduler(SchedulerState):
                 self.decisions.append(QueueDecision(now, "pick", chosen, rule, tuple(ahead_of)))
         self._cards.take(self._cards_of(chosen.consumer))
         waiter.granted.callback(None)
-        # Another card may still be free for another job.
-        self._dispatch_again = True
+        # Another card may still be free for another job (a job that ended
+        # at once has asked for another round already).
+        if self._waiting:
+            self._dispatch_again = True
 
     def _startable(self, waiting: list[QueuedJob], now: float) -> list[QueuedJob]:
         """The waiting jobs that may start now, on cards that are free."""
