@@ -12,7 +12,7 @@ GPU until the work is done; from then on the client leaving no longer ends it.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import cast
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -22,7 +22,7 @@ from twisted.web.server import Request
 from mgpumanager.common.errors import BAD_REQUEST, CONSUMER_DOWN, ApiError
 from mgpumanager.config.document import ConsumerConfig
 from mgpumanager.config.scheduling import JOB_CLASSES
-from mgpumanager.consumers.adapters.base import ANSWER_COPY_BYTES
+from mgpumanager.consumers.adapters.base import ANSWER_COPY_BYTES, FollowedWork
 from mgpumanager.consumers.adapters.following import Completions
 from mgpumanager.relay.proxy import ConsumerProxy
 from mgpumanager.scheduling.scheduler import GpuScheduler
@@ -159,7 +159,9 @@ class GpuJobs:
         how = await self._follow(completions, state, work)
         return COMPLETION_TIMEOUT if how == "timeout" else None
 
-    async def _follow(self, completions: Completions, state: ConsumerState, work: Any) -> str:
+    async def _follow(
+        self, completions: Completions, state: ConsumerState, work: FollowedWork
+    ) -> str:
         # The state the job began with: a reload may have removed the consumer since.
         how = await work.until_done()
         log.info(
