@@ -14,16 +14,13 @@ import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mgpumanager.config.parsing import parse_config
-from mgpumanager.consumers.control import ConsumerControl
-from mgpumanager.consumers.probes import HealthProber
-from mgpumanager.state.registry import Registry
 from mgpumanager.web.status import consumer_status
 from tests.support import assert_no_result, success_result_of
+from tests.world import Fakes, build, clock_at
 
 INTERVAL = 5.0
 TIMEOUT = 3.0
@@ -96,13 +93,10 @@ class World:
         self.routes = HealthRoutes()
         self.stub: Any = StubTreq(self.routes)
         self.client = Client(self.stub)
-        self.clock = Clock()
-        self.clock.advance(1000)
-        self.registry = Registry(CONFIG)
-        control = ConsumerControl(self.client, self.clock, run_command=None)  # type: ignore[arg-type]
-        self.prober = HealthProber(
-            self.registry, control, self.clock, interval=INTERVAL, timeout=TIMEOUT
-        )
+        built = build(CONFIG, Fakes(client=self.client), clock_at(1000))
+        self.clock = built.clock
+        self.registry = built.registry
+        self.prober = built.prober
 
     def probe(self, name: str) -> bool | None:
         """Probe one consumer to the end; what the registry now says of it."""

@@ -30,17 +30,14 @@ from mgpumanager.common.errors import ApiError
 from mgpumanager.config.document import Config
 from mgpumanager.config.parsing import parse_config
 from mgpumanager.consumers.commands import CommandResult, CommandTimedOut
-from mgpumanager.consumers.control import ConsumerControl
-from mgpumanager.scheduling.lifecycle import DECISIONS_KEPT, Lifecycle
+from mgpumanager.scheduling.lifecycle import DECISIONS_KEPT
 from mgpumanager.scheduling.scheduler import GpuScheduler
-from mgpumanager.state.gpu import MIB, GpuReading, GpuSample, GpuSampler
+from mgpumanager.state.gpu import MIB, GpuReading, GpuSample
 from mgpumanager.state.registry import ConsumerState, Registry
-from mgpumanager.web.api import ManagerApp
-from mgpumanager.web.routing import RouteTable
 from mgpumanager.web.status import lifecycle_status
 from tests.builders import consumer as _consumer
-from tests.fakes import static_pids
 from tests.support import EPOCH, assert_no_result, failure_result_of, success_result_of
+from tests.world import Fakes, build, clock_at
 
 #: 2026-05-15T10:00:00Z, so decision times read like real ones.
 BASE = "http://127.0.0.1:8770"
@@ -297,9 +294,10 @@ class FakeHealth:
 
 class World:
     """
-    A Lifecycle over the fakes.  The card starts holding what each resident
-    consumer declares, llm 1000 MiB (it manages its own), and ``other_mib``.
-    ocr (no declared size) starts unloaded unless told otherwise.
+    The built daemon (:mod:`tests.world`) over the fakes: the card, the lifecycle
+    routes, ``systemctl`` and the health checks.  The card starts holding what
+    each resident consumer declares, llm 1000 MiB (it manages its own), and
+    ``other_mib``.  ocr (no declared size) starts unloaded unless told otherwise.
     """
 
     def __init__(
@@ -310,13 +308,30 @@ class World:
         run_blocking: Callable[[Callable[[], GpuReading]], Deferred[GpuReading]] | None = None,
     ) -> None:
         self.config = config
-        self.clock = Clock()
-        self.clock.advance(EPOCH)
-        self.registry = Registry(config)
+        self.clock = clock_at(EPOCH)
+        self.card = Card(config.gpu.total_mib or 16384)
+        self.client = FakeClient(self)
+        self.commands = FakeCommands(self)
+        self.health = FakeHealth(self.clock)
+        built = build(
+            config,
+            Fakes(
+                nvml=self.card,
+                nvml_reads=run_blocking or (lambda f: maybeDeferred(f)),
+                client=self.client,
+                commands=self.commands,
+                pids={name: frozenset({pid}) for name, pid in PIDS.items()},
+                health_check=self.health,
+            ),
+            self.clock,
+        )
+        self.built = built
+        self.registry = built.registry
+        self.sampler = built.sampler
+        self.lifecycle = built.lifecycle
         initially = {"ocr": False} if "ocr" in config.consumers else {}
         for name, value in {**initially, **(loaded or {})}.items():
             self.registry[name].believed_loaded = value
-        self.card = Card(config.gpu.total_mib or 16384)
         self.card.other_mib = other_mib
         for state in self.registry:
             if state.resident:
@@ -325,27 +340,6 @@ class World:
                     self.card.held[state.name] = size
         #: What an unload does to the card, per consumer (default: frees it at once).
         self.on_unload: dict[str, Callable[[], None]] = {}
-        self.sampler = GpuSampler(
-            load_nvml=lambda: self.card,
-            run_blocking=run_blocking or (lambda f: maybeDeferred(f)),
-            clock=self.clock,
-            interval=2,
-            timeout=5,
-        )
-        self.client = FakeClient(self)
-        self.commands = FakeCommands(self)
-        self.health = FakeHealth(self.clock)
-        self.lifecycle = Lifecycle(
-            config=config,
-            registry=self.registry,
-            sampler=self.sampler,
-            control=ConsumerControl(
-                self.client, self.clock, self.commands, config.lifecycle.systemctl
-            ),
-            clock=self.clock,
-            health_check=self.health,
-            pids=static_pids({name: frozenset({pid}) for name, pid in PIDS.items()}),
-        )
 
     # -- effects of lifecycle calls on the card
 
@@ -1275,18 +1269,7 @@ def test_making_room_does_not_wait_for_the_samplers_next_loop_tick() -> None:
 class PlanApi:
     def __init__(self, world: World) -> None:
         self.world = world
-        app = ManagerApp(
-            config=world.config,
-            registry=world.registry,
-            scheduler=GpuScheduler(
-                world.clock, world.registry, world.lifecycle.prepare, queue=world.config.queue
-            ),
-            proxy=None,  # type: ignore[arg-type]
-            sampler=world.sampler,
-            lifecycle=world.lifecycle,
-            clock=world.clock,
-        )
-        self.stub: Any = StubTreq(RouteTable([app], world.config).resource)
+        self.stub: Any = StubTreq(world.built.routes.resource)
 
     def get(self, path: str) -> tuple[int, Any]:
         d = self.stub.get(BASE + path)

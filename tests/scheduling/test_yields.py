@@ -25,7 +25,7 @@ from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.scheduling.yields import CardYields, Yielded
 from mgpumanager.state.guests import GuestWatch
 from tests.jobs import Jobs
-from tests.scheduling.test_lifecycle import CONFIG, PIDS, SMALL, World
+from tests.scheduling.test_lifecycle import CONFIG, SMALL, World
 from tests.support import EPOCH, assert_no_result, failure_result_of, success_result_of
 
 GUEST_PID = 999  # what the scripted card reports for a holder it does not know
@@ -48,12 +48,7 @@ class Host:
 
 def host(config: Config = CONFIG, loaded: dict[str, bool] | None = None) -> Host:
     world = World(config, loaded=loaded)
-    scheduler = GpuScheduler(
-        world.clock, world.registry, world.lifecycle.prepare, queue=config.queue
-    )
-    yields = CardYields(config, scheduler, world.lifecycle, world.clock,
-                        free_mib=world.sampler.free_mib_on)
-    return Host(world, scheduler, yields, Jobs())
+    return Host(world, world.built.scheduler, world.built.yields, Jobs())
 
 
 def test_a_yield_waits_for_the_running_job_then_unloads_every_consumer_on_the_card() -> None:
@@ -143,14 +138,7 @@ def test_the_queue_counts_a_yields_end_in_its_etas() -> None:
 
 
 def keeper_for(h: Host) -> tuple[GuestWatch, GuestKeeper]:
-    pids = {name: frozenset({pid}) for name, pid in PIDS.items()}
-    guests = GuestWatch(h.world.registry, lambda name: pids.get(name, frozenset()), {1},
-                        name_of=lambda pid: "game")
-    keeper = GuestKeeper(h.world.config, h.world.registry, guests, h.yields, h.scheduler,
-                         h.world.lifecycle, h.world.clock)
-    h.world.sampler.subscribe_cards(guests.on_cards)
-    h.world.sampler.subscribe_cards(keeper.on_cards)
-    return guests, keeper
+    return h.world.built.guests, h.world.built.keeper
 
 
 def with_gpu(config: Config, **settings: Any) -> Config:

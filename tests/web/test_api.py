@@ -13,19 +13,15 @@ from typing import Any
 import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import Clock
 from twisted.web.server import Request
 
 from mgpumanager.common.errors import ApiError
 from mgpumanager.config.document import ConsumerConfig
 from mgpumanager.config.parsing import parse_config
-from mgpumanager.scheduling.lifecycle import Lifecycle
-from mgpumanager.scheduling.scheduler import GpuScheduler
-from mgpumanager.state.gpu import GpuReading, GpuSample, GpuSampler
-from mgpumanager.state.registry import Registry
-from mgpumanager.web.api import ManagerApp, audio_name
-from mgpumanager.web.routing import RouteTable
+from mgpumanager.state.gpu import GpuReading, GpuSample
+from mgpumanager.web.api import audio_name
 from tests.support import EPOCH, success_result_of
+from tests.world import Fakes, build, clock_at
 
 BASE = "http://127.0.0.1:8770"
 
@@ -95,37 +91,14 @@ class FakeProxy:
 
 class World:
     def __init__(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(EPOCH)
-        self.registry = Registry(CONFIG)
-        self.scheduler = GpuScheduler(self.clock, self.registry, queue=CONFIG.queue)
-        self.sampler = GpuSampler(
-            load_nvml=lambda: None,
-            run_blocking=lambda call: Deferred(),
-            clock=self.clock,
-            interval=2,
-            timeout=5,
-        )
         self.proxy = FakeProxy()
-        lifecycle = Lifecycle(
-            config=CONFIG,
-            registry=self.registry,
-            sampler=self.sampler,
-            control=None,  # type: ignore[arg-type]
-            clock=self.clock,
-            health_check=None,  # type: ignore[arg-type]
-            pids=None,  # type: ignore[arg-type]
-        )
-        self.app = ManagerApp(
-            config=CONFIG,
-            registry=self.registry,
-            scheduler=self.scheduler,
-            proxy=self.proxy,  # type: ignore[arg-type]
-            sampler=self.sampler,
-            lifecycle=lifecycle,
-            clock=self.clock,
-        )
-        self.stub: Any = StubTreq(RouteTable([self.app], CONFIG).resource)
+        built = build(CONFIG, Fakes(proxy=self.proxy), clock_at(EPOCH))
+        self.clock = built.clock
+        self.registry = built.registry
+        self.scheduler = built.scheduler
+        self.sampler = built.sampler
+        self.app = built.app
+        self.stub: Any = StubTreq(built.routes.resource)
 
     def send(self, method: str, path: str, body: bytes = b"") -> Any:
         d = self.stub.request(method, BASE + path, data=body or None)
