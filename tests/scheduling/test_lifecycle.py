@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
-from types import SimpleNamespace
 from typing import Any, cast
 
 import attrs
+import pynvml
 import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
@@ -32,7 +32,15 @@ from mgpumanager.config.parsing import parse_config
 from mgpumanager.consumers.commands import CommandResult, CommandTimedOut
 from mgpumanager.scheduling.lifecycle import DECISIONS_KEPT
 from mgpumanager.scheduling.scheduler import GpuScheduler
-from mgpumanager.state.gpu import MIB, GpuReading, GpuSample
+from mgpumanager.simulate.card_state import DEFAULT_CARD_NAME, CardState, ProcessUsage
+from mgpumanager.simulate.nvml import (
+    DeviceHandle,
+    MemoryInfo,
+    ProcessInfo,
+    SimulatedNvml,
+    SimulatedNvmlError,
+)
+from mgpumanager.state.gpu import GpuReading, GpuSample
 from mgpumanager.state.registry import ConsumerState, Registry
 from mgpumanager.web.status import lifecycle_status
 from tests.builders import consumer as _consumer
@@ -127,20 +135,16 @@ COEXIST = _config(
 )
 
 
-class NVMLError(Exception):
-    """Stands in for ``pynvml.NVMLError``."""
-
-
-class Card:
+class Card(SimulatedNvml):
     """
-    A scripted ``pynvml``: memory held by each consumer's process plus memory
-    nobody we know holds.  ``available = False`` is a host without NVML;
-    ``per_process = False`` a driver that does not report processes.
+    :mod:`mgpumanager.simulate.nvml` over a scripted card: memory held by each
+    consumer's process plus memory nobody we know holds.  ``available = False``
+    is a host without NVML; ``per_process = False`` a driver that does not
+    report processes.
     """
-
-    NVMLError = NVMLError
 
     def __init__(self, total_mib: int) -> None:
+        super().__init__([self])  # the card it reads is this one: see snapshot()
         self.total_mib = total_mib
         self.held: dict[str, int] = {}
         self.other_mib = 0
@@ -152,33 +156,29 @@ class Card:
     def free_mib(self) -> int:
         return self.total_mib - self.other_mib - sum(self.held.values())
 
-    def nvmlInit(self) -> None:
-        if not self.available:
-            raise NVMLError("NVML Shared Library Not Found")
-
-    def nvmlShutdown(self) -> None:
-        pass
-
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> object:
-        return "handle"
-
-    def nvmlDeviceGetName(self, handle: object) -> str:
-        return "Simulated GPU"
-
-    def nvmlDeviceGetMemoryInfo(self, handle: object) -> Any:
-        self.reads += 1
-        used = self.total_mib - self.free_mib
-        return SimpleNamespace(
-            total=self.total_mib * MIB, used=used * MIB, free=self.free_mib * MIB
+    def snapshot(self) -> CardState:
+        return CardState(
+            name=DEFAULT_CARD_NAME,
+            total_mib=self.total_mib,
+            used_mib=self.total_mib - self.free_mib,
+            processes=tuple(
+                ProcessUsage(PIDS.get(name, 999), name, mib) for name, mib in self.held.items()
+            ),
         )
 
-    def nvmlDeviceGetComputeRunningProcesses(self, handle: object) -> list[Any]:
+    def nvmlInit(self) -> None:
+        if not self.available:
+            raise SimulatedNvmlError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+        super().nvmlInit()
+
+    def nvmlDeviceGetMemoryInfo(self, handle: DeviceHandle, version: Any = None) -> MemoryInfo:
+        self.reads += 1
+        return super().nvmlDeviceGetMemoryInfo(handle, version)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: DeviceHandle) -> list[ProcessInfo]:
         if not self.per_process:
-            raise NVMLError("Not Supported")
-        return [
-            SimpleNamespace(pid=PIDS.get(name, 999), usedGpuMemory=mib * MIB)
-            for name, mib in self.held.items()
-        ]
+            raise SimulatedNvmlError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return super().nvmlDeviceGetComputeRunningProcesses(handle)
 
 
 class Response:

@@ -11,10 +11,12 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
+import pynvml
 import pytest
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
+from mgpumanager.simulate.nvml import NVML_ERROR_GPU_IS_LOST, SimulatedNvmlError
 from mgpumanager.state.gpu import MIB, GpuReading, GpuSample, GpuSampler
 from mgpumanager.web.status import gpu_status
 from tests.support import EPOCH, assert_no_result, success_result_of
@@ -23,14 +25,14 @@ INTERVAL = 2.0
 TIMEOUT = 5.0
 
 
-class NVMLError(Exception):
-    """Stands in for ``pynvml.NVMLError``."""
-
-
 class FakeNvml:
-    """The slice of ``pynvml`` the sampler uses, answering as told."""
+    """
+    The slice of ``pynvml`` the sampler uses, answering as told: raw values
+    (a name in bytes, sizes off the MiB, usage NVML hides, a pid listed twice)
+    that :mod:`mgpumanager.simulate.nvml` never gives, and its errors.
+    """
 
-    NVMLError = NVMLError
+    NVMLError = SimulatedNvmlError
 
     def __init__(self) -> None:
         self.name: str | bytes = b"NVIDIA GeForce RTX 4090"
@@ -126,7 +128,7 @@ def test_a_name_already_text_is_kept(nvml: FakeNvml) -> None:
 
 
 def test_a_process_list_error_still_gives_the_memory_reading(nvml: FakeNvml) -> None:
-    nvml.processes_error = NVMLError("Not Supported")
+    nvml.processes_error = SimulatedNvmlError(pynvml.NVML_ERROR_NOT_SUPPORTED)
     sample = success_result_of(sampler_for(lambda: nvml).sample())
     assert sample.reading is not None
     assert sample.reading.free_mib == 15601
@@ -134,7 +136,7 @@ def test_a_process_list_error_still_gives_the_memory_reading(nvml: FakeNvml) -> 
 
 
 def test_an_nvml_error_is_recorded_not_raised_and_the_loop_goes_on(nvml: FakeNvml) -> None:
-    nvml.init_error = NVMLError("NVML Shared Library Not Found")
+    nvml.init_error = SimulatedNvmlError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
     clock = Clock()
     sampler = sampler_for(lambda: nvml, clock)
     sampler.start()
@@ -224,7 +226,7 @@ def test_every_subscriber_gets_each_sample_and_a_failing_one_is_only_logged(
     sampler.subscribe(record)
 
     first = success_result_of(sampler.sample())
-    nvml.init_error = NVMLError("GPU is lost")
+    nvml.init_error = SimulatedNvmlError(NVML_ERROR_GPU_IS_LOST)
     second = success_result_of(sampler.sample())
 
     assert seen == [first, second]

@@ -8,7 +8,6 @@ lists beyond the managed ones are counted and logged once.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,69 +16,45 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
 from mgpumanager.config.cards import CardConfig
-from mgpumanager.state.gpu import MIB, GpuSample, GpuSampler
+from mgpumanager.simulate.card import SimulatedCard
+from mgpumanager.simulate.nvml import (
+    NVML_ERROR_DRIVER_NOT_LOADED,
+    DeviceHandle,
+    SimulatedNvml,
+    SimulatedNvmlError,
+)
+from mgpumanager.state.gpu import GpuSample, GpuSampler
 from mgpumanager.state.reading import CardsReading, read_cards
 from tests.support import EPOCH, success_result_of
 
 
-class NVMLError(Exception):
-    """Stands in for ``pynvml.NVMLError``."""
+def device(uuid: str, total_mib: int, processes: dict[int, int]) -> SimulatedCard:
+    """A card whose processes (pid: MiB) hold all of its used memory."""
+    card = SimulatedCard(total_mib, name="NVIDIA GeForce RTX 3090", uuid=uuid)
+    for pid, mib in processes.items():
+        card.register(f"process {pid}", pid)
+        card.allocate(f"process {pid}", mib)
+    return card
 
 
-class Device:
-    def __init__(self, uuid: str, total_mib: int, used_mib: int, processes: dict[int, int]):
-        self.uuid = uuid
-        self.total_mib = total_mib
-        self.used_mib = used_mib
-        self.processes = processes
+class Cards(SimulatedNvml):
+    """:mod:`mgpumanager.simulate.nvml` over several cards, counting its inits."""
 
-
-class Cards:
-    """A scripted ``pynvml`` with several devices, found by index or uuid."""
-
-    NVMLError = NVMLError
-
-    def __init__(self, *devices: Device) -> None:
-        self.devices = list(devices)
+    def __init__(self, *devices: SimulatedCard) -> None:
+        super().__init__(devices)
+        self.devices = devices
         self.inits = 0
 
     def nvmlInit(self) -> None:
         self.inits += 1
+        super().nvmlInit()
 
-    def nvmlShutdown(self) -> None:
-        pass
-
-    def nvmlDeviceGetCount(self) -> int:
-        return len(self.devices)
-
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> Device:
-        if not 0 <= index < len(self.devices):
-            raise NVMLError("Invalid Argument")
-        return self.devices[index]
-
-    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> Device:
-        for device in self.devices:
-            if device.uuid == uuid:
-                return device
-        raise NVMLError("Not Found")
-
-    def nvmlDeviceGetUUID(self, handle: Device) -> str:
-        return handle.uuid
-
-    def nvmlDeviceGetName(self, handle: Device) -> bytes:
-        return b"NVIDIA GeForce RTX 3090"
-
-    def nvmlDeviceGetMemoryInfo(self, handle: Device) -> Any:
-        free = handle.total_mib - handle.used_mib
-        return SimpleNamespace(
-            total=handle.total_mib * MIB, used=handle.used_mib * MIB, free=free * MIB
-        )
-
-    def nvmlDeviceGetComputeRunningProcesses(self, handle: Device) -> list[Any]:
-        return [
-            SimpleNamespace(pid=pid, usedGpuMemory=mib * MIB)
-            for pid, mib in handle.processes.items()
-        ]
+    def nvmlDeviceGetHandleByUUID(self, uuid: str | bytes) -> DeviceHandle:
+        try:
+            return super().nvmlDeviceGetHandleByUUID(uuid)
+        except SimulatedNvmlError as error:
+            # As the real library says it: the code alone, not the simulation's detail.
+            raise SimulatedNvmlError(error.value) from None
 
 
 UUID_0 = "GPU-00000000-aaaa-bbbb-cccc-000000000000"
@@ -90,8 +65,8 @@ UUID_2 = "GPU-22222222-aaaa-bbbb-cccc-222222222222"
 @pytest.fixture
 def nvml() -> Cards:
     return Cards(
-        Device(UUID_0, 24576, 6000, {100: 6000}),
-        Device(UUID_1, 24576, 9500, {200: 9000, 300: 500}),
+        device(UUID_0, 24576, {100: 6000}),
+        device(UUID_1, 24576, {200: 9000, 300: 500}),
     )
 
 
@@ -174,7 +149,7 @@ def test_a_card_that_fails_alone_is_that_cards_error(nvml: Cards) -> None:
 
 def test_a_failed_init_is_every_cards_error(nvml: Cards) -> None:
     def broken() -> None:
-        raise NVMLError("Driver Not Loaded")
+        raise SimulatedNvmlError(NVML_ERROR_DRIVER_NOT_LOADED)
 
     nvml.nvmlInit = broken  # type: ignore[method-assign]
     sampler = sampler_for(nvml, TWO)
@@ -210,7 +185,7 @@ def test_subscribers_get_the_first_card_or_every_card(nvml: Cards) -> None:
 def test_unmanaged_cards_are_counted_and_logged_once(
     nvml: Cards, capture_log: list[dict[str, Any]]
 ) -> None:
-    nvml.devices.append(Device(UUID_2, 8192, 0, {}))
+    nvml = Cards(*nvml.devices, device(UUID_2, 8192, {}))
     sampler = sampler_for(nvml, (CardConfig(index=0),))
 
     success_result_of(sampler.sample())
@@ -239,7 +214,7 @@ class _WithoutCount:
 
     def __init__(self, inner: Cards) -> None:
         self._inner = inner
-        self.NVMLError = NVMLError
+        self.NVMLError = SimulatedNvmlError
 
     def __getattr__(self, name: str) -> Any:
         if name in ("nvmlDeviceGetCount", "nvmlDeviceGetUUID"):
