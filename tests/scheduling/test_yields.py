@@ -25,7 +25,7 @@ from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.scheduling.yields import CardYields, Yielded
 from mgpumanager.state.guests import GuestWatch
 from tests.jobs import Jobs
-from tests.scheduling.test_lifecycle import CONFIG, SMALL, World
+from tests.lifecycle_world import CONFIG, SMALL, World
 from tests.support import EPOCH, assert_no_result, failure_result_of, success_result_of
 
 GUEST_PID = 999  # what the scripted card reports for a holder it does not know
