@@ -22,7 +22,7 @@ whole, with the daemon's own JSON error, or cancelled by its client; none
 closed without an answer; answers cut only around the kill; no POST received
 twice by a server; no out-of-memory on the card; the daemon's RSS grew by
 under 10 MiB after a warm-up; every reader saw the final, idle state.
-``soak()`` is the entry point; ``tests/test_soak.py`` runs a short version.
+``soak()`` is the entry point; ``tests/e2e/test_soak.py`` runs a short version.
 """
 
 from __future__ import annotations

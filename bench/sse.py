@@ -34,9 +34,9 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import deferLater, react
 
 from tests.daemon import Daemon
-from tests.test_e2e_eviction import body_for
-from tests.test_events_sockets import Reader
-from tests.test_page_browser import demo_config_on_free_ports
+from tests.e2e.test_e2e_eviction import body_for
+from tests.e2e.test_page_browser import demo_config_on_free_ports
+from tests.web.test_events_sockets import Reader
 
 GROWTH_LIMIT_KIB = 16 * 1024
 

@@ -27,7 +27,7 @@ from twisted.internet.threads import deferToThread
 
 from mgpumanager.simulate.host import HostConfig, SimulatedHost
 from tests.daemon import Daemon, free_port
-from tests.test_e2e_eviction import wait_until_healthy
+from tests.e2e.test_e2e_eviction import wait_until_healthy
 
 T = TypeVar("T")
 #: Debian installs haproxy in /usr/sbin, which a user's PATH may not hold.

@@ -3,7 +3,7 @@ Every use of a private Twisted API, in one place.
 
 Each function here reaches past Twisted's public API because that API lacks
 something the daemon needs; its docstring says what and why.  Nothing else in
-the package may touch a private Twisted name.  ``tests/test_twisted_private.py``
+the package may touch a private Twisted name.  ``tests/relay/test_twisted_private.py``
 checks each use against the installed Twisted, so an upgrade that changes one
 fails there, naming the attribute, instead of quietly changing what a client
 sees or how the daemon exits.  setup.cfg bounds Twisted's version for the same
