@@ -140,16 +140,31 @@ def upstream_headers(
             outbound.setRawHeaders(name, values)
     if client is not None:
         raw_host = (inbound.getRawHeaders(b"host") or [b""])[0]
-        host = raw_host.decode("ascii") if _PLAIN_HOST.match(raw_host) else ""
-        node = f'"[{client}]"' if ":" in client else client
-        forwarded = f"for={node};proto=http"
-        if host:
-            outbound.setRawHeaders(b"x-forwarded-host", [host.encode("ascii")])
-            forwarded += f';host="{host}"'
-        outbound.setRawHeaders(b"x-forwarded-for", [client.encode("ascii")])
-        outbound.setRawHeaders(b"x-forwarded-proto", [b"http"])
-        outbound.setRawHeaders(b"forwarded", [forwarded.encode("ascii")])
+        for name, value in _forwarding(client, raw_host):
+            outbound.setRawHeaders(name, [value])
     return outbound
+
+
+@functools.lru_cache(maxsize=256)
+def _forwarding(client: str, raw_host: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    """
+    What the daemon says it saw: the client's address, the ``Host`` it asked
+    for (when it is a plain name) and the scheme.  The same few clients ask
+    by the same few names, so each pair is spelled once.
+    """
+    host = raw_host.decode("ascii") if _PLAIN_HOST.match(raw_host) else ""
+    node = f'"[{client}]"' if ":" in client else client
+    forwarded = f"for={node};proto=http"
+    headers = []
+    if host:
+        headers.append((b"x-forwarded-host", host.encode("ascii")))
+        forwarded += f';host="{host}"'
+    headers += [
+        (b"x-forwarded-for", client.encode("ascii")),
+        (b"x-forwarded-proto", b"http"),
+        (b"forwarded", forwarded.encode("ascii")),
+    ]
+    return tuple(headers)
 
 
 @functools.lru_cache(maxsize=256)
