@@ -12,11 +12,12 @@ its connection is closed, and nothing of it reaches a resource or a consumer.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
@@ -172,21 +173,30 @@ class ManagerSite(Site):
         the event's ``log_format`` through ``string.Formatter``, whose cost
         grows with each field it looks up: one field instead of five saves
         about a third of the access log's cost, on every request.
+
+        The event is handed to the logger's observer as ``Logger.emit`` would
+        make it, less its check that the level is a valid one (a sort of
+        every level, on every call): ours is a constant.
         """
         client = _client(request)
         method = request.method.decode("ascii", "replace")
         uri = request.uri.decode("ascii", "backslashreplace")
         code = request.code
         length = request.sentLength
-        access.info(
-            "{line}",
-            line=f"{client} {method} {uri} {code} {length}",
-            client=client,
-            method=method,
-            uri=uri,
-            code=code,
-            length=length,
-        )
+        access.observer({
+            "log_logger": access,
+            "log_level": LogLevel.info,
+            "log_namespace": access.namespace,
+            "log_source": None,
+            "log_format": "{line}",
+            "log_time": time.time(),
+            "line": f"{client} {method} {uri} {code} {length}",
+            "client": client,
+            "method": method,
+            "uri": uri,
+            "code": code,
+            "length": length,
+        })
 
 
 def _client(request: Request) -> str:

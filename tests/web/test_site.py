@@ -17,7 +17,7 @@ import attrs
 import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, eventAsJSON, formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -360,3 +360,5 @@ def test_each_answered_request_is_one_access_line_in_plain_text() -> None:
     # StringTransport reports its peer as 192.168.1.1.
     assert formatEvent(access) == "192.168.1.1 POST /v1/llm?stream=%E2%9C%93 200 2"
     assert (access["method"], access["code"], access["length"]) == ("POST", 200, 2)
+    assert access["log_level"] == LogLevel.info
+    assert json.loads(eventAsJSON(access))["line"] == formatEvent(access)
