@@ -87,7 +87,8 @@ class BodyRelay(Protocol):
         self._request = request
         self._cap = cap
         self._copy: bytearray | None = bytearray() if cap else None
-        self._finished = finished
+        #: Until it is fired (then None: see :meth:`_settle`).
+        self._finished: Deferred[None] | None = finished
         self._consumer = consumer
         self._clock = clock
         self._idle = idle
@@ -147,7 +148,7 @@ class BodyRelay(Protocol):
         if self._producer is not None:
             self._producer.stopProducing()
         abort_client(self._request)
-        self._finished.errback(UpstreamBroke(f"{stalled} nothing for {self._idle:g} s"))
+        self._settle(UpstreamBroke(f"{stalled} nothing for {self._idle:g} s"))
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self.stop_idle_timer()
@@ -160,7 +161,7 @@ class BodyRelay(Protocol):
         if reason.check(ResponseDone, http.PotentialDataLoss):
             # PotentialDataLoss: no length and no chunking, so the end of the
             # connection *is* the end of the body (HTTP/1.0 style).
-            self._finished.callback(None)
+            self._settle(None)
             return
         why = describe_connection_error(reason.value or Exception("unknown"))
         if not self._wrote:
@@ -174,7 +175,7 @@ class BodyRelay(Protocol):
                 why=why,
             )
             self._request.responseHeaders = Headers()
-            self._finished.errback(
+            self._settle(
                 ApiError(
                     CONSUMER_UNREACHABLE,
                     f"upstream {self._consumer}: the connection broke before the "
@@ -189,9 +190,7 @@ class BodyRelay(Protocol):
             why=why,
         )
         abort_client(self._request)
-        self._finished.errback(
-            UpstreamBroke(f"upstream {self._consumer} broke mid-response")
-        )
+        self._settle(UpstreamBroke(f"upstream {self._consumer} broke mid-response"))
 
     def cancel(self) -> None:
         """The client went away: stop reading from the consumer at once."""
@@ -202,6 +201,23 @@ class BodyRelay(Protocol):
         self._unregister()
         if self._producer is not None:
             self._producer.stopProducing()
+        # The caller's Deferred fails with the cancellation by itself.
+        self._producer = self._finished = None
+
+    def _settle(self, error: Exception | None) -> None:
+        """
+        Fire the caller's Deferred, and let go of it and of our producer:
+        each refers back to us, and a cycle left behind on every job would
+        wait for the garbage collector instead of going with its last
+        reference.
+        """
+        finished, self._finished, self._producer = self._finished, None, None
+        if finished is None:
+            return
+        if error is None:
+            finished.callback(None)
+        else:
+            finished.errback(error)
 
     def _unregister(self) -> None:
         request = self._request
