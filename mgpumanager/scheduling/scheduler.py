@@ -104,8 +104,11 @@ class GpuScheduler(SchedulerState):
         waiter = Waiter(view, Deferred(lambda _: self._cancelled(waiter)))
         self._waiting.add(waiter)
         self._dispatch()
-        if not waiter.granted.called:
-            waiter.timer = self._clock.callLater(self._max_wait, self._give_up, waiter)
+        if waiter.granted.called:
+            # Started at once (a free card, nobody ahead): the job's own
+            # Deferred, not one more layer chained behind the grant.
+            return self._start(view, job)
+        waiter.timer = self._clock.callLater(self._max_wait, self._give_up, waiter)
         return waiter.granted.addCallback(lambda _: self._start(view, job))
 
     def _dispatch(self) -> None:
