@@ -23,6 +23,7 @@ from mgpumanager.scheduling.policy import (
     EMPTY,
     LINGER,
     NO_SWAP,
+    SWAP,
     History,
     Policy,
     Waiting,
@@ -92,6 +93,8 @@ class PolicyChooser:
         return views
 
     def pick(self, waiting: Sequence[QueuedJob], now: float) -> QueuedJob | None:
+        if len(waiting) == 1 and waiting[0].job_class == INTERACTIVE:
+            return self._alone(waiting[0])
         pick = self.policy.pick(self._views(waiting), now, self._history_on(waiting))
         held, self._held = self._held, pick.rule == LINGER
         self._wake_at = pick.wake_at
@@ -102,6 +105,18 @@ class PolicyChooser:
         rule = LINGER if held and pick.rule == NO_SWAP else pick.rule
         self._last = (pick.job.id, rule, pick.job.needs_swap)
         return next(job for job in waiting if job.id == pick.job.id)
+
+    def _alone(self, job: QueuedJob) -> QueuedJob:
+        """
+        The one job waiting, interactive: every policy starts it (only batch
+        work lingers), and its rule goes unrecorded (the decision log names
+        the rule of a start that bypassed someone).  So it starts without a
+        view of the queue or a survey of it: the common case, on every job.
+        """
+        swap = self._needs_swap(job.consumer)
+        self._held, self._wake_at, self._made = False, None, {}
+        self._last = (job.id, SWAP if swap else NO_SWAP, swap)
+        return job
 
     def recheck_at(self, waiting: Sequence[QueuedJob], now: float) -> float | None:
         return self._wake_at

@@ -424,3 +424,27 @@ def test_the_batch_guard_keeps_images_running_under_a_voice_flood() -> None:
     assert len(run.waits[BATCH]) == images
     assert run.rules.count(GUARD) >= images // 2
     assert max(run.guard_gaps) <= config.batch_guard_seconds + run.longest_job
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    policy_name=st.sampled_from(["interactive-first", "fifo"]),
+    swap=st.booleans(),
+    bypassed=st.integers(0, 20),
+    waited=st.floats(0, 1000),
+    batch_start=st.none() | st.floats(0, 1000),
+    interactive_end=st.none() | st.floats(0, 1000),
+    linger=st.floats(0, 60),
+)
+def test_an_interactive_job_alone_is_always_picked(
+    policy_name: str, swap: bool, bypassed: int, waited: float,
+    batch_start: float | None, interactive_end: float | None, linger: float,
+) -> None:
+    # The chooser starts a lone interactive job without asking the policy
+    # (PolicyChooser._alone): every policy must agree that it starts.
+    policy = make_policy(SchedulingConfig.from_mapping(
+        {"policy": policy_name, "linger_seconds": linger}))
+    now = 1000.0
+    alone = job(1, arrived=now - waited, swap=swap, bypassed=bypassed)
+
+    assert picked([alone], now, History(batch_start, interactive_end), policy)[0] == 1
