@@ -102,7 +102,8 @@ class ManagerService(MultiService):
         # What is loaded by now (modules, the configuration, the routes)
         # lives as long as the daemon: out of the cyclic collector's sight,
         # its oldest generation no longer walks all of it every few
-        # thousand jobs.
+        # thousand jobs.  What start-up left in cycles goes first.
+        gc.collect()
         gc.freeze()
 
     def reconfigure(self, config: Config) -> None:
@@ -134,3 +135,4 @@ class ManagerService(MultiService):
         await self._pool.closeCachedConnections()
         # A graceful stop is a success: exit 0, not "killed by SIGTERM".
         forget_exit_signal(self._clock)
+        gc.unfreeze()

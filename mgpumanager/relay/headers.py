@@ -172,11 +172,11 @@ def host_header(url: str) -> bytes:
     """
     The ``Host`` a request to the consumer at ``url`` carries, as Twisted's
     ``Agent`` would write it (the port left out where it is the scheme's
-    own), but with an IPv6 address in brackets.  Set by the relay, so that
-    the agent need not copy the headers to add it on every request.
+    own, an IPv6 address in brackets).  Set by the relay, so that the agent
+    need not copy the headers to add it on every request.
     """
     uri = URI.fromBytes(url.encode("ascii"))
-    # An IPv6 address keeps its brackets (the Agent would drop them).
+    # An IPv6 address keeps its brackets: URI.fromBytes strips them.
     host = b"[%s]" % uri.host if b":" in uri.host else uri.host
     default_port = {b"http": 80, b"https": 443}.get(uri.scheme)
     return host if uri.port == default_port else b"%s:%d" % (host, uri.port)

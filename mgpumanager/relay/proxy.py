@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -84,7 +84,8 @@ class ConsumerProxy:
         Forward ``request`` to ``consumer`` as ``method path?query`` and
         stream the answer back.  Fires when the whole body has been handed to
         the client's transport; fails with :class:`ApiError` before any of the
-        answer was sent, :class:`UpstreamBroke` after.  Cancelling it aborts
+        answer was sent, :class:`~mgpumanager.relay.streaming.UpstreamBroke`
+        after.  Cancelling it aborts
         the upstream exchange.
         """
         relayed = self.relay_keeping(request, consumer, method, path, 0)
@@ -109,8 +110,14 @@ class ConsumerProxy:
             self.drop_authorization,
         )
         headers.setRawHeaders(b"host", [host_header(consumer.url)])
+        try:
+            sending = self._send(request, consumer, method, url, headers)
+        except Exception:
+            # Raised before anything went out (a URL the agent refuses): a
+            # failure to reach the consumer like any other.
+            sending = fail()
         answered = within(
-            self._send(request, consumer, method, url, headers),
+            sending,
             consumer.timeouts.response_seconds,
             self._clock,
             f"upstream {consumer.name}",

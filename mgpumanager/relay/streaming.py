@@ -36,7 +36,6 @@ class UpstreamBroke(Exception):
     """
 
 
-
 _CONNECTION_DONE = Failure(net_error.ConnectionDone())
 
 

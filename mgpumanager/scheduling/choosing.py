@@ -8,8 +8,9 @@ the queue), keeps the :class:`History` the rules read (batch starts,
 interactive ends), and feeds the run, load and unload times it sees into the
 :class:`Estimates` behind each waiting job's ETA.
 
-Cost: a pick over ``n`` waiting jobs is O(n) plus one dry-run plan per distinct
-consumer waiting; the run order for status is O(n log n).
+Cost: a pick over ``n`` waiting jobs is O(n) plus one "needs a swap?" per
+distinct consumer waiting (whether it is resident); one interactive job alone
+is picked without a survey.  The run order for status is O(n log n).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from mgpumanager.scheduling.policy import (
     EMPTY,
     LINGER,
     NO_SWAP,
-    SWAP,
     History,
     Policy,
     Waiting,
@@ -38,7 +38,8 @@ NeedsSwap = Callable[[str], bool]
 class PolicyChooser:
     """
     :param policy: ``interactive-first`` or ``fifo``.
-    :param needs_swap: asked at pick time, against the latest GPU sample.
+    :param needs_swap: asked at pick time: whether a consumer's job would
+        unload or load anything now.
     """
 
     def __init__(self, policy: Policy, needs_swap: NeedsSwap,
@@ -94,7 +95,7 @@ class PolicyChooser:
 
     def pick(self, waiting: Sequence[QueuedJob], now: float) -> QueuedJob | None:
         if len(waiting) == 1 and waiting[0].job_class == INTERACTIVE:
-            return self._alone(waiting[0])
+            return self._alone(waiting[0], now)
         pick = self.policy.pick(self._views(waiting), now, self._history_on(waiting))
         held, self._held = self._held, pick.rule == LINGER
         self._wake_at = pick.wake_at
@@ -106,16 +107,22 @@ class PolicyChooser:
         self._last = (pick.job.id, rule, pick.job.needs_swap)
         return next(job for job in waiting if job.id == pick.job.id)
 
-    def _alone(self, job: QueuedJob) -> QueuedJob:
+    def _alone(self, job: QueuedJob, now: float) -> QueuedJob:
         """
-        The one job waiting, interactive: every policy starts it (only batch
-        work lingers), and its rule goes unrecorded (the decision log names
-        the rule of a start that bypassed someone).  So it starts without a
-        view of the queue or a survey of it: the common case, on every job.
+        The one job the policy is offered, interactive: every policy picks
+        it (only batch work lingers), so it starts without a view of the
+        queue or a survey of it (the common case, on every job), and the
+        policy names only the rule, for the decision log.
         """
         swap = self._needs_swap(job.consumer)
+        view = Waiting(job.id, job.consumer, job.kind, job.job_class, job.priority,
+                       job.arrived, job.bypassed, swap)
+        rule = self.policy.rule_alone(view, now)
+        # As in pick(): a start the linger held the card for is the linger's.
+        if self._held and rule == NO_SWAP:
+            rule = LINGER
         self._held, self._wake_at, self._made = False, None, {}
-        self._last = (job.id, SWAP if swap else NO_SWAP, swap)
+        self._last = (job.id, rule, swap)
         return job
 
     def recheck_at(self, waiting: Sequence[QueuedJob], now: float) -> float | None:

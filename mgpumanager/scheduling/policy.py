@@ -111,6 +111,13 @@ class Policy(Protocol):
     def order(self, waiting: Sequence[Waiting], now: float, history: History) -> list[Waiting]:
         """The run order if nothing else arrived, for ``/v1/status``."""
 
+    def rule_alone(self, job: Waiting, now: float) -> str:
+        """
+        The rule :meth:`pick` names when ``job``, an interactive job, is the
+        only one it is given: every policy picks such a job, whatever its
+        history, and the chooser asks only for the rule's name.
+        """
+
 
 def make_policy(config: SchedulingConfig) -> Policy:
     if config.policy == FIFO:
@@ -168,6 +175,9 @@ class FifoPolicy:
 
     def order(self, waiting: Sequence[Waiting], now: float, history: History) -> list[Waiting]:
         return sorted(waiting, key=_rank)
+
+    def rule_alone(self, job: Waiting, now: float) -> str:
+        return FIFO
 
 
 @attrs.define
@@ -258,6 +268,13 @@ class InteractiveFirstPolicy:
             pending[:end] = kept
             due.sort(key=_rank)
         return order
+
+    def rule_alone(self, job: Waiting, now: float) -> str:
+        # pick()'s rules for one interactive job: no guard (batch only), no
+        # linger (batch only), so due, or else the group it is in.
+        if self._is_due_at(now)(job):
+            return DUE_BYPASS if job.bypassed >= self.config.max_bypass else DUE_SWAP
+        return SWAP if job.needs_swap else NO_SWAP
 
     def _static_rank(self, job: Waiting) -> tuple[int, int, int, float, int]:
         return (job.job_class != INTERACTIVE, job.needs_swap, *_rank(job))

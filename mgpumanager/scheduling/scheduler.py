@@ -87,6 +87,9 @@ class GpuScheduler(SchedulerState):
         lock is released.
 
         :param priority: the job's own; the consumer's when not given.
+        :param job: returns a Deferred of its own, made for this call: a job
+            that starts at once is answered with it, the scheduler's
+            bookkeeping added to its callbacks.
         """
         if self._closed is not None:
             return fail(self._closed)

@@ -274,6 +274,23 @@ async def test_a_post_never_sent_is_sent_once_more_and_only_once() -> None:
     assert agent.calls == 2
 
 
+class RefusingAgent:
+    """An agent that refuses the request as it is handed over (a URL it cannot send)."""
+
+    def request(self, method: bytes, uri: bytes, headers: Any, body: Any) -> Deferred[Any]:
+        raise ValueError(f"invalid URI {uri!r}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_the_agent_refuses_at_once_is_a_consumer_unreachable() -> None:
+    config = config_for("http://127.0.0.1:9")
+    proxy = ConsumerProxy(lambda consumer: RefusingAgent(), reactor)  # type: ignore[arg-type,return-value]
+    with pytest.raises(ApiError) as refused:
+        await proxy.relay(post(), config.consumers["voice"], "POST", "/tts")
+    assert refused.value.kind.code == "consumer_unreachable"
+    assert "upstream voice" in refused.value.message
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_post_that_may_have_been_written_is_never_sent_again() -> None:
     config = config_for("http://127.0.0.1:9")

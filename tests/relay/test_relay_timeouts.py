@@ -1,5 +1,5 @@
 """
-Tests for the response relay's idle timeout (:class:`mgpumanager.relay.proxy.BodyRelay`)
+Tests for the response relay's idle timeout (:class:`mgpumanager.relay.streaming.BodyRelay`)
 with a ``Clock``: each byte from the consumer restarts the clock, silence aborts
 both sides, a client that paused the stream gets a period of its own, and a normal end or a
 cancellation leaves no timer behind.  Also :class:`ReusedEndpoints`: one endpoint

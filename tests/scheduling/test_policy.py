@@ -440,11 +440,12 @@ def test_an_interactive_job_alone_is_always_picked(
     policy_name: str, swap: bool, bypassed: int, waited: float,
     batch_start: float | None, interactive_end: float | None, linger: float,
 ) -> None:
-    # The chooser starts a lone interactive job without asking the policy
-    # (PolicyChooser._alone): every policy must agree that it starts.
+    # The chooser starts a lone interactive job without the policy's survey
+    # (PolicyChooser._alone): every policy must pick it, by the rule it names.
     policy = make_policy(SchedulingConfig.from_mapping(
         {"policy": policy_name, "linger_seconds": linger}))
     now = 1000.0
     alone = job(1, arrived=now - waited, swap=swap, bypassed=bypassed)
 
-    assert picked([alone], now, History(batch_start, interactive_end), policy)[0] == 1
+    assert picked([alone], now, History(batch_start, interactive_end), policy) == (
+        1, policy.rule_alone(alone, now))
