@@ -62,7 +62,6 @@ __all__ = ["Chooser", "GpuScheduler", "PriorityThenArrival", "QueuedJob", "Runni
 _T = TypeVar("_T")
 
 
-
 class GpuScheduler(SchedulerState):
     """
     Moves jobs through the queue: admits them, gives the free cards to the
@@ -332,10 +331,8 @@ def _preparing_failed(failure: Failure, consumer: str) -> Failure:
     if failure.check(ApiError, CancelledError):
         return failure
     log.failure("preparing {consumer} failed", failure, consumer=consumer)
-    error = failure.value
-    return Failure(ApiError(
-        SCHEDULER_ERROR, f"scheduler failed to prepare {consumer}: {error}", consumer
-    ))
+    why = f"scheduler failed to prepare {consumer}: {failure.value}"
+    return Failure(ApiError(SCHEDULER_ERROR, why, consumer))
 
 
 def _time_the_error(result: Failure, running: RunningJob, finished: float) -> None:
