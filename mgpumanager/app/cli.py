@@ -10,23 +10,15 @@ error, 2 a bad configuration or a usage error.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from mgpumanager.app.cli_daemon import DEFAULT_URL, DaemonError, get_json, read_token
+from mgpumanager.app.cli_yield import add_commands
 from mgpumanager.app.describe import describe, render_consumers
 from mgpumanager.config.document import Config, ConfigError
 from mgpumanager.consumers.adapters import load_resolved_config
-
-DEFAULT_URL = "http://127.0.0.1:8770"
-TIMEOUT_SECONDS = 10.0
-
-
-class DaemonError(Exception):
-    """The daemon could not be asked, or answered with an error; ``str()`` says which."""
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
@@ -43,7 +35,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     if getattr(args, "run", None) is not None:
         return int(args.run(args, out))
     try:
-        document = _get(args.url, _path(args), _token(args.token_file))
+        document = get_json(args.url, _path(args), read_token(args.token_file))
     except DaemonError as e:
         print(f"mgpumanager: {e}", file=sys.stderr)
         return 1
@@ -64,9 +56,6 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("kind", metavar="KIND", help="tts, stt, llm or image")
         command.add_argument("--url", default=DEFAULT_URL, help=f"default {DEFAULT_URL}")
         command.add_argument("--token-file", help="a file holding the daemon's bearer token")
-    # Imported here: those commands use this module's helpers.
-    from mgpumanager.app.cli_yield import add_commands
-
     add_commands(commands)
     return parser
 
@@ -84,46 +73,6 @@ def _check(path: str, out: TextIO) -> int:
 
 def _path(args: argparse.Namespace) -> str:
     return "/v1/status" if args.command == "status" else f"/v1/plan/{args.kind}"
-
-
-def _token(token_file: str | None) -> str | None:
-    if token_file is None:
-        return None
-    try:
-        with open(token_file, encoding="utf-8") as f:
-            return f.read().strip()
-    except OSError as e:
-        raise DaemonError(f"cannot read the token file: {e}") from None
-
-
-def _get(base_url: str, path: str, token: str | None) -> Any:
-    """The JSON document at ``path``; an error envelope becomes its message."""
-    request = urllib.request.Request(base_url.rstrip("/") + path)
-    request.add_header("Accept", "application/json")
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as answer:
-            return json.loads(answer.read())
-    except urllib.error.HTTPError as e:
-        raise DaemonError(_error_message(e.code, e.read())) from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise DaemonError(f"cannot reach {base_url}: {reason}") from None
-    except ValueError:
-        raise DaemonError(f"{base_url}{path} did not answer JSON") from None
-
-
-def _error_message(status: int, body: bytes) -> str:
-    """The envelope's message (either shape the daemon uses), else the status."""
-    try:
-        envelope = json.loads(body)
-    except ValueError:
-        return f"the daemon answered {status}"
-    error = envelope.get("error") if isinstance(envelope, dict) else None
-    if isinstance(error, dict):  # OpenAI's shape
-        return f"{status} {error.get('code')}: {error.get('message')}"
-    return f"{status} {error}: {envelope.get('message')}"
 
 
 def table(rows: Sequence[Sequence[object]]) -> str:

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from typing import Any, TextIO
 
-from mgpumanager.app.cli import DEFAULT_URL, DaemonError, _error_message, _token
+from mgpumanager.app.cli_daemon import DEFAULT_URL, DaemonError, error_message, read_token
 
 #: How long ``yield`` waits for the daemon's answer: the running job must end first.
 YIELD_WAIT_SECONDS = 3600.0
@@ -134,14 +134,14 @@ def _send(args: argparse.Namespace, method: str, body: object, timeout: float) -
     request.add_header("Accept", "application/json")
     if data is not None:
         request.add_header("Content-Type", "application/json")
-    token = _token(args.token_file)
+    token = read_token(args.token_file)
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as answer:
             raw = answer.read()
     except urllib.error.HTTPError as e:
-        raise DaemonError(_error_message(e.code, e.read())) from None
+        raise DaemonError(error_message(e.code, e.read())) from None
     except TimeoutError:
         raise DaemonError(f"{url} did not answer within {timeout:.0f} s") from None
     except (urllib.error.URLError, OSError) as e:

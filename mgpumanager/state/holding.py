@@ -21,7 +21,6 @@ import attrs
 
 if TYPE_CHECKING:
     from mgpumanager.state.gpu import GpuReading
-    from mgpumanager.state.registry import Holder
 
 #: Its processes hold under this share of its size.
 PROCESSES_SHARE = 0.05
@@ -35,6 +34,27 @@ VERIFY_TIMEOUT = "verify_timeout"
 
 #: How many released holders status remembers.
 RELEASED_KEPT = 10
+
+
+@attrs.frozen
+class Holder:
+    """
+    A consumer a reload removed while its model was on the card: no longer
+    ours to schedule or unload, but its memory is still taken until the card
+    shows it gone.
+    """
+
+    name: str
+    size_mib: int
+    #: Its processes when it was removed, to see its memory go; may be empty.
+    pids: frozenset[int]
+    #: When the reload removed it, and the card's used MiB then (None until a
+    #: reading says): without its processes, the card's drop since then is the
+    #: only sign that its memory went.
+    removed_at: float = 0.0
+    card_used_mib: int | None = None
+    #: The cards it used.
+    cards: frozenset[int] = frozenset({0})
 
 
 @attrs.frozen

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from mgpumanager.config.document import Config, ConsumerConfig
 from mgpumanager.state.gpu import GpuReading
-from mgpumanager.state.holding import RELEASED_KEPT, ReleasedHolder, release_rule
+from mgpumanager.state.holding import RELEASED_KEPT, Holder, ReleasedHolder, release_rule
 
 log = Logger()
 
@@ -177,27 +177,6 @@ class ConsumerState:
 
     def note_resident_mib(self, mib: int) -> None:
         self.peak_resident_mib = max(self.peak_resident_mib, mib)
-
-@attrs.frozen
-class Holder:
-    """
-    A consumer a reload removed while its model was on the card: no longer
-    ours to schedule or unload, but its memory is still taken until the card
-    shows it gone.
-    """
-
-    name: str
-    size_mib: int
-    #: Its processes when it was removed, to see its memory go; may be empty.
-    pids: frozenset[int]
-    #: When the reload removed it, and the card's used MiB then (None until a
-    #: reading says): without its processes, the card's drop since then is the
-    #: only sign that its memory went.
-    removed_at: float = 0.0
-    card_used_mib: int | None = None
-    #: The cards it used.
-    cards: frozenset[int] = frozenset({0})
-
 
 class Registry:
     """

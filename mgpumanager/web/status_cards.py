@@ -21,7 +21,8 @@ from mgpumanager.scheduling.queued import RunningJob
 from mgpumanager.scheduling.yields import CardYields, Yielded
 from mgpumanager.state.gpu import GpuSample
 from mgpumanager.state.guests import GuestWatch
-from mgpumanager.state.registry import Holder, Registry
+from mgpumanager.state.holding import Holder
+from mgpumanager.state.registry import Registry
 
 #: What a card shows before its first sample.
 NO_SAMPLE = GpuSample()

@@ -22,7 +22,8 @@ from mgpumanager.scheduling.eviction import Fit, Step
 from mgpumanager.scheduling.lifecycle import Decision, Lifecycle
 from mgpumanager.scheduling.scheduler import GpuScheduler
 from mgpumanager.state.gpu import GpuReading, GpuSample, GpuSampler
-from mgpumanager.state.registry import Holder, Registry
+from mgpumanager.state.holding import Holder
+from mgpumanager.state.registry import Registry
 from mgpumanager.web.status import card_of, status_document
 from tests.builders import consumer
 from tests.support import EPOCH
