@@ -37,6 +37,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from mgpumanager.simulate.card import CudaOutOfMemory, SimulatedCard
 from mgpumanager.simulate.guests import Guest, GuestBook, UnknownCard, UnknownGuest
+from mgpumanager.simulate.server import json_answer
 
 #: The longest guest name taken: it is a label, not a document.
 MAX_NAME_LENGTH = 100
@@ -97,7 +98,7 @@ class ControlApi:
             raise ControlError(404, "not_found", str(e)) from None
         except CudaOutOfMemory as e:
             raise ControlError(409, "out_of_memory", str(e)) from None
-        return _json(request, guest.to_json(), 201)
+        return json_answer(request, guest.to_json(), 201)
 
     @app.route("/guests/<pid>", methods=["DELETE"])
     def end_guest(self, request: Request, pid: str) -> bytes:
@@ -107,7 +108,7 @@ class ControlApi:
             guest = self._guests.leave(int(pid))
         except UnknownGuest as e:
             raise ControlError(404, "not_found", str(e)) from None
-        return _json(request, guest.to_json())
+        return json_answer(request, guest.to_json())
 
     @app.route("/card", methods=["GET"])
     def cards(self, request: Request) -> bytes:
@@ -115,7 +116,7 @@ class ControlApi:
             "cards": [self._card(card) for card in self._cards],
             "oom_count": sum(card.oom_count for card in self._cards),
         }
-        return _json(request, document)
+        return json_answer(request, document)
 
     def _card(self, card: SimulatedCard) -> dict[str, Any]:
         state = card.snapshot()
@@ -145,21 +146,21 @@ class ControlApi:
     def refused(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
         assert isinstance(error, ControlError)
-        return _json(request, {"error": error.code, "message": error.message}, error.status)
+        return json_answer(request, {"error": error.code, "message": error.message}, error.status)
 
     @app.handle_errors(NotFound)
     def no_route(self, request: IRequest, failure: Failure) -> bytes:
         path = request.path.decode("latin-1")
         routes = "POST /guests, DELETE /guests/<pid>, GET /card"
         message = f"no route {path} (the routes: {routes})"
-        return _json(request, {"error": "not_found", "message": message}, 404)
+        return json_answer(request, {"error": "not_found", "message": message}, 404)
 
     @app.handle_errors(MethodNotAllowed)
     def wrong_method(self, request: IRequest, failure: Failure) -> bytes:
         method = request.method.decode("latin-1")
         path = request.path.decode("latin-1")
         message = f"{method} is not allowed on {path}"
-        return _json(request, {"error": "method_not_allowed", "message": message}, 405)
+        return json_answer(request, {"error": "method_not_allowed", "message": message}, 405)
 
 
 def _json_object(request: Request) -> dict[str, Any]:
@@ -202,11 +203,3 @@ def _guest_fields(body: dict[str, Any]) -> tuple[int, int, str]:
 def _is_int(value: object) -> bool:
     # JSON's true is a Python int; a card or a size is never a boolean.
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _json(request: IRequest, document: object, status: int = 200) -> bytes:
-    body = json.dumps(document).encode("utf-8")
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", b"application/json")
-    request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
-    return body

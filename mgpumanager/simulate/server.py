@@ -19,6 +19,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
@@ -50,6 +51,16 @@ def number_field(body: dict[str, Any], key: str, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise Refusal(400, f"{key} must be a non-negative number")
     return float(value)
+
+
+def json_answer(request: IRequest, document: object, status: int = 200) -> bytes:
+    """``document`` as a JSON answer with ``status``."""
+    body = json.dumps(document).encode("utf-8")
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    # A sized answer, as the real (uvicorn, Go, aiohttp) servers give for JSON.
+    request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
+    return body
 
 
 def default_clock() -> IReactorTime:
@@ -192,13 +203,8 @@ class SimServer:
             raise Refusal(500, "the model was unloaded while a job was running")
 
     @staticmethod
-    def json(request: Request, document: object, status: int = 200) -> bytes:
-        body = json.dumps(document).encode("utf-8")
-        request.setResponseCode(status)
-        request.setHeader(b"Content-Type", b"application/json")
-        # A sized answer, as the real (uvicorn, Go, aiohttp) servers give for JSON.
-        request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
-        return body
+    def json(request: IRequest, document: object, status: int = 200) -> bytes:
+        return json_answer(request, document, status)
 
     def error(self, request: Request, status: int, message: str) -> bytes:
         return self.json(request, {"error": message}, status)
