@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import time
-import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
@@ -26,7 +23,7 @@ from twisted.internet.defer import DeferredSemaphore, gatherResults
 from twisted.internet.threads import deferToThread
 
 from mgpumanager.simulate.host import HostConfig, SimulatedHost
-from tests.daemon import Daemon, free_port
+from tests.daemon import Daemon, free_port, terminate, wait_until_answering
 from tests.e2e.test_e2e_eviction import wait_until_healthy
 
 T = TypeVar("T")
@@ -144,26 +141,10 @@ class Program:
 
     def answers(self, url: str, timeout: float = 20.0) -> None:
         """Wait until ``url`` answers 200 (blocking: run it in a thread)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.process.args[0]} exited early:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(url, timeout=1) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"{url} never answered:\n{self.log()}")
+        wait_until_answering(self.process, url, self.log, timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
