@@ -13,7 +13,8 @@ from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import HTTPConnectionPool
 
@@ -96,6 +97,25 @@ class ManagerService(MultiService):
         self.grace = grace
         #: From SIGTERM on (HAProxy's agent check answers ``drain``).
         self.stopping = False
+        #: The log observer offered to twistd's application (see :meth:`setServiceParent`).
+        self.log_observer: ILogObserver | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        """
+        twistd makes its application for the plugin and hands it here before
+        it picks its log observer; that pick takes the application's
+        ``ILogObserver`` component when it has one, as a ``.tac`` file would
+        set.  A plugin has no other way to offer one, so the daemon's own
+        (:attr:`log_observer`, set where twistd would write text to standard
+        output) is offered here.
+        """
+        if (
+            self.log_observer is not None
+            and isinstance(parent, Componentized)
+            and parent.getComponent(ILogObserver) is None
+        ):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
 
     def startService(self) -> None:
         super().startService()

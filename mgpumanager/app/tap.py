@@ -9,13 +9,16 @@ naming the file and key.
 from __future__ import annotations
 
 import sys
-from typing import cast
+from collections.abc import Mapping
+from typing import Any, cast
 
 from twisted.internet.interfaces import IReactorCore
+from twisted.logger import ILogObserver
 from twisted.python import usage
 
 from mgpumanager.app.daemon import ManagerService
 from mgpumanager.app.service import build
+from mgpumanager.common.log_text import text_observer
 from mgpumanager.config.document import Config, ConfigError
 from mgpumanager.consumers.adapters import load_resolved_config
 
@@ -112,4 +115,26 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> Manage
         from mgpumanager.app.demo import simulated_card_file
 
         stand_ins = simulated_card_file(options["simulated-card"])
-    return build(config, options["listen"], reactor, stand_ins)
+    service = build(config, options["listen"], reactor, stand_ins)
+    service.log_observer = stdout_log_observer(getattr(options, "parent", None))
+    return service
+
+
+def stdout_log_observer(server_options: Mapping[str, Any] | None) -> ILogObserver | None:
+    """
+    The daemon's own text observer on standard output
+    (:mod:`mgpumanager.common.log_text`: twistd's lines, for less), where twistd
+    would write its text there: in the foreground (``-n``), with no
+    ``--logfile`` but ``-``, no ``--syslog`` and no ``--logger``.  Everywhere
+    else twistd's own observer is left to do what it was asked.
+
+    :param server_options: twistd's parsed options, the plugin options' parent
+        (None when the service is made without twistd).
+    """
+    if server_options is None:
+        return None
+    if server_options.get("logger") or server_options.get("syslog"):
+        return None
+    if not server_options.get("nodaemon") or server_options.get("logfile") not in (None, "", "-"):
+        return None
+    return text_observer(sys.stdout)

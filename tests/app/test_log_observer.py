@@ -1,0 +1,69 @@
+"""
+Which log observer twistd runs the daemon with: the daemon's own text lines on
+standard output where twistd would write its text there, and whatever the
+operator asked for everywhere else.
+
+Each case goes the way twistd goes: its own options parsed, the plugin's
+service made and given the application, then the application's
+``ILogObserver`` component, which twistd's logger takes when it has one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from twisted.application.service import Application
+from twisted.logger import FileLogObserver, ILogObserver
+from twisted.scripts.twistd import ServerOptions
+
+from mgpumanager.app import tap
+from mgpumanager.common.log_text import ClassicText
+from tests.app.test_tap import EXAMPLE, ThreadlessReactor
+from tests.daemon import Daemon
+
+
+def _observer_for(twistd_args: list[str]) -> object:
+    options = ServerOptions()
+    options.parseOptions([*twistd_args, "mgpumanager", "--config", str(EXAMPLE)])
+    application = Application("mgpumanager")
+    tap.makeService(options.subOptions, reactor=ThreadlessReactor()).setServiceParent(
+        application
+    )
+    return application.getComponent(ILogObserver)
+
+
+@pytest.mark.parametrize("args", [["-n"], ["-n", "--logfile=-"]])
+def test_in_the_foreground_on_standard_output_the_daemon_writes_its_own_lines(
+    args: list[str],
+) -> None:
+    observer = _observer_for(args)
+    assert isinstance(observer, FileLogObserver)
+    assert isinstance(observer.formatEvent, ClassicText)
+
+
+@pytest.mark.parametrize("args", [
+    ["-n", "--logfile=/var/log/mgpumanager.log"],
+    ["-n", "--syslog"],
+    ["-n", "--logger=mgpumanager.logs.json_stdout"],
+    [],
+])
+def test_a_log_file_syslog_a_logger_or_a_daemon_is_left_to_twistd(args: list[str]) -> None:
+    assert _observer_for(args) is None
+
+
+def test_a_running_daemon_writes_twistds_lines(tmp_path: Path) -> None:
+    daemon = Daemon(yaml.safe_load(EXAMPLE.read_text()), tmp_path)
+    daemon.start()  # waits for GET /healthz to answer
+    daemon.stop()
+    lines = daemon.log().splitlines()
+    assert any(line.endswith(" [mgpumanager.access#info] 127.0.0.1 GET /healthz 200 16")
+               for line in lines)
+    # Every line opens with twistd's RFC 3339 timestamp and its [system].
+    for line in lines:
+        if line.startswith("\t"):
+            continue
+        stamp, system, _ = line.split(" ", 2)
+        assert len(stamp) == len("2026-12-07T15:14:14+0000") and stamp[10] == "T", line
+        assert system.startswith("[") and system.endswith("]"), line
