@@ -145,7 +145,8 @@ class PolicyChooser:
         """
         if self._cards_of is None:
             return self._history
-        cards = {card for job in waiting for card in self._cards_of(job.consumer)}
+        consumers = {job.consumer for job in waiting}
+        cards = {card for name in consumers for card in self._cards_of(name)}
         ends = [self._interactive_end[card] for card in cards if card in self._interactive_end]
         return History(self._history.last_batch_start, max(ends, default=None))
 

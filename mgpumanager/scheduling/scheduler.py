@@ -149,10 +149,7 @@ class GpuScheduler(SchedulerState):
                 self._recheck = self._clock.callLater(max(0.0, at - now), self._dispatch)
             return
         waiter = self._waiting.leave(chosen.id)
-        cards = set(self._cards_of(chosen.consumer))
-        ahead_of = self._waiting.started(
-            chosen, lambda other: not cards.isdisjoint(self._cards_of(other.consumer))
-        )
+        ahead_of = self._waiting.started(chosen, self._cards_of)
         if self._watcher is not None:
             rule = self._watcher.job_started(chosen, now)
             if ahead_of:
@@ -170,7 +167,8 @@ class GpuScheduler(SchedulerState):
         if not busy:
             return waiting
         cards_of = self._cards_of
-        if all(not busy.isdisjoint(cards_of(job.consumer)) for job in waiting):
+        # By consumer, not by job: 63 jobs waiting are a handful of consumers.
+        if all(not busy.isdisjoint(cards_of(name)) for name in {job.consumer for job in waiting}):
             return []
         return startable(self._chooser.run_order(waiting, now), cards_of, busy)
 

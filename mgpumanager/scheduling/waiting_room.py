@@ -6,12 +6,13 @@ the others (those it went ahead of have been bypassed once more).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 
+from mgpumanager.scheduling.cards import CardsOf, one_card
 from mgpumanager.scheduling.queued import QueuedJob, run_precedence
 
 
@@ -57,19 +58,25 @@ class WaitingRoom:
     def views(self) -> list[QueuedJob]:
         return [waiter.view for waiter in self._waiters.values()]
 
-    def started(
-        self, chosen: QueuedJob, competes: Callable[[QueuedJob], bool] = lambda job: True
-    ) -> tuple[int, ...]:
+    def started(self, chosen: QueuedJob, cards_of: CardsOf = one_card) -> tuple[int, ...]:
         """
         ``chosen`` got the GPU: every waiting job that comes before it in
         (class, priority, arrival) order has been bypassed once more, if it
-        ``competes`` for one of its cards (a job on another card lost nothing).
+        competes for one of its cards (a job on another card lost nothing).
         Returns those of its own class and priority, the ones whose turn it took.
         """
+        cards = set(cards_of(chosen.consumer))
+        # Asked once a consumer: 63 jobs waiting are a handful of consumers.
+        competes: dict[str, bool] = {}
         ahead_of = []
         place = run_precedence(chosen)
         for other in self._waiters.values():
-            if run_precedence(other.view) < place and competes(other.view):
+            if run_precedence(other.view) >= place:
+                continue
+            consumer = other.view.consumer
+            if consumer not in competes:
+                competes[consumer] = not cards.isdisjoint(cards_of(consumer))
+            if competes[consumer]:
                 other.view = attrs.evolve(other.view, bypassed=other.view.bypassed + 1)
                 if (other.view.job_class, other.view.priority) == (
                         chosen.job_class, chosen.priority):
