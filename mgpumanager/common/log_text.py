@@ -41,8 +41,9 @@ class ClassicText:
     """
 
     def __init__(self) -> None:
-        self._second: int | None = None
-        self._stamp = "-"
+        #: The last second formatted and its text, one tuple: a thread that
+        #: logs too never sees one second's text under another's.
+        self._cached: tuple[int | None, str] = (None, "-")
 
     def __call__(self, event: LogEvent) -> str | None:
         if event.get("log_format") != LINE_FORMAT or "log_failure" in event:
@@ -62,10 +63,10 @@ class ClassicText:
         if when is None:
             return "-"
         second = math.floor(when)
-        if second != self._second:
-            self._stamp = formatTime(second)
-            self._second = second
-        return self._stamp
+        cached = self._cached
+        if cached[0] != second:
+            cached = self._cached = (second, formatTime(second))
+        return cached[1]
 
 
 def _system(event: LogEvent) -> str:
