@@ -73,7 +73,13 @@ def demo_config_on_free_ports(name: str = "demo.yaml") -> dict[str, Any]:
 class Daemon:
     """One ``twistd -n mgpumanager`` process and its configuration file."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path, extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        config: dict[str, Any],
+        workdir: Path,
+        extra_args: tuple[str, ...] = (),
+        twistd_args: tuple[str, ...] = (),
+    ):
         self.port = free_port()
         config = dict(config, listen=f"127.0.0.1:{self.port}")
         self.config_path = workdir / "consumers.yaml"
@@ -81,6 +87,8 @@ class Daemon:
         self.log_path = workdir / "daemon.log"
         self.workdir = workdir
         self.extra_args = extra_args
+        #: twistd's own options, before the plugin's name (``--logger``, say).
+        self.twistd_args = twistd_args
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -90,7 +98,8 @@ class Daemon:
     def start(self, timeout: float = 20.0) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "mgpumanager", "--config", str(self.config_path),
+            [TWISTD, "-n", "--pidfile=", *self.twistd_args,
+             "mgpumanager", "--config", str(self.config_path),
              *self.extra_args],
             cwd=self.workdir,
             stdout=log,

@@ -10,6 +10,7 @@ service made and given the application, then the application's
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,20 @@ def test_a_running_daemon_writes_twistds_lines(tmp_path: Path) -> None:
         stamp, system, _ = line.split(" ", 2)
         assert len(stamp) == len("2026-12-07T15:14:14+0000") and stamp[10] == "T", line
         assert system.startswith("[") and system.endswith("]"), line
+
+
+def test_with_the_json_logger_each_access_is_an_object_with_its_fields(tmp_path: Path) -> None:
+    daemon = Daemon(yaml.safe_load(EXAMPLE.read_text()), tmp_path,
+                    twistd_args=("--logger", "mgpumanager.logs.json_stdout"))
+    daemon.start()  # waits for GET /healthz to answer
+    daemon.stop()
+    events = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+    accesses = [e for e in events if e.get("log_namespace") == "mgpumanager.access"]
+    assert accesses, daemon.log()
+    assert {
+        key: accesses[-1][key] for key in ("line", "client", "method", "uri", "code", "length")
+    } == {
+        "line": "127.0.0.1 GET /healthz 200 16", "client": "127.0.0.1", "method": "GET",
+        "uri": "/healthz", "code": 200, "length": 16,
+    }
+    assert not any(line[:4].isdigit() for line in daemon.log().splitlines()), "no text lines"
