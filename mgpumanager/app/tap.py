@@ -128,12 +128,16 @@ def stdout_log_observer(server_options: Mapping[str, Any] | None) -> ILogObserve
     ``--logfile`` but ``-``, no ``--syslog`` and no ``--logger``.  Everywhere
     else twistd's own observer is left to do what it was asked.
 
+    ``--debug`` is left to twistd too: it turns ``nodaemon`` on after twistd
+    chose where to log (without ``-n``, to ``twistd.log``), but before the
+    service is made, so ``nodaemon`` no longer says where that is.
+
     :param server_options: twistd's parsed options, the plugin options' parent
         (None when the service is made without twistd).
     """
     if server_options is None:
         return None
-    if server_options.get("logger") or server_options.get("syslog"):
+    if any(server_options.get(option) for option in ("logger", "syslog", "debug")):
         return None
     if not server_options.get("nodaemon") or server_options.get("logfile") not in (None, "", "-"):
         return None

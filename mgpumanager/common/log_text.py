@@ -10,7 +10,8 @@ for byte, for less:
 - the timestamp has whole seconds, so it is formatted once a second;
 - an event whose ``log_format`` is :data:`LINE_FORMAT` already carries its text
   in ``line`` (the access log builds it by hand for its JSON readers anyway),
-  so it is not formatted a second time.
+  so it is not formatted a second time, when that line is a string and nothing
+  else of the event needs Twisted's formatting.
 
 Every other event, tracebacks included, is Twisted's own
 ``formatEventAsClassicLogText`` with the cached timestamp.
@@ -46,16 +47,20 @@ class ClassicText:
         self._cached: tuple[int | None, str] = (None, "-")
 
     def __call__(self, event: LogEvent) -> str | None:
-        if event.get("log_format") != LINE_FORMAT or "log_failure" in event:
-            return formatEventAsClassicLogText(event, formatTime=self.timestamp)
         line = event.get("line")
-        if line is None:
-            # Twisted says why it cannot format the event.
+        if (
+            event.get("log_format") != LINE_FORMAT
+            or type(line) is not str
+            # What Twisted formats its own way: a traceback, a system of the
+            # event's own, the fields of an event read back from JSON.
+            or not _FORMATTED_BY_TWISTED.isdisjoint(event)
+        ):
             return formatEventAsClassicLogText(event, formatTime=self.timestamp)
-        text = str(line)
-        if not text:
+        if not line:
             return None
-        classic = f"{self.timestamp(event.get('log_time'))} [{_system(event)}] {text}"
+        level = event.get("log_level")
+        system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+        classic = f"{self.timestamp(event.get('log_time'))} [{system}] {line}"
         return classic.replace("\n", "\n\t") + "\n"
 
     def timestamp(self, when: float | None) -> str:
@@ -63,19 +68,19 @@ class ClassicText:
         if when is None:
             return "-"
         second = math.floor(when)
+        if when - second > _LAST_MICROSECOND:
+            # ``datetime`` rounds to the microsecond: this is the next second.
+            return formatTime(when)
         cached = self._cached
         if cached[0] != second:
             cached = self._cached = (second, formatTime(second))
         return cached[1]
 
 
-def _system(event: LogEvent) -> str:
-    """The ``[system]`` part: ``log_system``, else the namespace and the level."""
-    system = event.get("log_system")
-    if system is not None:
-        return str(system)
-    level = event.get("log_level")
-    return f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+#: Keys of an event that Twisted's own formatting must read.
+_FORMATTED_BY_TWISTED = frozenset(("log_failure", "log_system", "log_flattened"))
+#: Past this much of a second, ``datetime`` may round a time up to the next.
+_LAST_MICROSECOND = 0.999999
 
 
 def text_observer(out: IO[Any]) -> ILogObserver:

@@ -15,23 +15,32 @@ from pathlib import Path
 
 import pytest
 import yaml
-from twisted.application.service import Application
+from twisted.internet import defer
 from twisted.logger import FileLogObserver, ILogObserver
+from twisted.python import failure
+from twisted.scripts._twistd_unix import UnixApplicationRunner
 from twisted.scripts.twistd import ServerOptions
 
-from mgpumanager.app import tap
 from mgpumanager.common.log_text import ClassicText
-from tests.app.test_tap import EXAMPLE, ThreadlessReactor
+from tests.app.test_tap import EXAMPLE
 from tests.daemon import Daemon
 
 
 def _observer_for(twistd_args: list[str]) -> object:
+    """The observer twistd's runner would take, going its own way up to its logger."""
     options = ServerOptions()
-    options.parseOptions([*twistd_args, "mgpumanager", "--config", str(EXAMPLE)])
-    application = Application("mgpumanager")
-    tap.makeService(options.subOptions, reactor=ThreadlessReactor()).setServiceParent(
-        application
-    )
+    with pytest.MonkeyPatch.context() as patch:
+        # --debug would also turn on, for the rest of this process, Deferred
+        # debugging and a debugger at every Failure: only its option is wanted.
+        patch.setattr(defer, "setDebugging", lambda on: None)
+        patch.setattr(failure, "startDebugMode", lambda: None)
+        options.parseOptions(
+            ["--pidfile=", *twistd_args, "mgpumanager", "--config", str(EXAMPLE)]
+        )
+    runner = UnixApplicationRunner(options)
+    # What runs before the plugin's service is made (it may change the options).
+    runner.preApplication()
+    application = runner.createOrGetApplication()
     return application.getComponent(ILogObserver)
 
 
@@ -49,12 +58,20 @@ def test_in_the_foreground_on_standard_output_the_daemon_writes_its_own_lines(
     ["-n", "--syslog"],
     ["-n", "--logger=mgpumanager.logs.json_stdout"],
     [],
+    # --debug turns nodaemon on after twistd chose to log to twistd.log.
+    ["-b"],
+    ["-b", "--logfile=-"],
+    ["-n", "-b"],
 ])
 def test_a_log_file_syslog_a_logger_or_a_daemon_is_left_to_twistd(args: list[str]) -> None:
     assert _observer_for(args) is None
 
 
 def test_a_running_daemon_writes_twistds_lines(tmp_path: Path) -> None:
+    """
+    The real process's output has twistd's shape, access lines included
+    (which observer wrote it, the tests above say: the lines are the same).
+    """
     daemon = Daemon(yaml.safe_load(EXAMPLE.read_text()), tmp_path)
     daemon.start()  # waits for GET /healthz to answer
     daemon.stop()

@@ -5,18 +5,27 @@ the event: only what it costs differs.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.logger import LogLevel, formatEventAsClassicLogText, formatTime
+from twisted.logger import (
+    LogLevel,
+    eventAsJSON,
+    eventFromJSON,
+    formatEventAsClassicLogText,
+    formatTime,
+)
 from twisted.python.failure import Failure
 
 from mgpumanager.common.log_text import LINE_FORMAT, ClassicText, text_observer
 
 #: A moment with whole microseconds, as time.time() gives them.
 NOW = 1_796_000_000.123456
+#: The next whole second.
+NEXT = 1_796_000_001.0
 
 
 def _failure() -> Failure:
@@ -57,6 +66,9 @@ EVENTS: dict[str, dict[str, Any]] = {
     "access, empty": _access(""),
     "access without its line": {k: v for k, v in _access("x").items() if k != "line"},
     "access with a failure": {**_access("x"), "log_failure": _failure()},
+    "access with its own system": {**_access("x"), "log_system": "site"},
+    "access read back from JSON": eventFromJSON(eventAsJSON(_access("127.0.0.1 GET / 200 1"))),
+    "access a hair before a second": {**_access("x"), "log_time": math.nextafter(NEXT, 0)},
 }
 
 
@@ -70,6 +82,8 @@ def test_the_timestamp_is_right_in_every_second_it_is_kept_for() -> None:
     text = ClassicText()
     # Forwards a second at a time, within one, then back: the clock may be set back.
     moments = [NOW + step / 4 for step in range(12)] + [NOW - 3600.5, NOW + 86_400.75]
+    # datetime rounds to the microsecond: a hair before a second is that second.
+    moments += [math.nextafter(NEXT, 0), NEXT - 0.0000004, NEXT - 0.0000006, NEXT, -0.5]
     for moment in moments:
         assert text.timestamp(moment) == formatTime(moment)
     assert text.timestamp(None) == "-"
@@ -83,5 +97,12 @@ def test_the_observer_writes_each_line_at_once(tmp_path: Path) -> None:
         observer(event)
         # Flushed: a reader (journald, tail -f) has the line before the next one.
         assert path.read_text() == formatEventAsClassicLogText(event)
+
+
+def test_an_event_with_nothing_to_say_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "daemon.log"
+    with path.open("w") as out:
+        observer = text_observer(out)
         observer({**EVENTS["no format"], "log_time": time.time()})
-        assert path.read_text().count("\n") == 1
+        observer(_access(""))
+    assert path.read_text() == ""
