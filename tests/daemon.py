@@ -5,6 +5,7 @@ for the end-to-end suites.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +52,35 @@ def terminate(process: subprocess.Popen[bytes], timeout: float) -> int:
     return process.returncode
 
 
+#: Ports handed out for a program to listen on later come from a block of
+#: their own for each pytest-xdist worker, below the kernel's ephemeral range
+#: (32768 and up on Linux) where outgoing connections take theirs: a port let
+#: go by one worker is never given to another before its program binds it.
+PORTS_PER_WORKER = 2000
+FIRST_PORT = 20000
+
+
+def _ports_of_this_worker() -> Iterator[int]:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    number = int(worker[2:]) if worker[2:].isdigit() else 0
+    first = FIRST_PORT + number % 6 * PORTS_PER_WORKER
+    return itertools.cycle(range(first, first + PORTS_PER_WORKER))
+
+
+_next_ports = _ports_of_this_worker()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
+    """A loopback port nothing listens on, for a program to listen on."""
+    for _ in range(PORTS_PER_WORKER):
+        port = next(_next_ports)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
         return port
+    raise RuntimeError("no free port in this worker's block")
 
 
 def demo_config_on_free_ports(name: str = "demo.yaml") -> dict[str, Any]:
