@@ -28,6 +28,15 @@ assert_no_result = _case.assertNoResult
 EPOCH = calendar.timegm((2026, 5, 15, 10, 0, 0))
 
 
+async def until(check: Callable[[], Awaitable[Any]], what: str, tries: int = 200) -> None:
+    """Wait until ``await check()`` is true, 50 ms apart (end-to-end tests only)."""
+    for _ in range(tries):
+        if await check():
+            return
+        await sleep(0.05)
+    raise AssertionError(f"never happened: {what}")
+
+
 def sleep(seconds: float) -> Deferred[None]:
     """Let the real reactor run for ``seconds`` (end-to-end tests only)."""
     return deferLater(reactor, seconds, lambda: None)

@@ -8,7 +8,6 @@ while the reactor serves.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import socket
@@ -22,7 +21,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -30,6 +28,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from mgpumanager.app import cli_yield
 from mgpumanager.app.cli import main
 from mgpumanager.app.cli_yield import duration
+from tests.app.test_cli import run, run_in_thread
 
 TOKEN = "yield-token-0123456789"
 SINCE = "2026-12-01T20:00:00Z"
@@ -127,16 +126,6 @@ def token_file_fixture(tmp_path: Path) -> str:
     path = tmp_path / "token"
     path.write_text(TOKEN + "\n")
     return str(path)
-
-
-def run(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    return main(list(argv), out), out.getvalue()
-
-
-async def run_in_thread(*argv: str) -> tuple[int, str]:
-    result: tuple[int, str] = await deferToThread(run, *argv)
-    return result
 
 
 @pytest.mark.parametrize(

@@ -18,12 +18,11 @@ import pytest
 import pytest_twisted
 import treq
 import yaml
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 
 from tests.daemon import free_port
 from tests.stack import ScriptedStack, start_stack
+from tests.support import until
 
 LINES = 25
 
@@ -53,19 +52,11 @@ async def _status(stack: ScriptedStack) -> dict[str, Any]:
     return document
 
 
-async def _until(check: Callable[[], Any], what: str, tries: int = 200) -> None:
-    for _ in range(tries):
-        if await check():
-            return
-        await deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError(f"never happened: {what}")
-
-
 async def _in_log(stack: ScriptedStack, text: str) -> None:
     async def found() -> bool:
         return text in stack.daemon.log()
 
-    await _until(found, f"{text!r} in the daemon's log")
+    await until(found, f"{text!r} in the daemon's log")
 
 
 def _reshape(new_port: int, voice_url: str) -> Callable[[dict[str, Any]], None]:
@@ -104,7 +95,7 @@ async def test_a_valid_reload_applies_without_dropping_a_running_stream(
     async def queued() -> bool:
         return len((await _status(stack))["scheduler"]["queue"]) == 3
 
-    await _until(queued, "three jobs queued behind the stream")
+    await until(queued, "three jobs queued behind the stream")
     new_port = free_port()
     _edit(stack, _reshape(new_port, f"http://127.0.0.1:{stack.ports['voice']}"))
     _sighup(stack)
@@ -131,7 +122,7 @@ async def test_a_valid_reload_applies_without_dropping_a_running_stream(
         echoed = await answer.json()
         return bool(answer.code == 200 and echoed["path"] == "/anything")
 
-    await _until(port_open, "the new consumer's own port answering")
+    await until(port_open, "the new consumer's own port answering")
 
     status = await _status(stack)
     consumers = {consumer["name"]: consumer for consumer in status["consumers"]}

@@ -20,7 +20,7 @@ import socket
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
@@ -28,9 +28,7 @@ import pytest
 import pytest_twisted
 import treq
 import websocket
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from tests.comfy_feed import messages_until_idle
@@ -45,6 +43,7 @@ from tests.hosts import (
     start_hosts,
     stop_hosts,
 )
+from tests.support import until
 
 MISSING = missing_line("haproxy")
 if MISSING is not None:
@@ -96,14 +95,6 @@ def server_states(stats: str) -> dict[str, dict[str, str]]:
         return {row["svname"]: row for row in rows if row["pxname"] == "gpu_hosts"}
 
 
-async def _until(check: Callable[[], Any], what: str, tries: int = 200) -> None:
-    for _ in range(tries):
-        if await check():
-            return
-        await deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError(f"never happened: {what}")
-
-
 @pytest_twisted.async_yield_fixture(scope="module")
 async def stage(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stage]:
     workdir = tmp_path_factory.mktemp("hosts")
@@ -124,7 +115,7 @@ async def stage(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stage
             return all(states[name]["status"] == "UP" and states[name]["agent_status"] == "L7OK"
                        for name in ("gpu-a", "gpu-b"))
 
-        await _until(both_weighed, "both hosts up, their agents read")
+        await until(both_weighed, "both hosts up, their agents read")
         yield stage
     finally:
         if haproxy is not None:
@@ -205,7 +196,7 @@ async def test_a_host_whose_every_card_is_yielded_drains_to_the_other(stage: Sta
         states = await deferToThread(server_states, stage.stats)
         return states["gpu-a"]["status"].startswith("DRAIN")
 
-    await _until(a_drains, "HAProxy reading host A's agent say drain")
+    await until(a_drains, "HAProxy reading host A's agent say drain")
     # The shipped agent-inter is 1 s.
     assert time.monotonic() - yielded <= 1.0 + 1.0
     ids = [f"yielded-{n}" for n in range(20)]
@@ -223,7 +214,7 @@ async def test_a_host_whose_every_card_is_yielded_drains_to_the_other(stage: Sta
         states = await deferToThread(server_states, stage.stats)
         return states["gpu-a"]["status"] == "UP"
 
-    await _until(a_back, "host A taking jobs again")
+    await until(a_back, "host A taking jobs again")
     stage.assert_each_post_reached_one_server_once()
 
 
@@ -244,7 +235,7 @@ async def test_a_host_stopped_finishes_its_streams_while_new_jobs_go_to_the_othe
         seen = stage.seen()
         return all(sum(s[f"long-{n}"] for n in range(2)) == 1 for s in seen)
 
-    await _until(one_each, "leastconn giving each host one stream")
+    await until(one_each, "leastconn giving each host one stream")
     b = stage.hosts[1]
     assert b.daemon.process is not None
     b.daemon.process.send_signal(signal.SIGTERM)
